@@ -1,0 +1,3 @@
+from spacil.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""The frozen CLIP of SPEC.md ("Frozen features"), over open_clip.
+
+`FrozenCLIP` gives, for a batch of images, the global embedding g(x) and the projected patch tokens P(x) from one forward pass,
+and for strings the text embedding e(s) or, for `semantic_tokens=word`, the per-token outputs. Every weight is frozen.
+
+A model is named as open_clip names it: a built-in architecture (`ViT-B-16`) with a pretrained tag (`laion400m_e32`) or a
+local checkpoint file, or `local-dir:PATH` (a folder with `open_clip_config.json` and weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from spacil.errors import InputError
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What identifies the frozen encoder; recorded in every feature store."""
+
+    model: str
+    pretrained: Optional[str]
+    checkpoint_sha256: Optional[str]
+    image_size: int
+    dim: int
+    num_patches: int
+    logit_scale: float
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "pretrained": self.pretrained,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "image_size": self.image_size,
+            "dim": self.dim,
+            "num_patches": self.num_patches,
+            "logit_scale": self.logit_scale,
+        }
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _local_dir_checkpoint(model_name: str) -> Optional[Path]:
+    folder = Path(model_name[len("local-dir:"):])
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin", "model.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def create_open_clip(model: str, pretrained: Optional[str], device: str = "cpu") -> tuple[torch.nn.Module, Optional[str]]:
+    """Build an open_clip model; returns (model, checkpoint sha256 or None). InputError when weights cannot be had."""
+    import open_clip
+
+    checkpoint_hash = None
+    if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:"):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise InputError(f"{folder}: not an open_clip model folder (expected open_clip_config.json inside)")
+        ckpt = _local_dir_checkpoint(model)
+        checkpoint_hash = file_sha256(ckpt) if ckpt else None
+        pretrained = None
+    elif model.startswith("hf-hub:"):
+        pretrained = None
+    else:
+        if model not in open_clip.list_models():
+            raise InputError(f"--model {model}: not an open_clip architecture (see open_clip.list_models())")
+        if pretrained and Path(pretrained).is_file():
+            checkpoint_hash = file_sha256(pretrained)
+        elif pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(model):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+            raise InputError(f"--pretrained {pretrained}: not a tag of {model} (tags: {tags}) nor a checkpoint file")
+    try:
+        net = open_clip.create_model(model, pretrained=pretrained or None, device=device)
+    except RuntimeError as err:
+        if "download" in str(err).lower() or "hub" in str(err).lower():
+            raise InputError(
+                f"--pretrained {pretrained}: weights for {model} could not be downloaded (no network?); "
+                f"download the checkpoint elsewhere and pass it with --pretrained PATH"
+            ) from None
+        raise
+    except (ValueError, FileNotFoundError) as err:
+        raise InputError(f"--model {model}: {err}") from None
+    net.eval()
+    for param in net.parameters():
+        param.requires_grad_(False)
+    return net, checkpoint_hash
+
+
+class FrozenCLIP:
+    """A frozen open_clip CLIP that yields the features SPA works on (SPEC.md notation)."""
+
+    def __init__(self, model: str = "ViT-B-16", pretrained: Optional[str] = "laion400m_e32", device: str = "cpu"):
+        import open_clip
+
+        self.device = torch.device(device)
+        self.model, checkpoint_hash = create_open_clip(model, pretrained, device)
+        visual = self.model.visual
+        if not hasattr(visual, "ln_post") or not hasattr(visual, "proj") or getattr(visual, "attn_pool", None) is not None:
+            raise InputError(f"--model {model}: SPA needs a ViT image tower with ln_post and a projection (got {type(visual).__name__})")
+        self.tokenizer = open_clip.get_tokenizer(model)
+        grid = visual.grid_size
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.num_patches = int(grid[0] * grid[1])
+        self.dim = int(visual.output_dim)
+        self.context_length = int(getattr(self.model, "context_length", 77))
+        self.info = BackboneInfo(
+            model=model,
+            pretrained=pretrained if not model.startswith(("local-dir:", "hf-hub:")) else None,
+            checkpoint_sha256=checkpoint_hash,
+            image_size=self.image_size,
+            dim=self.dim,
+            num_patches=self.num_patches,
+            logit_scale=float(self.model.logit_scale.exp().item()),
+        )
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] (normalised) -> (g [B, d], P [B, N, d]), both L2-normalised, one forward pass.
+
+        g is the CLS token after ln_post times visual.proj (the model's own image embedding); P are the patch tokens after
+        ln_post, each times visual.proj.
+        """
+        visual = self.model.visual
+        tokens = visual.transformer(visual._embeds(images.to(self.device)))
+        tokens = visual.ln_post(tokens)
+        pooled, patches = visual._global_pool(tokens)
+        proj = visual.proj
+        return F.normalize(pooled @ proj, dim=-1), F.normalize(patches @ proj, dim=-1)
+
+    def _tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` including start and end tokens, without the context-length cut (for the 77-token check)."""
+        inner = self.tokenizer.encode(text) if hasattr(self.tokenizer, "encode") else None
+        if inner is None:
+            raise InputError("the model's tokenizer cannot count tokens")
+        return len(inner) + 2
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """texts -> e(s) [len, d]: EOT token after ln_final times text_projection, L2-normalised."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            out.append(self.model.encode_text(self._tokenize(texts[start:start + batch_size]), normalize=True))
+        if not out:
+            return torch.zeros(0, self.dim)
+        return torch.cat(out).float()
+
+    @torch.no_grad()
+    def encode_text_tokens(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """texts -> per-text [n_words, d]: every token's output after ln_final times text_projection, L2-normalised,
+        start/end tokens and padding dropped (the `semantic_tokens=word` variant of SPEC.md)."""
+        model = self.model
+        if not hasattr(model, "token_embedding") or getattr(model, "text_pool_type", "argmax") != "argmax":
+            raise InputError("semantic_tokens=word needs an open_clip CLIP with a built-in causal text tower")
+        result = []
+        for text in texts:
+            ids = self._tokenize([text])
+            cast = model.transformer.get_cast_dtype()
+            x = model.token_embedding(ids).to(cast) + model.positional_embedding.to(cast)
+            x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+            x = x @ model.text_projection if not isinstance(model.text_projection, torch.nn.Linear) else model.text_projection(x)
+            end = int(ids[0].argmax())  # the EOT token has the largest id
+            result.append(F.normalize(x[0, 1:end].float(), dim=-1))
+        return result
+
+    @property
+    def logit_scale(self) -> float:
+        return self.info.logit_scale
+
+
+def write_tiny_model(folder: str | Path, seed: int = 0, image_size: int = 32, patch_size: int = 8, embed_dim: int = 32) -> str:
+    """Write a tiny random-weight CLIP as an open_clip `local-dir:` folder and return its model name.
+
+    The architecture goes through open_clip's own CLIP class and config format; only the sizes are small, so tests and the demo
+    exercise exactly the code path of a real ViT-B-16.
+    """
+    import open_clip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cfg = {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "patch_size": patch_size, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    }
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)  # open_clip initialises from torch's global generator; restored below
+        net = open_clip.model.CLIP(**model_cfg)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    torch.save(net.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return f"local-dir:{folder}"

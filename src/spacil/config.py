@@ -1,0 +1,211 @@
+"""The typed run configuration: every knob of SPEC.md with its default, unknown keys rejected.
+
+A config is a YAML file with the sections below (all optional). `--set KEY=VALUE` overrides one value; KEY is either the dotted
+path (`spa.top_k_patches`) or a leaf name that is unique across sections (`top_k_patches`). The resolved config is written
+with every run as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spacil.errors import InputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the features come from and how the classes are split into tasks."""
+
+    dataset: str = "cifar224"
+    features: Optional[str] = None  # a feature store (INTERFACES.md); when set, nothing else is read
+    data_root: Optional[str] = None  # used to extract a store when `features` does not exist yet
+    model: str = "ViT-B-16"
+    pretrained: Optional[str] = "laion400m_e32"  # a tag of open_clip or a local checkpoint file
+    descriptions: Optional[str] = None  # a descriptions file whose sentences become semantic tokens at extraction
+    names_file: Optional[str] = None  # optional class names to check against the folders (never shifts names)
+    init_cls: int = Field(10, ge=1)
+    increment: int = Field(10, ge=1)
+    shuffle: bool = True  # class order = np.random.seed(seed); np.random.permutation(C)
+
+
+class SPAConfig(_Section):
+    """The knobs of SPEC.md, sections 1-7."""
+
+    visual_samples: int = Field(6, ge=1)
+    sample_strategy: Literal["kmeans", "fps", "random"] = "kmeans"
+    num_descriptions: int = Field(8, ge=1)
+    semantic_tokens: Literal["sentence", "word"] = "sentence"
+    relevance: Literal["max", "mean"] = "max"
+    top_k_patches: int = Field(16, ge=1)
+    patch_weights: Literal["uniform", "relevance"] = "uniform"
+    relevance_temperature: float = Field(0.1, gt=0)  # softmax(r / 0.1) when patch_weights=relevance
+    ot_epsilon: float = Field(0.1, gt=0)
+    ot_iters: int = Field(100, ge=1)
+    ot_grad: Literal["detach", "unroll"] = "detach"
+    projector: Literal["linear", "mlp"] = "linear"
+    patch_weight: float = Field(1.0, ge=0)
+    cov_shrink: float = Field(1e-4, ge=0)
+    cov_type: Literal["full", "diag"] = "full"
+    pseudo_per_class: int = Field(4, ge=0)
+
+
+class AblationConfig(_Section):
+    """Switch SPA's parts off one by one (SPEC.md, 'Ablations'). All true = full SPA."""
+
+    patch_branch: bool = True  # false: global-only logits
+    optimal_transport: bool = True  # false: mean of the top-k cosines (a uniform plan) instead of OT
+    semantic_selection: bool = True  # false: k random patches instead of the most relevant ones
+    projectors: bool = True  # false: frozen CLIP space, nothing trains
+    gaussian_calibration: bool = True  # false: no pseudo-features of old classes
+    llm_descriptions: bool = True  # false: template-only semantic tokens
+
+
+class TrainConfig(_Section):
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(10, ge=0)
+    eval_batch_size: int = Field(256, ge=1)
+
+
+class LLMConfig(_Section):
+    """The multimodal LLM of SPEC.md section 2 (used by `spacil describe`)."""
+
+    model: str = "gpt-5"
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = Field(4, ge=1)
+    timeout: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0)  # per request, on 429, 5xx and timeouts
+    max_attempts: int = Field(3, ge=1)  # per class, when an answer fails validation
+
+
+class Config(_Section):
+    method: str = "spa"
+    seed: int = 1993
+    device: str = "cpu"
+    data: DataConfig = DataConfig()
+    spa: SPAConfig = SPAConfig()
+    ablation: AblationConfig = AblationConfig()
+    train: TrainConfig = TrainConfig()
+    llm: LLMConfig = LLMConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+_SECTIONS = ("data", "spa", "ablation", "train", "llm")
+
+
+def _leaf_paths() -> dict[str, list[str]]:
+    """Map each leaf name to the dotted paths that end in it."""
+    paths: dict[str, list[str]] = {}
+    for name in Config.model_fields:
+        if name in _SECTIONS:
+            continue
+        paths.setdefault(name, []).append(name)
+    for section in _SECTIONS:
+        cls = Config.model_fields[section].annotation
+        for name in cls.model_fields:
+            paths.setdefault(name, []).append(f"{section}.{name}")
+    return paths
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{key}'"
+    value = first.get("input")
+    return f"{source}: bad value {value!r} for '{key}': {first['msg']}"
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`KEY=VALUE` -> (dotted key, YAML-parsed value). Bare leaf names are resolved when unique."""
+    if "=" not in item:
+        raise InputError(f"--set {item!r}: expected KEY=VALUE")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if "." not in key:
+        candidates = _leaf_paths().get(key, [])
+        if len(candidates) == 1:
+            key = candidates[0]
+        elif len(candidates) > 1:
+            raise InputError(f"--set {key}: ambiguous key, use one of {', '.join(candidates)}")
+        else:
+            raise InputError(f"--set {key}: unknown config key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise InputError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_config(tree: Optional[dict] = None, overrides: tuple[str, ...] | list[str] = (), source: str = "config") -> Config:
+    """Validate a config tree plus `KEY=VALUE` overrides into a Config (InputError on any bad key or value)."""
+    tree = dict(tree or {})
+    for section in _SECTIONS:
+        if section in tree and tree[section] is not None and not isinstance(tree[section], dict):
+            raise InputError(f"{source}: section '{section}' must be a mapping")
+        tree[section] = dict(tree.get(section) or {})
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise InputError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read a YAML config (a path, or the name of a packaged benchmark config such as `cifar224_b0`)."""
+    path = resolve_config_path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise InputError(f"{path}: cannot read config ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise InputError(f"{path}: a config must be a mapping of sections")
+    return build_config(tree, overrides, source=str(path))
+
+
+def packaged_config_dir() -> Path:
+    return Path(__file__).parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    packaged = packaged_config_dir() / f"{path}.yaml"
+    if packaged.exists():
+        return packaged
+    known = sorted(p.stem for p in packaged_config_dir().glob("*.yaml"))
+    raise InputError(f"{path}: no such config file (packaged configs: {', '.join(known)})")
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,222 @@
+"""The feature store, version 1 (INTERFACES.md): a folder of plain `.npy` arrays that runs read memory-mapped.
+
+`extract_store` encodes a data set once with the frozen CLIP. It is resumable: rows are written in fixed batches into
+pre-allocated memory maps and a progress file records how many rows are safely on disk, so a killed extraction continues where
+it stopped and ends byte-identical to an uninterrupted one. `meta.json` is written last: a store without it is unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from spacil.errors import InputError
+
+FORMAT = "spacil-features"
+VERSION = 1
+SPLITS = ("train", "test")
+PROGRESS_FILE = ".progress.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Small I/O helpers
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that a reader sees either the old or the new content, never a half-written one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class SplitFeatures:
+    """One split of a store. Arrays are memory-mapped; index them to read.
+
+    global_: [n, d]; patches: [n, N, d] (or None in a global-only store); labels: int64 [n] (data-set class index).
+    """
+
+    global_: np.ndarray
+    patches: Optional[np.ndarray]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class FeatureStore:
+    """A validated, memory-mapped feature store. Any shape or version mismatch is an InputError naming the file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not self.path.is_dir():
+            raise InputError(f"{self.path}: no such feature store folder")
+        if not meta_path.is_file():
+            hint = " (an unfinished extraction: run `spacil extract` again to resume)" if (self.path / PROGRESS_FILE).exists() else ""
+            raise InputError(f"{meta_path}: missing; not a feature store{hint}")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except ValueError as err:
+            raise InputError(f"{meta_path}: not valid JSON ({err})") from None
+        if self.meta.get("format") != FORMAT:
+            raise InputError(f"{meta_path}: format is {self.meta.get('format')!r}, expected '{FORMAT}'")
+        if self.meta.get("version") != VERSION:
+            raise InputError(f"{meta_path}: version {self.meta.get('version')!r} is not supported (this spacil reads version {VERSION})")
+        for key in ("dim", "num_patches", "classes"):
+            if key not in self.meta:
+                raise InputError(f"{meta_path}: key '{key}' missing")
+        self.dim = int(self.meta["dim"])
+        self.num_patches = int(self.meta["num_patches"])
+        self.classes: list[str] = list(self.meta["classes"])
+        self.dataset: str = self.meta.get("dataset", "custom")
+        self.backbone: dict = dict(self.meta.get("backbone", {}))
+        self._splits: dict[str, SplitFeatures] = {}
+        for split in SPLITS:
+            self._splits[split] = self._load_split(split)
+        self.prompts = self._optional("text/prompts.npy", (len(self.classes), self.dim))
+        self.templates = self._optional("text/templates.npy", (len(self.classes), None, self.dim))
+        self.descriptions = self._optional("text/descriptions.npy", (len(self.classes), None, self.dim))
+        self.description_mask = None
+        if self.descriptions is not None:
+            self.description_mask = self._array("text/description_mask.npy", (len(self.classes), self.descriptions.shape[1]))
+            if self.description_mask.dtype != np.bool_:
+                raise InputError(f"{self.path / 'text/description_mask.npy'}: dtype {self.description_mask.dtype}, expected bool")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.backbone.get("logit_scale", 100.0))
+
+    def split(self, name: str) -> SplitFeatures:
+        return self._splits[name]
+
+    def _array(self, rel: str, shape: tuple) -> np.ndarray:
+        file = self.path / rel
+        if not file.is_file():
+            raise InputError(f"{file}: missing array")
+        try:
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+        except ValueError as err:
+            raise InputError(f"{file}: not a readable .npy array ({err})") from None
+        if array.ndim != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)):
+            expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise InputError(f"{file}: shape {list(array.shape)}, expected {expected}")
+        return array
+
+    def _optional(self, rel: str, shape: tuple) -> Optional[np.ndarray]:
+        return self._array(rel, shape) if (self.path / rel).is_file() else None
+
+    def _load_split(self, split: str) -> SplitFeatures:
+        global_ = self._array(f"{split}/global.npy", (None, self.dim))
+        n = global_.shape[0]
+        labels = self._array(f"{split}/labels.npy", (n,))
+        if labels.dtype.kind not in "iu":
+            raise InputError(f"{self.path / split / 'labels.npy'}: dtype {labels.dtype}, expected int64")
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise InputError(f"{self.path / split / 'labels.npy'}: labels outside 0..{self.num_classes - 1}")
+        patches = self._optional(f"{split}/patches.npy", (n, self.num_patches, self.dim))
+        for array, name in ((global_, "global.npy"), (patches, "patches.npy")):
+            if array is not None and array.dtype not in (np.float16, np.float32):
+                raise InputError(f"{self.path / split / name}: dtype {array.dtype}, expected float16 or float32")
+        return SplitFeatures(global_, patches, np.asarray(labels, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_store(
+    path: str | Path,
+    *,
+    classes: Sequence[str],
+    dataset: str,
+    backbone: dict,
+    splits: dict[str, tuple[np.ndarray, Optional[np.ndarray], np.ndarray]],
+    prompts: Optional[np.ndarray] = None,
+    templates: Optional[np.ndarray] = None,
+    descriptions: Optional[tuple[np.ndarray, np.ndarray]] = None,
+    extra_meta: Optional[dict] = None,
+) -> Path:
+    """Write a complete store from in-memory arrays (used by generated worlds and tests). meta.json goes last."""
+    path = Path(path)
+    any_global = next(iter(splits.values()))[0]
+    dim = int(any_global.shape[1])
+    num_patches = next((int(p.shape[1]) for _, p, _ in splits.values() if p is not None), 0)
+    for split, (global_, patches, labels) in splits.items():
+        (path / split).mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(path / split / "global.npy", global_)
+        if patches is not None:
+            atomic_save_npy(path / split / "patches.npy", patches)
+        atomic_save_npy(path / split / "labels.npy", np.asarray(labels, dtype=np.int64))
+    write_text_features(path, prompts=prompts, templates=templates, descriptions=descriptions)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dim": dim,
+        "num_patches": num_patches,
+        "classes": list(classes),
+        "dataset": dataset,
+        "backbone": backbone,
+    }
+    meta.update(extra_meta or {})
+    atomic_write_text(path / "meta.json", json.dumps(meta, indent=2))
+    return path
+
+
+def write_text_features(
+    path: str | Path,
+    prompts: Optional[np.ndarray] = None,
+    templates: Optional[np.ndarray] = None,
+    descriptions: Optional[tuple[np.ndarray, np.ndarray]] = None,
+) -> None:
+    """text/prompts.npy [C, d], text/templates.npy [C, K, d] (spacil's extension: one token per template, for the
+    no-LLM ablation), text/descriptions.npy [C, M, d] with text/description_mask.npy [C, M]."""
+    text = Path(path) / "text"
+    if prompts is not None:
+        text.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(text / "prompts.npy", np.asarray(prompts, dtype=np.float32))
+    if templates is not None:
+        text.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(text / "templates.npy", np.asarray(templates, dtype=np.float32))
+    if descriptions is not None:
+        tokens, mask = descriptions
+        text.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(text / "descriptions.npy", np.asarray(tokens, dtype=np.float32))
+        atomic_save_npy(text / "description_mask.npy", np.asarray(mask, dtype=bool))
+
+
+def pad_token_sets(token_sets: Sequence[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class token sets of varying length -> ([C, M, d] zero-padded, bool mask [C, M])."""
+    width = max((len(t) for t in token_sets), default=0)
+    width = max(width, 1)
+    tokens = np.zeros((len(token_sets), width, dim), dtype=np.float32)
+    mask = np.zeros((len(token_sets), width), dtype=bool)
+    for c, t in enumerate(token_sets):
+        tokens[c, : len(t)] = t
+        mask[c, : len(t)] = True
+    return tokens, mask

@@ -1,0 +1,160 @@
+"""The learner interface every method implements, and the pieces methods share.
+
+The runner calls, for each task t: `begin_task(TaskInfo)` (the new classes' names and text features), `fit_task(TaskData)`
+(the task's training features, nothing else), `end_task(TaskData)`, then `predict(FeatureBatch)` on test batches of all classes
+seen so far. A learner never sees the store: what it gets is exactly what the protocol allows it to see.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from spacil.config import Config, TrainConfig
+
+
+@dataclass(frozen=True)
+class LearnerContext:
+    """What every learner may know from the start: shapes and the frozen backbone's constants, never data."""
+
+    dim: int
+    num_patches: int
+    logit_scale: float
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """The new classes of task `task` and their text features (positions are indices in the class order).
+
+    prompts [n_new, d]; descriptions [n_new, M, d] with mask [n_new, M] (None when the store has none);
+    templates [n_new, K, d] (per-template prompt tokens, None when the store has none).
+    """
+
+    task: int
+    positions: list[int]
+    names: list[str]
+    prompts: Optional[torch.Tensor]
+    descriptions: Optional[torch.Tensor]
+    description_mask: Optional[torch.Tensor]
+    templates: Optional[torch.Tensor]
+
+
+@dataclass
+class FeatureBatch:
+    """global_ [B, d] float32, patches [B, N, d] float32 (None for global-only methods), targets [B] class positions."""
+
+    global_: torch.Tensor
+    patches: Optional[torch.Tensor]
+    targets: Optional[torch.Tensor] = None
+    rows: Optional[np.ndarray] = None  # row numbers inside the task, for per-image deterministic choices
+
+
+class TaskData:
+    """The training features of one task, memory-mapped; `batches` yields float32 tensors."""
+
+    def __init__(self, task: int, global_: np.ndarray, patches: Optional[np.ndarray], targets: np.ndarray, device: torch.device):
+        self.task = task
+        self._global = global_
+        self._patches = patches
+        self.targets = targets
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def has_patches(self) -> bool:
+        return self._patches is not None
+
+    def take(self, rows: np.ndarray, with_patches: bool = True) -> FeatureBatch:
+        rows = np.sort(rows)  # sequential reads from the memory map
+        global_ = torch.from_numpy(np.asarray(self._global[rows], dtype=np.float32)).to(self.device)
+        patches = None
+        if with_patches and self._patches is not None:
+            patches = torch.from_numpy(np.asarray(self._patches[rows], dtype=np.float32)).to(self.device)
+        targets = torch.from_numpy(self.targets[rows]).to(self.device)
+        return FeatureBatch(global_, patches, targets, rows)
+
+    def batches(self, batch_size: int, generator: Optional[torch.Generator] = None, with_patches: bool = True) -> Iterator[FeatureBatch]:
+        """Shuffled batches when a generator is given, in order otherwise."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator).numpy() if generator is not None else np.arange(n)
+        for start in range(0, n, batch_size):
+            yield self.take(order[start:start + batch_size], with_patches)
+
+
+class Learner:
+    """Base class of a class-incremental method. Subclasses set `name` and override the hooks they need."""
+
+    name = "base"
+    needs_patches = False  # whether the runner must read patch tokens for this method
+
+    def __init__(self, config: Config, context: LearnerContext):
+        self.config = config
+        self.context = context
+        self.seen_positions: list[int] = []
+        self.seen_names: list[str] = []
+
+    @property
+    def label(self) -> str:
+        """How this run is named in tables and plots."""
+        return self.name
+
+    # hooks -------------------------------------------------------------------------------------------------------------
+    def begin_task(self, info: TaskInfo) -> None:
+        self.seen_positions.extend(info.positions)
+        self.seen_names.extend(info.names)
+
+    def fit_task(self, data: TaskData) -> None:
+        """Train on the current task (default: nothing to train)."""
+
+    def end_task(self, data: TaskData) -> None:
+        """Whatever must be kept after the task (statistics, prototypes)."""
+
+    def logits(self, batch: FeatureBatch) -> torch.Tensor:
+        """[B, seen classes] scores, columns in the order of `seen_positions`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, batch: FeatureBatch) -> torch.Tensor:
+        """[B] predicted class positions."""
+        columns = torch.as_tensor(self.seen_positions, device=batch.global_.device)
+        return columns[self.logits(batch).argmax(dim=1)]
+
+    # checkpointing -----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"seen_positions": list(self.seen_positions), "seen_names": list(self.seen_names)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen_positions = list(state["seen_positions"])
+        self.seen_names = list(state["seen_names"])
+
+
+def task_generator(config: Config, task: int, stream: int = 0) -> torch.Generator:
+    """The one source of randomness of a task: derived from the config's seed, the task and a stream number, so a resumed
+    run draws exactly what an uninterrupted one draws."""
+    generator = torch.Generator()
+    generator.manual_seed(config.seed * 1_000_003 + task * 101 + stream)
+    return generator
+
+
+def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, total_steps: int):
+    """The SPEC.md defaults: SGD with momentum, weight decay, cosine schedule over the task's steps."""
+    if train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    if train.schedule == "cosine":
+        scale = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))  # noqa: E731
+    else:
+        scale = lambda step: 1.0  # noqa: E731
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+
+
+def steps_per_task(num_samples: int, train: TrainConfig) -> int:
+    return math.ceil(num_samples / train.batch_size) * train.epochs

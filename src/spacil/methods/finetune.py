@@ -1,0 +1,55 @@
+"""Fine-tune: a linear head on g(x), trained task after task on the current task's data only, with no replay.
+
+The forgetting lower bound: each task's training pushes the head towards its own classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from spacil.learner import FeatureBatch, Learner, TaskData, TaskInfo, make_optimizer, steps_per_task, task_generator
+
+
+class FineTune(Learner):
+    name = "finetune"
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.weight = torch.zeros(0, context.dim)
+        self.bias = torch.zeros(0)
+
+    def begin_task(self, info: TaskInfo) -> None:
+        super().begin_task(info)
+        generator = task_generator(self.config, info.task, stream=7)
+        new_weight = torch.randn(len(info.positions), self.context.dim, generator=generator) * self.context.dim ** -0.5
+        self.weight = torch.cat([self.weight, new_weight])
+        self.bias = torch.cat([self.bias, torch.zeros(len(info.positions))])
+
+    def fit_task(self, data: TaskData) -> None:
+        train = self.config.train
+        weight = torch.nn.Parameter(self.weight.clone())
+        bias = torch.nn.Parameter(self.bias.clone())
+        optimizer, schedule = make_optimizer([weight, bias], train, steps_per_task(len(data), train))
+        column = torch.full((max(self.seen_positions) + 1,), -1, dtype=torch.long)
+        column[torch.tensor(self.seen_positions)] = torch.arange(len(self.seen_positions))
+        generator = task_generator(self.config, data.task, stream=1)
+        for _ in range(train.epochs):
+            for batch in data.batches(train.batch_size, generator, with_patches=False):
+                logits = self.context.logit_scale * (batch.global_ @ weight.T) + bias
+                loss = F.cross_entropy(logits, column[batch.targets.cpu()])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        self.weight, self.bias = weight.detach(), bias.detach()
+
+    def logits(self, batch: FeatureBatch) -> torch.Tensor:
+        return batch.global_ @ self.weight.T.to(batch.global_.device) * self.context.logit_scale + self.bias
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "weight": self.weight, "bias": self.bias}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.weight, self.bias = state["weight"], state["bias"]

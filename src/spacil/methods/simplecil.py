@@ -1,0 +1,41 @@
+"""SimpleCIL: cosine similarity of g(x) to the class-mean prototypes of the frozen features of every seen class.
+
+Prototypes are computed from each task's own training data when the task ends; nothing trains and nothing is forgotten.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from spacil.learner import FeatureBatch, Learner, TaskData
+
+
+class SimpleCIL(Learner):
+    name = "simplecil"
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.prototypes = torch.zeros(0, context.dim)
+
+    def end_task(self, data: TaskData) -> None:
+        new = self.seen_positions[len(self.prototypes):]
+        sums = torch.zeros(len(new), self.context.dim, dtype=torch.float64)
+        counts = torch.zeros(len(new), dtype=torch.float64)
+        column = {position: i for i, position in enumerate(new)}
+        for batch in data.batches(self.config.train.eval_batch_size, with_patches=False):
+            index = torch.tensor([column[int(t)] for t in batch.targets])
+            sums.index_add_(0, index, batch.global_.double().cpu())
+            counts.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
+        means = (sums / counts.clamp(min=1).unsqueeze(1)).float()
+        self.prototypes = torch.cat([self.prototypes, F.normalize(means, dim=-1)])
+
+    def logits(self, batch: FeatureBatch) -> torch.Tensor:
+        return F.normalize(batch.global_, dim=-1) @ self.prototypes.to(batch.global_.device).T
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "prototypes": self.prototypes}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.prototypes = state["prototypes"]

@@ -1,0 +1,209 @@
+"""The runner: the class-incremental task loop over a feature store, evaluation, checkpoints and the run folder.
+
+Run folder (INTERFACES.md): config.yaml, class_order.json, metrics.jsonl, acc_matrix.csv, summary.json, log.txt, and
+checkpoints/last.pt (the learner after the last finished task, for `--resume`). Every file is replaced atomically after each
+task, so an interrupted run keeps all it had finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from spacil.config import Config, dump_config
+from spacil.data import class_order, task_boundaries, task_sizes
+from spacil.errors import InputError
+from spacil.features import FeatureStore, atomic_write_text
+from spacil.learner import FeatureBatch, Learner, LearnerContext, TaskData, TaskInfo
+from spacil.methods import create_learner
+from spacil.metrics import TaskEvaluation, accuracy_matrix, evaluate_task, summarise
+
+log = logging.getLogger(__name__)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+class Run:
+    """One class-incremental run of one method over one store."""
+
+    def __init__(self, config: Config, store: FeatureStore, out: str | Path, resume: bool = False,
+                 echo: Optional[Callable[[str], None]] = None):
+        self.config = config
+        self.store = store
+        self.out = Path(out)
+        self.echo = echo or (lambda line: None)
+        self.device = torch.device(config.device)
+        data = config.data
+        self.sizes = task_sizes(store.num_classes, data.init_cls, data.increment)
+        self.bounds = task_boundaries(self.sizes)
+        self.order = class_order(store.num_classes, config.seed, data.shuffle)
+        # data-set class index -> position in the class order
+        self.position_of = np.empty(store.num_classes, dtype=np.int64)
+        self.position_of[self.order] = np.arange(store.num_classes)
+        context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device)
+        self.learner: Learner = create_learner(config, context)
+        if self.learner.needs_patches and store.split("train").patches is None:
+            raise InputError(f"{store.path}: method '{config.method}' needs patch tokens but the store has no train/patches.npy")
+        self.evaluations: list[TaskEvaluation] = []
+        self.first_task = 0
+        self._prepare_folder(resume)
+
+    # run folder --------------------------------------------------------------------------------------------------------
+    def _prepare_folder(self, resume: bool) -> None:
+        checkpoint = self.out / "checkpoints" / "last.pt"
+        if resume:
+            if not checkpoint.is_file():
+                if (self.out / "summary.json").exists():
+                    raise InputError(f"{self.out}: nothing to resume (no checkpoints/last.pt)")
+                resume = False  # an interrupted run that never finished its first task starts over
+            else:
+                saved_config = (self.out / "config.yaml").read_text() if (self.out / "config.yaml").exists() else None
+                if saved_config is not None and saved_config != dump_config(self.config):
+                    raise InputError(f"{self.out / 'config.yaml'}: differs from this run's config; resume with the same settings")
+                state = torch.load(checkpoint, weights_only=False)
+                self.learner.load_state_dict(state["learner"])
+                self.evaluations = [TaskEvaluation(**e) for e in state["evaluations"]]
+                self.first_task = len(self.evaluations)
+        if not resume:
+            if (self.out / "summary.json").exists() or (self.out / "checkpoints").exists():
+                raise InputError(f"--out {self.out}: holds a run already; use --resume or another folder")
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", dump_config(self.config))
+            atomic_write_text(self.out / "class_order.json", json.dumps(
+                {"seed": self.config.seed, "order": self.order, "task_sizes": self.sizes,
+                 "classes": [self.store.classes[c] for c in self.order]}, indent=1))
+            atomic_write_text(self.out / "log.txt", "")
+
+    def _log(self, line: str) -> None:
+        with open(self.out / "log.txt", "a") as handle:
+            handle.write(line + "\n")
+        log.info(line)
+        self.echo(line)
+
+    def _write_results(self, complete: bool) -> dict:
+        summary = summarise(self.learner.name, self.evaluations)
+        summary.update({"label": self.learner.label, "dataset": self.store.dataset, "seed": self.config.seed,
+                        "task_sizes": self.sizes, "complete": complete})
+        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(e.to_dict()) + "\n" for e in self.evaluations))
+        matrix = accuracy_matrix(self.evaluations)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["after_task"] + [f"task_{j + 1}" for j in range(len(matrix))])
+        for b, row in enumerate(matrix):
+            writer.writerow([b + 1] + ["" if np.isnan(v) else f"{v:.4f}" for v in row])
+        atomic_write_text(self.out / "acc_matrix.csv", buffer.getvalue())
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+    def _checkpoint(self) -> None:
+        folder = self.out / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / ".last.pt.tmp"
+        torch.save({"learner": self.learner.state_dict(), "evaluations": [e.to_dict() for e in self.evaluations]}, tmp)
+        os.replace(tmp, folder / "last.pt")
+
+    # data views ----------------------------------------------------------------------------------------------------------
+    def _rows_of(self, split: str, positions: list[int]) -> np.ndarray:
+        labels = self.store.split(split).labels
+        return np.flatnonzero(np.isin(self.position_of[labels], positions))
+
+    def _task_info(self, task: int) -> TaskInfo:
+        start, end = self.bounds[task]
+        class_ids = self.order[start:end]
+        store = self.store
+
+        def rows(array):
+            return None if array is None else torch.from_numpy(np.asarray(array[class_ids], dtype=np.float32)).to(self.device)
+
+        mask = None if store.description_mask is None else torch.from_numpy(np.asarray(store.description_mask[class_ids])).to(self.device)
+        return TaskInfo(task, list(range(start, end)), [store.classes[c] for c in class_ids], rows(store.prompts),
+                        rows(store.descriptions), mask, rows(store.templates))
+
+    def _task_data(self, task: int) -> TaskData:
+        start, end = self.bounds[task]
+        split = self.store.split("train")
+        rows = self._rows_of("train", list(range(start, end)))
+        if len(rows) == 0:
+            raise InputError(f"{self.store.path}: task {task + 1} has no training images")
+        patches = split.patches if self.learner.needs_patches else None
+        return TaskData(task, _RowView(split.global_, rows), None if patches is None else _RowView(patches, rows),
+                        self.position_of[split.labels[rows]], self.device)
+
+    @torch.no_grad()
+    def _evaluate(self, task: int) -> TaskEvaluation:
+        seen_end = self.bounds[task][1]
+        split = self.store.split("test")
+        rows = self._rows_of("test", list(range(seen_end)))
+        targets = self.position_of[split.labels[rows]]
+        predictions = np.empty(len(rows), dtype=np.int64)
+        size = self.config.train.eval_batch_size
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            global_ = torch.from_numpy(np.asarray(split.global_[chunk], dtype=np.float32)).to(self.device)
+            patches = None
+            if self.learner.needs_patches:
+                patches = torch.from_numpy(np.asarray(split.patches[chunk], dtype=np.float32)).to(self.device)
+            predictions[start:start + len(chunk)] = self.learner.predict(FeatureBatch(global_, patches)).cpu().numpy()
+        task_of_position = np.repeat(np.arange(len(self.sizes)), self.sizes)
+        return evaluate_task(task, predictions, targets, task_of_position[targets], seen_end)
+
+    # the loop ----------------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        config = self.config
+        if self.first_task == 0:
+            self._log(f"method: {self.learner.label}  data: {self.store.dataset} ({self.store.num_classes} classes)  "
+                      f"tasks: {len(self.sizes)} (B{config.data.init_cls if config.data.init_cls != config.data.increment else 0} "
+                      f"Inc{config.data.increment})  seed: {config.seed}")
+        else:
+            self._log(f"resuming after task {self.first_task}")
+        summary = None
+        for task in range(self.first_task, len(self.sizes)):
+            started = time.perf_counter()
+            self.learner.begin_task(self._task_info(task))
+            data = self._task_data(task)
+            self.learner.fit_task(data)
+            self.learner.end_task(data)
+            evaluation = self._evaluate(task)
+            self.evaluations.append(evaluation)
+            self._checkpoint()
+            summary = self._write_results(complete=task == len(self.sizes) - 1)
+            self._log(f"task {task + 1}/{len(self.sizes)}: top1 {evaluation.top1:.2f}  old {_fmt(evaluation.old)}  "
+                      f"new {_fmt(evaluation.new)}  harmonic {_fmt(evaluation.harmonic)}  "
+                      f"({evaluation.num_seen_classes} classes, {time.perf_counter() - started:.1f}s)")
+            self._log(f"top1 curve: [{', '.join(f'{e.top1:.2f}' for e in self.evaluations)}]")
+        if summary is None:
+            summary = self._write_results(complete=True)
+        self._log(f"Average Accuracy: {summary['avg_acc']:.2f}  Last Accuracy: {summary['last_acc']:.2f}  "
+                  f"Forgetting: {summary['forgetting']:.2f}")
+        return summary
+
+
+class _RowView:
+    """A lazy view of some rows of a memory-mapped array: indexing reads only the rows asked for."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray):
+        self.array = array
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.array[self.rows[index]]
+
+
+def run_from_store(config: Config, store_path: str | Path, out: str | Path, resume: bool = False,
+                   echo: Optional[Callable[[str], None]] = None) -> dict:
+    store = FeatureStore(store_path)
+    return Run(config, store, out, resume=resume, echo=echo).run()

@@ -89,6 +89,9 @@ class SPA(Learner):
         if info.prompts is None:
             raise InputError("spa: the feature store has no class prompts (text/prompts.npy)")
         tokens, mask = self._semantic_tokens(info)
+        # A class without descriptions keeps one zero token: its patch score is 0 and its OT problem stays well posed.
+        mask = mask.clone()
+        mask[:, 0] |= ~mask.any(dim=1)
         super().begin_task(info)
         width = max(self.semantic.shape[1], tokens.shape[1])
         old_tokens, old_mask = _pad_tokens(self.semantic, self.semantic_mask, width)

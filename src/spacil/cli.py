@@ -1,0 +1,153 @@
+"""The `spacil` command line (INTERFACES.md).
+
+Exit status: 0 done; 2 bad input or usage, with one line on standard error naming the culprit; 1 anything unexpected;
+130 interrupted (every finished result is kept; `--resume` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from typing import Optional, Sequence
+
+from spacil.errors import InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on standard error and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        raise InputError(f"{self.prog}: {message}")
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="one class-incremental run")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="a YAML config, or the name of a packaged one (e.g. cifar224_b0)")
+    source.add_argument("--features", help="a feature store (INTERFACES.md); needs nothing else")
+    p.add_argument("--method", help="spa (default), zeroshot, simplecil, finetune")
+    p.add_argument("--init-cls", type=int, help="classes in the first task")
+    p.add_argument("--increment", type=int, help="classes in each later task")
+    p.add_argument("--seed", type=int, help="the one seed (class order, batches, sampling)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set top_k_patches=8 or --set ablation.optimal_transport=false")
+    p.add_argument("--out", required=True, help="the run folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished task")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser("extract", help="encode a data set once with the frozen CLIP into a feature store (resumable)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model name, or local-dir:PATH")
+    p.add_argument("--pretrained", default="laion400m_e32", help="open_clip pretrained tag or a local checkpoint file")
+    p.add_argument("--out", required=True, help="the store folder")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--names-file", help="class names to check against the folders (a warning on mismatch, never a shift)")
+    p.add_argument("--descriptions", help="a descriptions file whose sentences become the store's semantic tokens")
+    p.add_argument("--semantic-tokens", default="sentence", choices=["sentence", "word"])
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="a comparison table (Markdown and CSV) and plots of runs")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", help="where to write report.md, report.csv and the plots (default: the first run's parent)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="spacil", description="SPA for class-incremental learning on a frozen CLIP")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    demo = sub.add_parser("demo", help="the embedded default: SPA and baselines on an offline demo world")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--quick", action="store_true", help="a smaller world and fewer epochs (for smoke tests)")
+    _add_extract(sub)
+    _add_run(sub)
+    _add_report(sub)
+    from spacil.describe import add_describe_parsers
+
+    add_describe_parsers(sub, _Parser)
+    return parser
+
+
+def _run_config(args):
+    from spacil.config import build_config, load_config
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.method, "method"), (args.init_cls, "data.init_cls"), (args.increment, "data.increment"),
+                      (args.seed, "seed")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    if args.features:
+        overrides.append(f"data.features={args.features}")
+        return build_config({}, overrides, source="--set")
+    return load_config(args.config, overrides)
+
+
+def cmd_run(args) -> int:
+    from spacil.pipeline import prepare_store
+    from spacil.runner import run_from_store
+
+    config = _run_config(args)
+    store = prepare_store(config, progress=not args.quiet)
+    echo = None if args.quiet else print
+    run_from_store(config, store, args.out, resume=args.resume, echo=echo)
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from spacil.descriptions import load_descriptions
+    from spacil.extract import extract_store
+
+    descriptions = load_descriptions(args.descriptions).sentences if args.descriptions else None
+    extract_store(args.dataset, args.data_root, args.out, model=args.model, pretrained=args.pretrained, dtype=args.dtype,
+                  batch_size=args.batch_size, workers=args.workers, device=args.device, names_file=args.names_file,
+                  descriptions=descriptions, descriptions_source=args.descriptions, semantic_tokens=args.semantic_tokens,
+                  progress=not args.quiet)
+    if not args.quiet:
+        print(f"feature store written: {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from spacil.report import write_report
+
+    table = write_report(args.runs, args.out)
+    print(table)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from spacil.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    warnings.simplefilter("default")
+    try:
+        args = build_parser().parse_args(argv)
+        handler = {"run": cmd_run, "extract": cmd_extract, "report": cmd_report, "demo": cmd_demo}.get(args.command)
+        if handler is None:
+            from spacil.describe import dispatch
+
+            return dispatch(args)
+        return handler(args)
+    except InputError as err:
+        print(f"spacil: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spacil: interrupted; finished results are kept (run again, with --resume for `run`)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""The demo world: a deterministic, generated feature store in which classes differ by local parts (docs/demo.md).
+
+Shape of the world (all vectors unit length, dimension d):
+- Classes come in families. A class's global appearance is its family's direction plus a small class-specific offset, so the
+  global embedding g(x) tells families apart easily and siblings only partly: global-only methods score well above chance
+  but confuse siblings.
+- Each family owns a small vocabulary of parts; each class shows a few of them (siblings share some, never all). An image's
+  patch tokens are mostly shared background; a few patches, at random places, show the class's parts.
+- Each class has descriptions: one per part it shows (the part's text direction) and one general sentence.
+- Image-side shift: every image feature (global and patches) is rotated and shifted away from the text side, as CLIP's modality
+  gap and a domain change would; a linear image projector can learn to undo it, frozen zero-shot matching suffers from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spacil.features import write_store
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    num_classes: int = 60
+    family_size: int = 6
+    parts_per_family: int = 8
+    parts_per_class: int = 3
+    dim: int = 64
+    grid: int = 7  # patches per side: N = grid * grid
+    train_per_class: int = 40
+    test_per_class: int = 20
+    class_offset: float = 0.55  # how far a class's global direction leaves its family's
+    global_noise: float = 0.45
+    patch_noise: float = 0.35
+    background_textures: int = 6
+    image_shift: float = 0.6  # strength of the image-side rotation and offset
+    seed: int = 7
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_world(path: str | Path, spec: WorldSpec = WorldSpec()) -> dict:
+    """Write the demo store at `path`; return what the pictures need (where each image's parts are)."""
+    rng = np.random.default_rng(spec.seed)
+    d, n_patches = spec.dim, spec.grid * spec.grid
+    families = spec.num_classes // spec.family_size
+    family_dirs = _unit(rng.normal(size=(families, d)))
+    class_family = np.repeat(np.arange(families), spec.family_size)
+    class_dirs = _unit(family_dirs[class_family] + spec.class_offset * _unit(rng.normal(size=(spec.num_classes, d))))
+    part_dirs = _unit(rng.normal(size=(families, spec.parts_per_family, d)))
+    class_parts = np.stack([rng.choice(spec.parts_per_family, spec.parts_per_class, replace=False) for _ in range(spec.num_classes)])
+    textures = _unit(rng.normal(size=(spec.background_textures, d)))
+    # the image-side shift: a random rotation towards a fixed offset, applied to every image feature
+    rotation, upper = np.linalg.qr(np.eye(d) + spec.image_shift * rng.normal(size=(d, d)) / np.sqrt(d))
+    rotation = rotation * np.sign(np.diag(upper))  # the rotation nearest the identity, not a reflection of it
+    offset = spec.image_shift * _unit(rng.normal(size=d)) * 0.5
+
+    def to_image_space(x: np.ndarray) -> np.ndarray:
+        return _unit(x @ rotation.T + offset)
+
+    def split(per_class: int):
+        labels = np.repeat(np.arange(spec.num_classes), per_class)
+        n = len(labels)
+        global_ = to_image_space(class_dirs[labels] + spec.global_noise * rng.normal(size=(n, d)) / np.sqrt(d) * 2)
+        texture = textures[rng.integers(spec.background_textures, size=(n, n_patches))]
+        patches = texture + spec.patch_noise * rng.normal(size=(n, n_patches, d)) / np.sqrt(d) * 2
+        locations = np.zeros((n, spec.parts_per_class), dtype=np.int64)
+        for i, c in enumerate(labels):
+            where = rng.choice(n_patches, spec.parts_per_class, replace=False)
+            locations[i] = where
+            patches[i, where] = part_dirs[class_family[c], class_parts[c]] + spec.patch_noise * rng.normal(size=(spec.parts_per_class, d)) / np.sqrt(d) * 2
+        return global_.astype(np.float16), to_image_space(patches).astype(np.float16), labels, locations
+
+    train = split(spec.train_per_class)
+    test = split(spec.test_per_class)
+    # text side: prompts near the class direction, descriptions = one per shown part plus a general one
+    prompts = _unit(class_dirs + 0.15 * _unit(rng.normal(size=(spec.num_classes, d))))
+    part_text = _unit(part_dirs[class_family[:, None], class_parts] + 0.15 * _unit(rng.normal(size=(spec.num_classes, spec.parts_per_class, d))))
+    general = _unit(class_dirs + 0.2 * _unit(rng.normal(size=(spec.num_classes, d))))[:, None]
+    descriptions = np.concatenate([part_text, general], axis=1).astype(np.float32)
+    mask = np.ones(descriptions.shape[:2], dtype=bool)
+    templates = _unit(prompts[:, None] + 0.1 * _unit(rng.normal(size=(spec.num_classes, 3, d)))).astype(np.float32)
+    names = [f"family{class_family[c]:02d}-species{c % spec.family_size}" for c in range(spec.num_classes)]
+    write_store(
+        path, classes=names, dataset="demo", backbone={"model": "demo-world", "pretrained": None, "logit_scale": 100.0},
+        splits={"train": train[:3], "test": test[:3]}, prompts=prompts.astype(np.float32), templates=templates,
+        descriptions=(descriptions, mask),
+        extra_meta={"text": {"semantic_tokens": "sentence", "descriptions_source": "generated"},
+                    "generator": {"name": "spacil demo world", **spec.__dict__}},
+    )
+    return {"test_part_locations": test[3], "class_parts": class_parts, "grid": spec.grid, "names": names}

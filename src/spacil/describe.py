@@ -1,0 +1,322 @@
+"""`spacil describe`: class descriptions from a multimodal LLM shown representative and diverse samples (SPEC.md 1-2),
+and `spacil descriptions import` for the public sets.
+
+Dependability: the official `openai` SDK retries 429, 5xx and timeouts with exponential backoff and honours Retry-After
+(`llm.max_retries`); requests run at most `llm.max_concurrency` at a time; every answered class is written to the output
+atomically at once, keyed by everything that determines it (model, prompt version, class, sample ids, count, domain), so a
+rerun never asks again for what it has, and Ctrl-C loses nothing already answered.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from spacil.config import LLMConfig
+from spacil.data import DatasetSpec, dataset_spec, open_dataset
+from spacil.descriptions import (DescriptionSet, default_token_counter, import_descriptions, load_descriptions, parse_answer,
+                                 template_descriptions, validate_descriptions)
+from spacil.errors import InputError
+from spacil.sampling import choose_samples, compose_grid
+
+PROMPT_VERSION = "spa-describe-v1"
+SYSTEM_PROMPT = "You write short visual descriptions of categories for an image classifier."
+
+
+def build_prompt(name: str, domain: str, count: int, shown: int) -> str:
+    return (
+        f"The image is a grid of {shown} representative and diverse training photos of the class \"{name}\" ({domain}). "
+        f"Write exactly {count} short, distinct, visually grounded descriptions of the parts, shapes, colours and textures "
+        f"that set \"{name}\" apart from other classes of this kind. Each description under 20 words. "
+        f"One description per line, no numbering, no other text."
+    )
+
+
+def cache_key(model: str, name: str, sample_ids: Sequence[str], count: int, domain: str) -> str:
+    payload = json.dumps([model, PROMPT_VERSION, name, list(sample_ids), count, domain], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class ClassJob:
+    index: int
+    name: str
+    sample_ids: list[str]
+    grid_png: bytes
+    grid_path: str
+    key: str
+
+
+class LLMDescriber:
+    """One multimodal request per class through the OpenAI SDK, re-asked while the answer fails validation."""
+
+    def __init__(self, llm: LLMConfig, api_key: str, count: int, domain: str, count_tokens: Callable[[str], int]):
+        from openai import OpenAI
+
+        self.llm = llm
+        self.count = count
+        self.domain = domain
+        self.count_tokens = count_tokens
+        self.client = OpenAI(api_key=api_key, base_url=llm.base_url, timeout=llm.timeout, max_retries=llm.max_retries)
+
+    def describe(self, job: ClassJob, shown: int) -> dict:
+        image_url = "data:image/png;base64," + base64.b64encode(job.grid_png).decode()
+        prompt = build_prompt(job.name, self.domain, self.count, shown)
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        reason = None
+        for attempt in range(1, self.llm.max_attempts + 1):
+            text = prompt if reason is None else f"{prompt}\nYour previous answer was rejected ({reason}); answer again in exactly that format."
+            response = self.client.chat.completions.create(
+                model=self.llm.model,
+                messages=[
+                    {"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": [{"type": "text", "text": text},
+                                                 {"type": "image_url", "image_url": {"url": image_url}}]},
+                ],
+            )
+            if response.usage is not None:
+                for key in usage:
+                    usage[key] += int(getattr(response.usage, key, 0) or 0)
+            answer = response.choices[0].message.content if response.choices else None
+            lines = parse_answer(answer)
+            reason = validate_descriptions(lines, self.count, self.count_tokens)
+            if reason is None:
+                return {"descriptions": lines, "attempts": attempt, "usage": usage}
+        return {"error": reason, "attempts": self.llm.max_attempts, "usage": usage}
+
+
+def _feature_source(splits, store_path: Optional[str], clip_model: str, pretrained: Optional[str]) -> Callable[[np.ndarray], torch.Tensor]:
+    """-> a function: training rows of one class -> their g(x) [n, d], from a store when given, else from the CLIP."""
+    if store_path is not None:
+        from spacil.features import FeatureStore
+
+        global_ = FeatureStore(store_path).split("train").global_
+        return lambda rows: torch.from_numpy(np.asarray(global_[rows], dtype=np.float32))
+    from spacil.backbone import FrozenCLIP
+    from spacil.data import image_transform
+
+    backbone = FrozenCLIP(clip_model, pretrained)
+    transform = image_transform(backbone.image_size)
+    split = splits["train"]
+
+    def encode(rows: np.ndarray) -> torch.Tensor:
+        features = []
+        for start in range(0, len(rows), 64):
+            batch = torch.stack([transform(split.loader(split.items[r])) for r in rows[start:start + 64]])
+            features.append(backbone.encode_images(batch)[0])
+        return torch.cat(features)
+
+    return encode
+
+
+def _sample_id(item, data_root: Path) -> str:
+    if isinstance(item, (int, np.integer)):
+        return f"train/{int(item)}"
+    try:
+        return str(Path(item).relative_to(data_root))
+    except ValueError:
+        return str(item)
+
+
+def describe_dataset(
+    dataset: str,
+    data_root: str | Path,
+    out: str | Path,
+    llm: LLMConfig,
+    num_descriptions: int = 8,
+    visual_samples: int = 6,
+    sample_strategy: str = "kmeans",
+    classes: Optional[Sequence[str]] = None,
+    features: Optional[str] = None,
+    clip_model: str = "ViT-B-16",
+    pretrained: Optional[str] = "laion400m_e32",
+    seed: int = 1993,
+    mode: str = "openai",
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> DescriptionSet:
+    """Write a descriptions file for `dataset` at `out` (see the module doc). Returns what is in the file at the end."""
+    spec: DatasetSpec = dataset_spec(dataset)
+    out = Path(out)
+    api_key = None
+    if mode == "openai":
+        api_key = os.environ.get(llm.api_key_env)
+        if not api_key:
+            raise InputError(f"environment variable {llm.api_key_env} is not set: it must hold the API key "
+                             f"(choose another variable with --api-key-env, or --llm none for template descriptions)")
+    elif mode != "none":
+        raise InputError(f"--llm {mode}: expected openai or none")
+    names, splits = open_dataset(dataset, data_root)
+    wanted = list(range(len(names)))
+    if classes:
+        lookup = {n: i for i, n in enumerate(names)}
+        missing = [c for c in classes if c not in lookup]
+        if missing:
+            raise InputError(f"--classes: '{missing[0]}' is not a class of {dataset}")
+        wanted = [lookup[c] for c in classes]
+
+    if mode == "none":
+        result = DescriptionSet(dataset=dataset, source="templates", num_descriptions=num_descriptions,
+                                classes={n: {"descriptions": s} for n, s in
+                                         template_descriptions([names[i] for i in wanted], spec.templates, num_descriptions).items()})
+        result.save(out)
+        echo(f"wrote template descriptions (the no-LLM ablation) for {len(wanted)} classes: {out}")
+        return result
+
+    if features is not None:
+        from spacil.features import FeatureStore
+
+        store = FeatureStore(features)
+        if len(store.split("train")) != len(splits["train"].items) or store.classes != names:
+            raise InputError(f"--features {features}: not a store of {dataset} under {data_root} (images or classes differ)")
+
+    result = load_descriptions(out) if out.exists() else DescriptionSet()
+    if result.dataset not in (None, dataset):
+        raise InputError(f"{out}: holds descriptions of '{result.dataset}', not '{dataset}'")
+    result.dataset, result.source, result.model = dataset, "llm", llm.model
+    result.prompt_version, result.num_descriptions = PROMPT_VERSION, num_descriptions
+    grid_dir = out.with_name(out.stem + "_grids")
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    count_tokens = default_token_counter()
+    describer = LLMDescriber(llm, api_key, num_descriptions, spec.domain, count_tokens)
+    lock = threading.Lock()
+    class_features = _feature_source(splits, features, clip_model, pretrained)
+
+    labels = splits["train"].labels
+    root = Path(data_root)
+    bar = tqdm(total=len(wanted), desc=f"describe {dataset}", unit="class", disable=not progress)
+    skipped = 0
+
+    def record(job: ClassJob, future: Future) -> None:
+        try:
+            answer = future.result()
+        except Exception as err:  # noqa: BLE001 - an API failure is reported by class, the others go on
+            answer = {"error": f"{type(err).__name__}: {err}", "attempts": 0, "usage": {}}
+        with lock:
+            for key, value in answer.get("usage", {}).items():
+                result.usage[key] = result.usage.get(key, 0) + value
+            if "error" in answer:
+                result.failed[job.name] = answer["error"]
+            else:
+                result.failed.pop(job.name, None)
+                result.classes[job.name] = {"descriptions": answer["descriptions"], "sample_ids": job.sample_ids,
+                                            "grid": job.grid_path, "cache_key": job.key, "attempts": answer["attempts"],
+                                            "usage": answer["usage"]}
+            result.save(out)
+            bar.update(1)
+
+    executor = ThreadPoolExecutor(max_workers=llm.max_concurrency)
+    futures = []
+    try:
+        for index in wanted:
+            name = names[index]
+            rows = np.flatnonzero(labels == index)
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            chosen = choose_samples(class_features(rows), visual_samples, sample_strategy, generator)
+            sample_ids = [_sample_id(splits["train"].items[rows[i]], root) for i in chosen]
+            key = cache_key(llm.model, name, sample_ids, num_descriptions, spec.domain)
+            if result.classes.get(name, {}).get("cache_key") == key:
+                skipped += 1
+                bar.update(1)
+                continue
+            grid = compose_grid([splits["train"].loader(splits["train"].items[rows[i]]) for i in chosen])
+            grid_path = grid_dir / f"{index:04d}_{name.replace('/', '_').replace(' ', '_')}.png"
+            grid.save(grid_path)
+            buffer = io.BytesIO()
+            grid.save(buffer, format="PNG")
+            job = ClassJob(index, name, sample_ids, buffer.getvalue(), str(grid_path), key)
+            future = executor.submit(describer.describe, job, len(chosen))
+            future.add_done_callback(lambda f, job=job: record(job, f))
+            futures.append(future)
+        for future in futures:
+            future.exception()  # wait
+    except KeyboardInterrupt:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        executor.shutdown(wait=True)
+        bar.close()
+    # keep the file's classes in data-set order, whatever order the answers came in
+    order = {n: i for i, n in enumerate(names)}
+    result.classes = dict(sorted(result.classes.items(), key=lambda item: order.get(item[0], len(order))))
+    result.save(out)
+    usage = result.usage
+    echo(f"described {len(wanted) - skipped - len(result.failed)} classes, {skipped} already in {out}, "
+         f"{len(result.failed)} failed; tokens used (all runs): prompt {usage.get('prompt_tokens', 0)}, "
+         f"completion {usage.get('completion_tokens', 0)}, total {usage.get('total_tokens', 0)}")
+    for name, reason in result.failed.items():
+        echo(f"  failed: {name}: {reason}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_describe_parsers(sub, parser_class) -> None:
+    p = sub.add_parser("describe", help="class descriptions from a multimodal LLM (SPEC.md sections 1-2)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--out", required=True, help="the descriptions file (JSON); grids go to <out>_grids/")
+    p.add_argument("--llm", default="openai", choices=["openai", "none"], help="none: template descriptions (no-LLM ablation)")
+    p.add_argument("--model", default=LLMConfig().model)
+    p.add_argument("--base-url", default=None, help="an OpenAI-compatible server (default: the SDK's, or OPENAI_BASE_URL)")
+    p.add_argument("--api-key-env", default=LLMConfig().api_key_env)
+    p.add_argument("--classes", nargs="+", help="only these classes")
+    p.add_argument("--num-descriptions", type=int, default=8)
+    p.add_argument("--visual-samples", type=int, default=6)
+    p.add_argument("--sample-strategy", default="kmeans", choices=["kmeans", "fps", "random"])
+    p.add_argument("--features", help="a feature store of the same data set: its g(x) pick the samples (no CLIP pass)")
+    p.add_argument("--clip-model", default="ViT-B-16")
+    p.add_argument("--pretrained", default="laion400m_e32")
+    p.add_argument("--max-concurrency", type=int, default=LLMConfig().max_concurrency)
+    p.add_argument("--timeout", type=float, default=LLMConfig().timeout)
+    p.add_argument("--max-retries", type=int, default=LLMConfig().max_retries)
+    p.add_argument("--max-attempts", type=int, default=LLMConfig().max_attempts)
+    p.add_argument("--seed", type=int, default=1993)
+    p.add_argument("--quiet", action="store_true")
+
+    d = sub.add_parser("descriptions", help="work with descriptions files")
+    dsub = d.add_subparsers(dest="descriptions_command", required=True, parser_class=parser_class)
+    imp = dsub.add_parser("import", help="import a public description set (AREA, CuPL JSON, ENGINE)")
+    imp.add_argument("--format", required=True, choices=["area", "json", "engine"])
+    imp.add_argument("source", help="AREA: the folder of <class>_descriptions.txt; json/engine: the JSON file")
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--num-descriptions", type=int, default=8)
+    imp.add_argument("--dataset", default=None)
+
+
+def dispatch(args) -> int:
+    if args.command == "describe":
+        if args.num_descriptions < 1 or args.visual_samples < 1:
+            raise InputError("--num-descriptions and --visual-samples must be at least 1")
+        llm = LLMConfig(model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
+                        max_concurrency=max(1, args.max_concurrency), timeout=args.timeout, max_retries=args.max_retries,
+                        max_attempts=max(1, args.max_attempts))
+        describe_dataset(args.dataset, args.data_root, args.out, llm, args.num_descriptions, args.visual_samples,
+                         args.sample_strategy, args.classes, args.features, args.clip_model, args.pretrained, args.seed,
+                         args.llm, progress=not args.quiet, echo=(lambda line: None) if args.quiet else print)
+        result = load_descriptions(args.out)
+        return 0 if not result.failed else 1
+    if args.command == "descriptions" and args.descriptions_command == "import":
+        if args.num_descriptions < 1:
+            raise InputError("--num-descriptions must be at least 1")
+        result, report = import_descriptions(args.format, args.source, args.num_descriptions, args.dataset)
+        result.save(args.out)
+        print(f"imported {report.classes} classes ({report.sentences_read} sentences read, {report.too_long} over CLIP's "
+              f"77 tokens skipped) into {args.out}", file=sys.stdout)
+        return 0
+    raise InputError(f"unknown command {args.command}")

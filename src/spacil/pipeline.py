@@ -1,0 +1,38 @@
+"""From a config to a feature store: reuse the store the config names, or extract it first when a data root is given.
+
+This is what makes a real benchmark one command: `spacil run --config cifar224_b0 --set data.data_root=DATA
+--set data.features=STORE` extracts the store once (resumable) and runs on it; later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from spacil.config import Config
+from spacil.errors import InputError
+
+
+def prepare_store(config: Config, progress: bool = True) -> Path:
+    data = config.data
+    if data.features is None:
+        raise InputError("config: data.features is not set (pass --features STORE, or set data.features to where the store is or should be written)")
+    store = Path(data.features)
+    if not (store / "meta.json").is_file():
+        if data.data_root is None:
+            raise InputError(f"{store}: no feature store there (meta.json missing) and data.data_root is not set to extract one")
+        from spacil.descriptions import load_descriptions
+        from spacil.extract import extract_store
+
+        descriptions = load_descriptions(data.descriptions).sentences if data.descriptions else None
+        extract_store(data.dataset, data.data_root, store, model=data.model, pretrained=data.pretrained,
+                      device=config.device, names_file=data.names_file, descriptions=descriptions,
+                      descriptions_source=data.descriptions, semantic_tokens=config.spa.semantic_tokens, progress=progress)
+    meta = json.loads((store / "meta.json").read_text())
+    recorded = (meta.get("text") or {}).get("semantic_tokens")
+    if recorded and recorded != config.spa.semantic_tokens and config.method == "spa" and config.ablation.llm_descriptions:
+        raise InputError(
+            f"{store / 'meta.json'}: its descriptions were embedded as semantic_tokens={recorded}, the config asks for "
+            f"{config.spa.semantic_tokens}; re-embed with `spacil extract ... --semantic-tokens {config.spa.semantic_tokens}`"
+        )
+    return store

@@ -74,6 +74,8 @@ DATASETS: "MappingProxyType[str, DatasetSpec]" = MappingProxyType({
         DatasetSpec("food101", "Food-101", 100, 10, 50, "a type of food", ("a photo of {}, a type of food.",)),
         DatasetSpec("sun", "SUN397", 300, 30, 150, "a type of scene", ("a photo of a {}.", "a photo of the {}.")),
         DatasetSpec("ucf101", "UCF101", 100, 10, 50, "a human action", _ucf_templates()),
+        # generated at run time by spacil.shapes for the demo and the tests; not a benchmark
+        DatasetSpec("shapes", "generated shapes", 4, 2, 2, "a coloured geometric shape", ("a photo of a {}.", "a drawing of a {}.")),
     )
 })
 

@@ -31,11 +31,11 @@ class WorldSpec:
     grid: int = 7  # patches per side: N = grid * grid
     train_per_class: int = 40
     test_per_class: int = 20
-    class_offset: float = 0.55  # how far a class's global direction leaves its family's
-    global_noise: float = 0.45
+    class_offset: float = 0.35  # how far a class's global direction leaves its family's
+    global_noise: float = 0.8
     patch_noise: float = 0.35
     background_textures: int = 6
-    image_shift: float = 0.6  # strength of the image-side rotation and offset
+    image_shift: float = 1.0  # strength of the image-side rotation and offset
     seed: int = 7
 
 

@@ -187,7 +187,10 @@ def _cifar100(root: Path) -> tuple[list[str], dict[str, SplitIndex]]:
     splits = {}
     names = None
     for split, train in (("train", True), ("test", False)):
-        dataset = CIFAR100(str(found), train=train, download=False)
+        try:
+            dataset = CIFAR100(str(found), train=train, download=False)
+        except RuntimeError as err:
+            raise InputError(f"{found / 'cifar-100-python'}: missing or corrupt CIFAR-100 files ({err})") from None
         names = [clean_class_name(c) for c in dataset.classes]
         splits[split] = SplitIndex(
             tuple(range(len(dataset))), np.asarray(dataset.targets, dtype=np.int64), lambda i, d=dataset: d[i][0]

@@ -44,6 +44,8 @@ class Run:
         self.out = Path(out)
         self.echo = echo or (lambda line: None)
         self.device = torch.device(config.device)
+        context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device)
+        self.learner: Learner = create_learner(config, context)
         data = config.data
         self.sizes = task_sizes(store.num_classes, data.init_cls, data.increment)
         self.bounds = task_boundaries(self.sizes)
@@ -51,8 +53,6 @@ class Run:
         # data-set class index -> position in the class order
         self.position_of = np.empty(store.num_classes, dtype=np.int64)
         self.position_of[self.order] = np.arange(store.num_classes)
-        context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device)
-        self.learner: Learner = create_learner(config, context)
         if self.learner.needs_patches and store.split("train").patches is None:
             raise InputError(f"{store.path}: method '{config.method}' needs patch tokens but the store has no train/patches.npy")
         self.evaluations: list[TaskEvaluation] = []

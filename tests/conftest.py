@@ -1,0 +1,74 @@
+"""Shared fixtures. Nothing here touches the network: models are tiny random-weight open_clip models written to tmp,
+images are generated, and Hugging Face is forced offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that would download fails at once instead of reaching out
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    if not REFERENCE.is_dir():
+        pytest.skip("../shared/reference is not present")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from spacil.backbone import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_clip"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    from spacil.shapes import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    write_shapes_dataset(root, train_per_class=6, test_per_class=3, seed=1)
+    return root
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_random_store(path: Path, num_classes: int = 12, dim: int = 16, num_patches: int = 9, tokens: int = 3,
+                      train: int = 8, test: int = 4, seed: int = 0, ragged: bool = True) -> Path:
+    """A small store written with plain numpy.save, as another program following INTERFACES.md would."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.normal(size=(num_classes, dim)))
+    for split, per in (("train", train), ("test", test)):
+        labels = np.repeat(np.arange(num_classes), per)
+        (path / split).mkdir(parents=True)
+        np.save(path / split / "global.npy", unit(centres[labels] + 0.6 * rng.normal(size=(len(labels), dim))).astype(np.float16))
+        np.save(path / split / "patches.npy", unit(rng.normal(size=(len(labels), num_patches, dim)) + centres[labels][:, None]).astype(np.float16))
+        np.save(path / split / "labels.npy", labels.astype(np.int64))
+    (path / "text").mkdir()
+    np.save(path / "text" / "prompts.npy", unit(centres + 0.3 * rng.normal(size=centres.shape)).astype(np.float32))
+    desc = unit(centres[:, None] + 0.5 * rng.normal(size=(num_classes, tokens, dim))).astype(np.float32)
+    mask = np.ones((num_classes, tokens), dtype=bool)
+    if ragged:
+        mask[::3, -1] = False
+        desc[~mask] = 0
+    np.save(path / "text" / "descriptions.npy", desc)
+    np.save(path / "text" / "description_mask.npy", mask)
+    meta = {"format": "spacil-features", "version": 1, "dim": dim, "num_patches": num_patches,
+            "classes": [f"class {i}" for i in range(num_classes)], "dataset": "random", "backbone": {"logit_scale": 50.0}}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture()
+def random_store(tmp_path) -> Path:
+    return make_random_store(tmp_path / "store")

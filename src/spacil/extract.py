@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -61,9 +62,18 @@ def semantic_token_features(
 
     `sentence`: one token e(description) per description; `word`: every word token of every description.
     """
+    from spacil.descriptions import normalise_name
+
+    by_name = {normalise_name(n): sentences for n, sentences in descriptions.items()}
+    missing = [name for name in names if not by_name.get(normalise_name(name))]
+    if len(missing) == len(names):
+        raise InputError(f"descriptions: none of their class names matches a class of the data set (e.g. '{names[0]}')")
+    if missing:
+        warnings.warn(f"descriptions: {len(missing)} of {len(names)} classes have none (first: '{missing[0]}'); "
+                      f"their patch score is 0", stacklevel=2)
     sets = []
     for name in names:
-        sentences = descriptions.get(name, [])
+        sentences = by_name.get(normalise_name(name), [])
         if not sentences:
             sets.append(np.zeros((0, backbone.dim), dtype=np.float32))
         elif semantic_tokens == "word":

@@ -1,0 +1,111 @@
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llm_server import LLMServer
+from spacil.cli import main
+from spacil.descriptions import load_descriptions
+
+CLASSES = ["red square", "green circle", "blue triangle", "yellow cross"]
+
+
+def _args(shapes_root, tiny_model, out, server, *extra):
+    return ["describe", "--dataset", "shapes", "--data-root", str(shapes_root), "--out", str(out), "--base-url", server.base_url,
+            "--api-key-env", "SPACIL_TEST_KEY", "--clip-model", tiny_model, "--pretrained", "", "--num-descriptions", "4",
+            "--visual-samples", "3", "--quiet", *extra]
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("SPACIL_TEST_KEY", "test-key")
+
+
+def test_describe_writes_a_validated_file_and_never_asks_twice(shapes_root, tiny_model, tmp_path):
+    out = tmp_path / "descriptions.json"
+    with LLMServer({"blue triangle": ["numbered"]}) as server:
+        assert main(_args(shapes_root, tiny_model, out, server)) == 0
+        assert sorted(cls for cls, _, _ in server.requests) == sorted(CLASSES)
+        result = load_descriptions(out)
+        assert list(result.classes) == CLASSES and not result.failed
+        for name, entry in result.classes.items():
+            assert len(entry["descriptions"]) == 4 and len(set(entry["descriptions"])) == 4
+            assert len(entry["sample_ids"]) == 3 and all(s.startswith("shapes/train/") for s in entry["sample_ids"])
+            assert Path(entry["grid"]).is_file() and entry["cache_key"]
+        assert result.classes["blue triangle"]["descriptions"][0] == "blue triangle detail number one with a distinct texture"
+        assert result.usage["total_tokens"] == 4 * 120 and result.model == "gpt-5" and result.prompt_version
+        raw = json.loads(out.read_text())
+        assert raw["format"] == "spacil-descriptions" and raw["version"] == 1
+        assert main(_args(shapes_root, tiny_model, out, server)) == 0
+        assert len(server.requests) == 4  # everything was cached
+
+
+def test_faults_are_retried(shapes_root, tiny_model, tmp_path):
+    script = {"red square": ["429", "ok"], "green circle": ["500", "500", "ok"], "blue triangle": ["slow", "ok"],
+              "yellow cross": ["malformed", "ok"]}
+    with LLMServer(script, slow_seconds=3.0) as server:
+        assert main(_args(shapes_root, tiny_model, tmp_path / "d.json", server, "--timeout", "1", "--max-concurrency", "2")) == 0
+        assert server.calls("red square") == ["429", "ok"]
+        first, second = server.times("red square")
+        assert second - first >= 0.95  # Retry-After: 1 was honoured
+        assert server.calls("green circle") == ["500", "500", "ok"]
+        assert server.calls("blue triangle") == ["slow", "ok"]  # timed out, then asked again
+        assert server.calls("yellow cross") == ["malformed", "ok"]  # failed validation, asked again
+    result = load_descriptions(tmp_path / "d.json")
+    assert not result.failed and result.classes["yellow cross"]["attempts"] == 2
+
+
+def test_answers_that_never_validate_are_reported_not_truncated(shapes_root, tiny_model, tmp_path, capsys):
+    with LLMServer({"red square": ["empty"], "green circle": ["long"]}) as server:
+        code = main(_args(shapes_root, tiny_model, tmp_path / "d.json", server, "--max-attempts", "2", "--classes",
+                          "red square", "green circle", "blue triangle"))
+        assert code == 1
+        assert server.calls("red square") == ["empty", "empty"]
+    result = load_descriptions(tmp_path / "d.json")
+    assert set(result.failed) == {"red square", "green circle"}
+    assert "77 tokens" in result.failed["green circle"] and "got 0" in result.failed["red square"]
+    assert list(result.classes) == ["blue triangle"]
+
+
+def test_missing_key_fails_before_any_work(shapes_root, tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("SPACIL_TEST_KEY")
+    with LLMServer() as server:
+        assert main(_args(shapes_root, tiny_model, tmp_path / "d.json", server)) == 2
+        assert server.requests == []
+    err = capsys.readouterr().err
+    assert "SPACIL_TEST_KEY" in err and err.count("\n") == 1
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_killed_run_resumes_without_paying_twice(shapes_root, tiny_model, tmp_path):
+    out = tmp_path / "d.json"
+    env = {**os.environ, "SPACIL_TEST_KEY": "k", "OMP_NUM_THREADS": "1"}
+    with LLMServer({"yellow cross": ["hang", "ok"]}) as server:
+        command = [sys.executable, "-m", "spacil"] + _args(shapes_root, tiny_model, out, server, "--max-concurrency", "1")
+        process = subprocess.Popen(command, env=env)
+        deadline = time.time() + 60
+        while time.time() < deadline and server.calls("yellow cross") == []:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        process.kill()
+        process.wait()
+        done = load_descriptions(out)
+        assert list(done.classes) == ["red square", "green circle", "blue triangle"]
+        assert subprocess.run(command, env=env).returncode == 0
+        for name in ("red square", "green circle", "blue triangle"):
+            assert len(server.calls(name)) == 1  # answered before the kill: never asked again
+        assert server.calls("yellow cross") == ["hang", "ok"]
+    assert list(load_descriptions(out).classes) == CLASSES
+
+
+def test_llm_none_writes_template_descriptions(shapes_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("SPACIL_TEST_KEY")
+    out = tmp_path / "t.json"
+    assert main(["describe", "--dataset", "shapes", "--data-root", str(shapes_root), "--out", str(out), "--llm", "none", "--quiet"]) == 0
+    result = load_descriptions(out)
+    assert result.source == "templates"
+    assert result.classes["red square"]["descriptions"] == ["a photo of a red square.", "a drawing of a red square."]

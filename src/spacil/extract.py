@@ -103,14 +103,16 @@ def extract_store(
     semantic_tokens: str = "sentence",
     max_batches: Optional[int] = None,
     progress: bool = True,
+    backbone: Optional[FrozenCLIP] = None,
 ) -> Path:
-    """Encode `dataset` into a store at `out`. `max_batches` stops after that many batches (to test resuming)."""
+    """Encode `dataset` into a store at `out`. `max_batches` stops after that many batches (to test resuming); `backbone`
+    reuses an already built model (it must be the one `model` and `pretrained` name)."""
     if dtype not in ("float16", "float32"):
         raise InputError(f"--dtype {dtype}: expected float16 or float32")
     spec = dataset_spec(dataset)
     names, splits = open_dataset(dataset, data_root, names_file)
     out = Path(out)
-    backbone = FrozenCLIP(model, pretrained, device)
+    backbone = backbone or FrozenCLIP(model, pretrained, device)
     counts = {split: len(splits[split].items) for split in SPLITS}
     fingerprint = _fingerprint(spec, backbone, counts, dtype, batch_size)
     progress_path = out / PROGRESS_FILE

@@ -21,18 +21,45 @@ from __future__ import annotations
 import torch
 
 _TINY = 1e-30  # floor of the multiplicative denominators: a column with (numerically) no mass must not divide by zero
-CHUNK_PROBLEMS = 4096  # problems solved together: [chunk, n, m] float32 blocks stay in cache for small n, m
+CHUNK_PROBLEMS = 8192  # problems solved together: [n, m, chunk] float32 blocks stay cache-friendly for small n, m
 ABSORB_EVERY = 20
 
 
+# Inside a block, problems are the last (contiguous) dimension: scaled [n, m, P], f [n, P], g [m, P]. Every reduction then
+# runs over an outer dimension, vectorised across problems, instead of over a tiny inner one.
+
+
 def _log_step(scaled: torch.Tensor, f: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    g = log_b - torch.logsumexp(scaled + f.unsqueeze(-1), dim=-2)
-    f = log_a - torch.logsumexp(scaled + g.unsqueeze(-2), dim=-1)
+    g = log_b - torch.logsumexp(scaled + f.unsqueeze(1), dim=0)
+    f = log_a - torch.logsumexp(scaled + g.unsqueeze(0), dim=1)
     return f, g
+
+
+def _scaling_steps(kernel: torch.Tensor, a: torch.Tensor, b: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`steps` multiplicative Sinkhorn updates on the stabilised kernel [n, m, P] -> scalings (u [n, P], v [m, P])."""
+    u = torch.ones_like(a)
+    if torch.is_grad_enabled() and kernel.requires_grad:  # the `unroll` variant: out-of-place, so autograd can record it
+        for _ in range(steps):
+            v = b / (kernel * u.unsqueeze(1)).sum(dim=0).clamp_min(_TINY)
+            u = a / (kernel * v.unsqueeze(0)).sum(dim=1).clamp_min(_TINY)
+        return u, v
+    # no gradient needed: reuse buffers
+    v = torch.empty_like(b)
+    product = torch.empty_like(kernel)
+    column_sums, row_sums = torch.empty_like(b), torch.empty_like(a)
+    for _ in range(steps):
+        torch.sum(torch.mul(kernel, u.unsqueeze(1), out=product), dim=0, out=column_sums)
+        torch.div(b, column_sums.clamp_min_(_TINY), out=v)
+        torch.sum(torch.mul(kernel, v.unsqueeze(0), out=product), dim=1, out=row_sums)
+        torch.div(a, row_sums.clamp_min_(_TINY), out=u)
+    return u, v
 
 
 def _solve_block(scaled: torch.Tensor, f: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, iters: int,
                  absorb_every: int) -> torch.Tensor:
+    """scaled [P, n, m], f [P, n] (initial row potential), log_a [P, n], log_b [P, m] -> plans [P, n, m]."""
+    scaled = scaled.permute(1, 2, 0).contiguous()
+    f, log_a, log_b = f.T.contiguous(), log_a.T.contiguous(), log_b.T.contiguous()
     g = torch.zeros_like(log_b)
     a, b = log_a.exp(), log_b.exp()
     done = 0
@@ -42,16 +69,12 @@ def _solve_block(scaled: torch.Tensor, f: torch.Tensor, log_a: torch.Tensor, log
         steps = min(absorb_every - 1, iters - done)
         if steps <= 0:
             continue
-        kernel = torch.exp(scaled + f.unsqueeze(-1) + g.unsqueeze(-2))  # [P, n, m]; rows sum to a
-        u = torch.ones_like(a)
-        v = torch.ones_like(b)
-        for _ in range(steps):
-            v = b / torch.bmm(u.unsqueeze(-2), kernel).squeeze(-2).clamp_min(_TINY)
-            u = a / torch.bmm(kernel, v.unsqueeze(-1)).squeeze(-1).clamp_min(_TINY)
+        kernel = torch.exp(scaled + f.unsqueeze(1) + g.unsqueeze(0))  # the current plan: rows sum to a
+        u, v = _scaling_steps(kernel, a, b, steps)
         done += steps
         f = f + torch.log(u)
         g = g + torch.log(v)
-    return torch.exp(scaled + f.unsqueeze(-1) + g.unsqueeze(-2))
+    return torch.exp(scaled + f.unsqueeze(1) + g.unsqueeze(0)).permute(2, 0, 1)
 
 
 def sinkhorn_log(

@@ -23,6 +23,8 @@ def token_similarity(patches: torch.Tensor, semantic: torch.Tensor) -> torch.Ten
 def relevance_from_similarity(similarity: torch.Tensor, mask: torch.Tensor, mode: str = "max") -> torch.Tensor:
     """similarity [B, N, C, M], mask [C, M] -> relevance [B, C, N] (classes without tokens get zeros)."""
     if mode == "max":
+        if bool(mask.all()):  # every class has all its tokens: no masking pass over the [B, N, C, M] similarities
+            return similarity.amax(dim=-1).permute(0, 2, 1)
         scores = similarity.masked_fill(~mask, float("-inf")).amax(dim=-1)
         scores = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
     else:

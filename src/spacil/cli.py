@@ -97,7 +97,7 @@ def cmd_run(args) -> int:
     config = _run_config(args)
     store = prepare_store(config, progress=not args.quiet)
     echo = None if args.quiet else print
-    run_from_store(config, store, args.out, resume=args.resume, echo=echo)
+    run_from_store(config, store, args.out, resume=args.resume, echo=echo, progress=not args.quiet)
     return 0
 
 

@@ -25,6 +25,7 @@ class LearnerContext:
     num_patches: int
     logit_scale: float
     device: torch.device
+    progress: bool = False  # show a progress bar over training steps
 
 
 @dataclass(frozen=True)
@@ -158,3 +159,10 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, total_s
 
 def steps_per_task(num_samples: int, train: TrainConfig) -> int:
     return math.ceil(num_samples / train.batch_size) * train.epochs
+
+
+def step_bar(context: LearnerContext, total: int, task: int):
+    """A progress bar over the training steps of one task (silent unless the context asks for it)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"task {task + 1} training", unit="step", leave=False, disable=not context.progress)

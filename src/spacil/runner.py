@@ -38,13 +38,13 @@ class Run:
     """One class-incremental run of one method over one store."""
 
     def __init__(self, config: Config, store: FeatureStore, out: str | Path, resume: bool = False,
-                 echo: Optional[Callable[[str], None]] = None):
+                 echo: Optional[Callable[[str], None]] = None, progress: bool = False):
         self.config = config
         self.store = store
         self.out = Path(out)
         self.echo = echo or (lambda line: None)
         self.device = torch.device(config.device)
-        context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device)
+        context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device, progress)
         self.learner: Learner = create_learner(config, context)
         data = config.data
         self.sizes = task_sizes(store.num_classes, data.init_cls, data.increment)
@@ -204,6 +204,6 @@ class _RowView:
 
 
 def run_from_store(config: Config, store_path: str | Path, out: str | Path, resume: bool = False,
-                   echo: Optional[Callable[[str], None]] = None) -> dict:
+                   echo: Optional[Callable[[str], None]] = None, progress: bool = False) -> dict:
     store = FeatureStore(store_path)
-    return Run(config, store, out, resume=resume, echo=echo).run()
+    return Run(config, store, out, resume=resume, echo=echo, progress=progress).run()

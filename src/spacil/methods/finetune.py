@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spacil.learner import FeatureBatch, Learner, TaskData, TaskInfo, make_optimizer, steps_per_task, task_generator
+from spacil.learner import FeatureBatch, Learner, TaskData, TaskInfo, make_optimizer, step_bar, steps_per_task, task_generator
 
 
 class FineTune(Learner):
@@ -34,6 +34,7 @@ class FineTune(Learner):
         column = torch.full((max(self.seen_positions) + 1,), -1, dtype=torch.long)
         column[torch.tensor(self.seen_positions)] = torch.arange(len(self.seen_positions))
         generator = task_generator(self.config, data.task, stream=1)
+        bar = step_bar(self.context, steps_per_task(len(data), train), data.task)
         for _ in range(train.epochs):
             for batch in data.batches(train.batch_size, generator, with_patches=False):
                 logits = self.context.logit_scale * (batch.global_ @ weight.T) + bias
@@ -42,6 +43,8 @@ class FineTune(Learner):
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+                bar.update(1)
+        bar.close()
         self.weight, self.bias = weight.detach(), bias.detach()
 
     def logits(self, batch: FeatureBatch) -> torch.Tensor:

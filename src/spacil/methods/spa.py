@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from spacil.errors import InputError
 from spacil.gaussian import GaussianBank, MomentAccumulator
-from spacil.learner import FeatureBatch, Learner, TaskData, TaskInfo, make_optimizer, steps_per_task, task_generator
+from spacil.learner import FeatureBatch, Learner, TaskData, TaskInfo, make_optimizer, step_bar, steps_per_task, task_generator
 from spacil.ot import sinkhorn_log, uniform_log_weights
 from spacil.patch_selection import patch_relevance, random_patches, relevance_from_similarity, select_top_k, token_similarity
 from spacil.projectors import ProjectorStack
@@ -192,6 +192,7 @@ class SPA(Learner):
         sample_generator = task_generator(self.config, data.task, stream=2)
         self.image_projector.train()
         self.text_projector.train()
+        bar = step_bar(self.context, steps_per_task(len(data), train), data.task)
         for _ in range(train.epochs):
             for batch in data.batches(train.batch_size, batch_generator, with_patches=self.ablation.patch_branch):
                 logits = self._real_logits(batch, sample_generator)
@@ -207,6 +208,8 @@ class SPA(Learner):
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+                bar.update(1)
+        bar.close()
         self.image_projector.eval()
         self.text_projector.eval()
 

@@ -77,3 +77,22 @@ def test_descriptions_become_the_stores_semantic_tokens(tiny_model, shapes_root,
     assert loaded.description_mask.sum(axis=1).tolist() == [2, 1, 0, 0]
     np.testing.assert_allclose(np.linalg.norm(loaded.descriptions[0, :2], axis=-1), 1, atol=1e-5)
     assert json.loads((store / "meta.json").read_text())["text"]["descriptions_source"] == str(descriptions)
+
+
+def test_descriptions_can_be_added_to_a_finished_store_only_with_its_model(tiny_model, shapes_root, tmp_path):
+    from spacil.backbone import write_tiny_model
+
+    store = tmp_path / "store"
+    assert main(["extract", "--dataset", "shapes", "--data-root", str(shapes_root), "--model", tiny_model, "--pretrained", "",
+                 "--out", str(store), "--quiet"]) == 0
+    assert FeatureStore(store).descriptions is None
+    images = (store / "train" / "patches.npy").read_bytes()
+    descriptions = tmp_path / "d.json"
+    descriptions.write_text(json.dumps({name: [f"a {name}", f"the {name} shape"] for name in
+                                        ["red square", "green circle", "blue triangle", "yellow cross"]}))
+    assert main(["extract", "--dataset", "shapes", "--data-root", str(shapes_root), "--model", tiny_model, "--pretrained", "",
+                 "--out", str(store), "--quiet", "--descriptions", str(descriptions)]) == 0
+    assert FeatureStore(store).description_mask.all() and (store / "train" / "patches.npy").read_bytes() == images
+    other = write_tiny_model(tmp_path / "other_clip", seed=5)
+    assert main(["extract", "--dataset", "shapes", "--data-root", str(shapes_root), "--model", other, "--pretrained", "",
+                 "--out", str(store), "--quiet", "--descriptions", str(descriptions)]) == 2

@@ -119,6 +119,10 @@ def extract_store(
     meta_path = out / "meta.json"
 
     if meta_path.exists() and not progress_path.exists():
+        recorded = json.loads(meta_path.read_text()).get("backbone", {})
+        if recorded != backbone.info.to_dict():
+            raise InputError(f"{meta_path}: the store was encoded with another model ({recorded.get('model')}, "
+                             f"{recorded.get('pretrained')}); its text features must come from the same one")
         log.info("%s: store complete; refreshing its text features only", out)
     else:
         state = {"fingerprint": fingerprint, "done": {split: 0 for split in SPLITS}}

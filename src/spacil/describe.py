@@ -244,11 +244,15 @@ def describe_dataset(
         for future in futures:
             future.exception()  # wait
     except KeyboardInterrupt:
+        # classes not yet sent are dropped; requests already in flight are paid for, so their answers are still saved
+        in_flight = sum(1 for f in futures if not f.done())
         executor.shutdown(wait=False, cancel_futures=True)
-        raise
-    finally:
-        executor.shutdown(wait=True)
         bar.close()
+        if in_flight:
+            print(f"spacil: saving the answers of up to {in_flight} requests in flight (Ctrl-C again to abandon them)", file=sys.stderr)
+        raise
+    executor.shutdown(wait=True)
+    bar.close()
     # keep the file's classes in data-set order, whatever order the answers came in
     order = {n: i for i, n in enumerate(names)}
     result.classes = dict(sorted(result.classes.items(), key=lambda item: order.get(item[0], len(order))))

@@ -245,6 +245,12 @@ def import_json(path: str | Path, count: int, count_tokens: Callable[[str], int]
     return {name: _fit([str(s) for s in sentences], count, count_tokens, report) for name, sentences in data.items()}
 
 
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+
 def import_engine(path: str | Path, count: int, count_tokens: Callable[[str], int], report: ImportReport) -> dict[str, list[str]]:
     """ENGINE: `{A: {B: [features of A that differ from B]}}`; `d[A][A]` is a general description of A and comes first."""
     data = _read_json(path)
@@ -252,15 +258,11 @@ def import_engine(path: str | Path, count: int, count_tokens: Callable[[str], in
         raise InputError(f"{path}: expected a JSON object {{class A: {{class B: [sentences]}}}}")
     result = {}
     for name, by_other in data.items():
-        general = [str(s) for s in by_other.get(name, [])] if isinstance(by_other.get(name), list) else [str(by_other.get(name, ""))]
-        contrastive = [str(s) for other, sentences in by_other.items() if other != name for s in (sentences if isinstance(sentences, list) else [sentences])]
-        general = [s for s in general if s.strip()]
-        fitting_general = [s for s in general if count_tokens(s) <= CONTEXT_LENGTH]
-        head = fitting_general[:1]
-        rest = _fit([s for s in general[1:] + contrastive], max(count - len(head), 0), count_tokens, report)
-        report.sentences_read += len(general[:1])
-        report.too_long += len(general[:1]) - len(head)
-        result[name] = head + [s for s in rest if s not in head][: count - len(head)]
+        general = _as_list(by_other.get(name))
+        contrastive = [s for other, sentences in by_other.items() if other != name for s in _as_list(sentences)]
+        lead = _fit(general[:1], 1, count_tokens, report)
+        rest = _fit(general[1:] + contrastive, count, count_tokens, report)
+        result[name] = (lead + [s for s in rest if s not in lead])[:count]
     return result
 
 

@@ -88,7 +88,8 @@ def main() -> None:
                                                    " (target < 1: missed)" if args.method == "spa" else ""))]
     if args.overrides:
         rows.insert(1, ("overrides", " ".join(args.overrides)))
-    write_result(f"cifar_shape_{args.method}", f"A 10-task {args.method} run on a CIFAR-100-shaped store", rows,
+    suffix = "".join("_" + re.sub(r"[^a-z0-9]+", "", item.lower()) for item in args.overrides)
+    write_result(f"cifar_shape_{args.method}{suffix}", f"A 10-task {args.method} run on a CIFAR-100-shaped store", rows,
                  {"run_seconds": seconds, "task_seconds": task_seconds, "extract_seconds_estimate": extract_seconds,
                   "ratio": ratio, "store_generation_seconds": made, "avg_acc": summary["avg_acc"]},
                  notes="The extraction time is 60,000 images at the rate measured by bench_extract.py (docs/benchmarks/"

@@ -108,3 +108,34 @@ def test_nothing_of_a_later_task_is_read_before_it_starts(random_store, tmp_path
         lines = (tmp_path / f"run_{t}" / "metrics.jsonl").read_text().splitlines()
         assert lines[: t + 1] == clean[: t + 1]
         assert lines[t + 1:] != clean[t + 1:]  # the perturbation is real
+
+
+def test_one_command_from_images_to_results(tiny_model, shapes_root, tmp_path):
+    """`spacil run --config` with a data root extracts the store on the way (once), then runs; a second method reuses it."""
+    descriptions = tmp_path / "d.json"
+    descriptions.write_text(json.dumps({n: [f"a {n}", f"a small {n}"] for n in
+                                        ["red square", "green circle", "blue triangle", "yellow cross"]}))
+    config = tmp_path / "shapes.yaml"
+    config.write_text(f"""
+method: spa
+data:
+  dataset: shapes
+  data_root: {shapes_root}
+  features: {tmp_path / 'store'}
+  model: {tiny_model}
+  pretrained: null
+  descriptions: {descriptions}
+  init_cls: 2
+  increment: 2
+train:
+  epochs: 1
+spa:
+  top_k_patches: 4
+""")
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "spa"), "--quiet"]) == 0
+    assert (tmp_path / "store" / "meta.json").is_file()
+    stamp = (tmp_path / "store" / "train" / "patches.npy").stat().st_mtime_ns
+    assert main(["run", "--config", str(config), "--method", "simplecil", "--out", str(tmp_path / "simplecil"), "--quiet"]) == 0
+    assert (tmp_path / "store" / "train" / "patches.npy").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "spa" / "summary.json").read_text())["complete"]
+    assert main(["run", "--config", str(config), "--set", "semantic_tokens=word", "--out", str(tmp_path / "w")]) == 2

@@ -23,8 +23,9 @@ def _files(folder: Path) -> dict:
 
 
 def test_extract_writes_a_valid_store(tiny_model, shapes_root, tmp_path):
-    out = extract_store("shapes", shapes_root, tmp_path / "store", model=tiny_model, pretrained=None, batch_size=5,
-                        descriptions={"red square": ["a red block.", "four sharp corners."]}, progress=False)
+    with pytest.warns(UserWarning, match="3 of 4 classes have none"):
+        out = extract_store("shapes", shapes_root, tmp_path / "store", model=tiny_model, pretrained=None, batch_size=5,
+                            descriptions={"red square": ["a red block.", "four sharp corners."]}, progress=False)
     store = FeatureStore(out)
     assert store.classes == ["red square", "green circle", "blue triangle", "yellow cross"]
     assert store.backbone["checkpoint_sha256"] and store.backbone["model"] == tiny_model
@@ -103,7 +104,9 @@ def test_bad_images_and_folders_exit_2(tiny_model, shapes_root, tmp_path, capsys
 
 
 def test_word_level_semantic_tokens(tiny_model, shapes_root, tmp_path):
-    out = extract_store("shapes", shapes_root, tmp_path / "store", model=tiny_model, pretrained=None, batch_size=8,
-                        descriptions={"red square": ["red block", "sharp corners here"]}, semantic_tokens="word", progress=False)
+    with pytest.warns(UserWarning, match="3 of 4 classes have none"):
+        out = extract_store("shapes", shapes_root, tmp_path / "store", model=tiny_model, pretrained=None, batch_size=8,
+                            descriptions={"red square": ["red block", "sharp corners here"]}, semantic_tokens="word",
+                            progress=False)
     store = FeatureStore(out)
     assert store.description_mask[0].sum() == 5 and store.descriptions.shape[1] == 5

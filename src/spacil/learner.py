@@ -121,6 +121,13 @@ class Learner:
         """[B, seen classes] scores, columns in the order of `seen_positions`."""
         raise NotImplementedError
 
+    def columns_of_positions(self) -> torch.Tensor:
+        """[max seen position + 1] -> the logit column of each seen class position (-1 for unseen), to turn targets into
+        cross-entropy labels."""
+        column = torch.full((max(self.seen_positions) + 1,), -1, dtype=torch.long)
+        column[torch.tensor(self.seen_positions)] = torch.arange(len(self.seen_positions))
+        return column
+
     @torch.no_grad()
     def predict(self, batch: FeatureBatch) -> torch.Tensor:
         """[B] predicted class positions."""

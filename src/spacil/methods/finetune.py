@@ -31,8 +31,7 @@ class FineTune(Learner):
         weight = torch.nn.Parameter(self.weight.clone())
         bias = torch.nn.Parameter(self.bias.clone())
         optimizer, schedule = make_optimizer([weight, bias], train, steps_per_task(len(data), train))
-        column = torch.full((max(self.seen_positions) + 1,), -1, dtype=torch.long)
-        column[torch.tensor(self.seen_positions)] = torch.arange(len(self.seen_positions))
+        column = self.columns_of_positions()
         generator = task_generator(self.config, data.task, stream=1)
         bar = step_bar(self.context, steps_per_task(len(data), train), data.task)
         for _ in range(train.epochs):

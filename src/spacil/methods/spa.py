@@ -116,7 +116,8 @@ class SPA(Learner):
         return indices, relevance.gather(-1, indices)
 
     def _patch_scores(self, similarity: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-        """similarity [B, C, k, M] of the kept patches with the class tokens (projected), relevance [B, C, k] -> o [B, C]."""
+        """similarity [B, C, k, M] of the kept patches with the class tokens (projected), relevance [B, C, k] (needed only for
+        patch_weights=relevance) -> o [B, C]."""
         mask = self.semantic_mask.to(similarity.device)  # [C, M]
         log_b = uniform_log_weights(mask).expand(similarity.shape[0], -1, -1)
         if not self.ablation.optimal_transport:
@@ -125,7 +126,7 @@ class SPA(Learner):
         if self.knobs.patch_weights == "relevance":
             log_a = torch.log_softmax(relevance / self.knobs.relevance_temperature, dim=-1)
         else:
-            log_a = torch.full_like(relevance, -math.log(relevance.shape[-1]))
+            log_a = torch.full(similarity.shape[:-1], -math.log(similarity.shape[2]), device=similarity.device)
         cost = 1.0 - similarity
         if self.knobs.ot_grad == "detach":
             with torch.no_grad():
@@ -173,7 +174,7 @@ class SPA(Learner):
 
     def _pseudo_logits(self, global_: torch.Tensor, patches: Optional[torch.Tensor]) -> torch.Tensor:
         relevance = None
-        if patches is not None:
+        if patches is not None and self.knobs.patch_weights == "relevance":  # only the relevance weights need it
             mask = self.semantic_mask.to(patches.device)
             relevance = relevance_from_similarity(token_similarity(patches, self.semantic.to(patches.device)), mask,
                                                   self.knobs.relevance)
@@ -186,8 +187,7 @@ class SPA(Learner):
             return
         train = self.config.train
         optimizer, schedule = make_optimizer(params, train, steps_per_task(len(data), train))
-        column = torch.full((max(self.seen_positions) + 1,), -1, dtype=torch.long)
-        column[torch.tensor(self.seen_positions)] = torch.arange(len(self.seen_positions))
+        column = self.columns_of_positions()
         batch_generator = task_generator(self.config, data.task, stream=1)
         sample_generator = task_generator(self.config, data.task, stream=2)
         self.image_projector.train()

@@ -52,3 +52,13 @@ def test_local_checkpoint_file(tiny_model, tmp_path):
     with pytest.raises(InputError, match="not an open_clip model folder"):
         FrozenCLIP(f"local-dir:{tmp_path}", None)
     assert "ViT-B-16" in open_clip.list_models()
+
+
+def test_cli_offline_tag_is_one_line(shapes_root, tmp_path, capsys):
+    from spacil.cli import main
+
+    assert main(["extract", "--dataset", "shapes", "--data-root", str(shapes_root), "--model", "ViT-B-16",
+                 "--pretrained", "laion400m_e32", "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--pretrained PATH" in err
+    assert not (tmp_path / "s").exists()

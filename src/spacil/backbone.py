@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -83,6 +84,7 @@ def create_open_clip(model: str, pretrained: Optional[str], device: str = "cpu")
         elif pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(model):
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
             raise InputError(f"--pretrained {pretrained}: not a tag of {model} (tags: {tags}) nor a checkpoint file")
+    logging.disable(logging.ERROR)  # open_clip logs a failed download itself; spacil reports it in one line below
     try:
         net = open_clip.create_model(model, pretrained=pretrained or None, device=device)
     except RuntimeError as err:
@@ -94,6 +96,8 @@ def create_open_clip(model: str, pretrained: Optional[str], device: str = "cpu")
         raise
     except (ValueError, FileNotFoundError) as err:
         raise InputError(f"--model {model}: {err}") from None
+    finally:
+        logging.disable(logging.NOTSET)
     net.eval()
     for param in net.parameters():
         param.requires_grad_(False)

@@ -21,6 +21,8 @@ class LLMServer:
         self.slow_seconds = slow_seconds
         self.requests: list[tuple[str, float, str]] = []  # (class, time, action)
         self.lock = threading.Lock()
+        self.in_flight = 0
+        self.peak_in_flight = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -29,7 +31,14 @@ class LLMServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.handle(self, body)
+                with server.lock:
+                    server.in_flight += 1
+                    server.peak_in_flight = max(server.peak_in_flight, server.in_flight)
+                try:
+                    server.handle(self, body)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -109,3 +109,13 @@ def test_llm_none_writes_template_descriptions(shapes_root, tmp_path, monkeypatc
     result = load_descriptions(out)
     assert result.source == "templates"
     assert result.classes["red square"]["descriptions"] == ["a photo of a red square.", "a drawing of a red square."]
+
+
+def test_concurrent_requests_are_capped(shapes_root, tiny_model, tmp_path):
+    script = {name: ["slow"] for name in CLASSES}
+    with LLMServer(script, slow_seconds=0.8) as server:
+        assert main(_args(shapes_root, tiny_model, tmp_path / "d.json", server, "--max-concurrency", "2")) == 0
+        assert server.peak_in_flight == 2
+    with LLMServer(script, slow_seconds=0.3) as server:
+        assert main(_args(shapes_root, tiny_model, tmp_path / "e.json", server, "--max-concurrency", "1")) == 0
+        assert server.peak_in_flight == 1

@@ -119,3 +119,17 @@ def test_concurrent_requests_are_capped(shapes_root, tiny_model, tmp_path):
     with LLMServer(script, slow_seconds=0.3) as server:
         assert main(_args(shapes_root, tiny_model, tmp_path / "e.json", server, "--max-concurrency", "1")) == 0
         assert server.peak_in_flight == 1
+
+
+def test_describe_takes_its_defaults_from_a_config(shapes_root, tiny_model, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("spa: {num_descriptions: 3, visual_samples: 2, sample_strategy: fps}\nllm: {max_attempts: 1}\n")
+    out = tmp_path / "d.json"
+    with LLMServer(count=3) as server:
+        base = ["describe", "--dataset", "shapes", "--data-root", str(shapes_root), "--out", str(out), "--base-url",
+                server.base_url, "--api-key-env", "SPACIL_TEST_KEY", "--clip-model", tiny_model, "--pretrained", "", "--quiet"]
+        assert main(base + ["--config", str(config)]) == 0
+        entry = load_descriptions(out).classes["green circle"]
+        assert len(entry["descriptions"]) == 3 and len(entry["sample_ids"]) == 2
+        assert main(base + ["--config", str(config), "--num-descriptions", "0"]) == 2
+    assert "spa.num_descriptions" in capsys.readouterr().err

@@ -270,27 +270,38 @@ def describe_dataset(
 # command line
 
 
+# describe's flags and the config keys they set; a flag left out keeps the config's value (or SPEC.md's default)
+_DESCRIBE_FLAGS = {
+    "model": "llm.model", "base_url": "llm.base_url", "api_key_env": "llm.api_key_env",
+    "max_concurrency": "llm.max_concurrency", "timeout": "llm.timeout", "max_retries": "llm.max_retries",
+    "max_attempts": "llm.max_attempts", "num_descriptions": "spa.num_descriptions", "visual_samples": "spa.visual_samples",
+    "sample_strategy": "spa.sample_strategy", "clip_model": "data.model", "pretrained": "data.pretrained", "seed": "seed",
+}
+
+
 def add_describe_parsers(sub, parser_class) -> None:
     p = sub.add_parser("describe", help="class descriptions from a multimodal LLM (SPEC.md sections 1-2)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--data-root", required=True)
     p.add_argument("--out", required=True, help="the descriptions file (JSON); grids go to <out>_grids/")
     p.add_argument("--llm", default="openai", choices=["openai", "none"], help="none: template descriptions (no-LLM ablation)")
-    p.add_argument("--model", default=LLMConfig().model)
-    p.add_argument("--base-url", default=None, help="an OpenAI-compatible server (default: the SDK's, or OPENAI_BASE_URL)")
-    p.add_argument("--api-key-env", default=LLMConfig().api_key_env)
+    p.add_argument("--config", help="a run config whose spa.*, llm.* and data.model/pretrained values are the defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--model", help="the LLM (default gpt-5)")
+    p.add_argument("--base-url", help="an OpenAI-compatible server (default: the SDK's, or OPENAI_BASE_URL)")
+    p.add_argument("--api-key-env", help="the environment variable holding the key (default OPENAI_API_KEY)")
     p.add_argument("--classes", nargs="+", help="only these classes")
-    p.add_argument("--num-descriptions", type=int, default=8)
-    p.add_argument("--visual-samples", type=int, default=6)
-    p.add_argument("--sample-strategy", default="kmeans", choices=["kmeans", "fps", "random"])
+    p.add_argument("--num-descriptions", type=int, help="descriptions per class (default 8)")
+    p.add_argument("--visual-samples", type=int, help="images shown per class (default 6)")
+    p.add_argument("--sample-strategy", choices=["kmeans", "fps", "random"])
     p.add_argument("--features", help="a feature store of the same data set: its g(x) pick the samples (no CLIP pass)")
-    p.add_argument("--clip-model", default="ViT-B-16")
-    p.add_argument("--pretrained", default="laion400m_e32")
-    p.add_argument("--max-concurrency", type=int, default=LLMConfig().max_concurrency)
-    p.add_argument("--timeout", type=float, default=LLMConfig().timeout)
-    p.add_argument("--max-retries", type=int, default=LLMConfig().max_retries)
-    p.add_argument("--max-attempts", type=int, default=LLMConfig().max_attempts)
-    p.add_argument("--seed", type=int, default=1993)
+    p.add_argument("--clip-model", help="the CLIP that encodes the samples when no --features (default ViT-B-16)")
+    p.add_argument("--pretrained", help="its pretrained tag or checkpoint (default laion400m_e32)")
+    p.add_argument("--max-concurrency", type=int)
+    p.add_argument("--timeout", type=float, help="seconds per request")
+    p.add_argument("--max-retries", type=int, help="per request, on 429, 5xx and timeouts")
+    p.add_argument("--max-attempts", type=int, help="per class, while answers fail validation")
+    p.add_argument("--seed", type=int)
     p.add_argument("--quiet", action="store_true")
 
     d = sub.add_parser("descriptions", help="work with descriptions files")
@@ -305,14 +316,15 @@ def add_describe_parsers(sub, parser_class) -> None:
 
 def dispatch(args) -> int:
     if args.command == "describe":
-        if args.num_descriptions < 1 or args.visual_samples < 1:
-            raise InputError("--num-descriptions and --visual-samples must be at least 1")
-        llm = LLMConfig(model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
-                        max_concurrency=max(1, args.max_concurrency), timeout=args.timeout, max_retries=args.max_retries,
-                        max_attempts=max(1, args.max_attempts))
-        describe_dataset(args.dataset, args.data_root, args.out, llm, args.num_descriptions, args.visual_samples,
-                         args.sample_strategy, args.classes, args.features, args.clip_model, args.pretrained, args.seed,
-                         args.llm, progress=not args.quiet, echo=(lambda line: None) if args.quiet else print)
+        from spacil.config import build_config, load_config
+
+        overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in _DESCRIBE_FLAGS.items()
+                                            if getattr(args, flag) is not None]
+        config = load_config(args.config, overrides) if args.config else build_config({}, overrides, source="--set")
+        knobs = config.spa
+        describe_dataset(args.dataset, args.data_root, args.out, config.llm, knobs.num_descriptions, knobs.visual_samples,
+                         knobs.sample_strategy, args.classes, args.features, config.data.model, config.data.pretrained or None,
+                         config.seed, args.llm, progress=not args.quiet, echo=(lambda line: None) if args.quiet else print)
         result = load_descriptions(args.out)
         return 0 if not result.failed else 1
     if args.command == "descriptions" and args.descriptions_command == "import":

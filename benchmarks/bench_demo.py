@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import DOCS, write_result
+from _common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 PICTURES = {"curves.png": "demo_curves.png", "spa_matrix.png": "demo_spa_matrix.png", "patch_selection.png": "demo_patch_selection.png"}

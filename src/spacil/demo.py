@@ -22,7 +22,7 @@ from tqdm import tqdm
 from spacil.config import build_config, dump_config
 from spacil.demo_world import WorldSpec, make_world
 from spacil.features import FeatureStore
-from spacil.report import markdown_table, plot_matrix, read_matrix, write_report
+from spacil.report import plot_matrix, read_matrix, write_report
 from spacil.runner import Run
 
 # The demo world has 7x7 = 49 patches, a quarter of ViT-B/16's 196; k is scaled with it (16 * 49 / 196 = 4, doubled to

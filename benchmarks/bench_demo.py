@@ -16,7 +16,7 @@ from pathlib import Path
 from _common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
-PICTURES = {"curves.png": "demo_curves.png", "spa_matrix.png": "demo_spa_matrix.png", "patch_selection.png": "demo_patch_selection.png"}
+PICTURES = {"curves.png": "demo_curves.png", "matrix_spa.png": "demo_spa_matrix.png", "patch_selection.png": "demo_patch_selection.png"}
 
 
 def main() -> None:

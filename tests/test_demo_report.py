@@ -9,7 +9,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--quick"]) == 0
     printed = capsys.readouterr().out
     assert "| spa |" in printed and "image-level path" in printed
-    for picture in ("curves.png", "spa_matrix.png", "patch_selection.png"):
+    for picture in ("curves.png", "matrix_spa.png", "patch_selection.png"):
         assert (out / picture).stat().st_size > 10_000
     summaries = {name: json.loads((out / "runs" / name / "summary.json").read_text()) for name, _, _ in RUNS}
     chance = 100 / 10  # the first task has 10 classes; later ones more

@@ -101,10 +101,10 @@ class LLMDescriber:
 def _feature_source(splits, store_path: Optional[str], clip_model: str, pretrained: Optional[str]) -> Callable[[np.ndarray], torch.Tensor]:
     """-> a function: training rows of one class -> their g(x) [n, d], from a store when given, else from the CLIP."""
     if store_path is not None:
-        from spacil.features import FeatureStore
+        from spacil.features import FeatureStore, rows_as_tensor
 
         global_ = FeatureStore(store_path).split("train").global_
-        return lambda rows: torch.from_numpy(np.asarray(global_[rows], dtype=np.float32))
+        return lambda rows: rows_as_tensor(global_, rows)
     from spacil.backbone import FrozenCLIP
     from spacil.data import image_transform
 

@@ -50,6 +50,14 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
 # Reading
 
 
+def rows_as_tensor(array: np.ndarray, rows, device=None):
+    """Rows of a (memory-mapped, possibly fp16) array -> a float32 torch tensor on `device`."""
+    import torch
+
+    tensor = torch.from_numpy(np.asarray(array[rows], dtype=np.float32))
+    return tensor if device is None else tensor.to(device)
+
+
 @dataclass
 class SplitFeatures:
     """One split of a store. Arrays are memory-mapped; index them to read.

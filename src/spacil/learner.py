@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from spacil.config import Config, TrainConfig
+from spacil.features import rows_as_tensor
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,10 @@ class TaskData:
 
     def take(self, rows: np.ndarray, with_patches: bool = True) -> FeatureBatch:
         rows = np.sort(rows)  # sequential reads from the memory map
-        global_ = torch.from_numpy(np.asarray(self._global[rows], dtype=np.float32)).to(self.device)
+        global_ = rows_as_tensor(self._global, rows, self.device)
         patches = None
         if with_patches and self._patches is not None:
-            patches = torch.from_numpy(np.asarray(self._patches[rows], dtype=np.float32)).to(self.device)
+            patches = rows_as_tensor(self._patches, rows, self.device)
         targets = torch.from_numpy(self.targets[rows]).to(self.device)
         return FeatureBatch(global_, patches, targets, rows)
 

@@ -22,8 +22,8 @@ import torch
 from spacil.config import Config, dump_config
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
-from spacil.features import FeatureStore, atomic_write_text
-from spacil.learner import FeatureBatch, Learner, LearnerContext, TaskData, TaskInfo
+from spacil.features import FeatureStore, atomic_write_text, rows_as_tensor
+from spacil.learner import Learner, LearnerContext, TaskData, TaskInfo
 from spacil.methods import create_learner
 from spacil.metrics import TaskEvaluation, accuracy_matrix, evaluate_task, summarise
 
@@ -124,37 +124,37 @@ class Run:
         store = self.store
 
         def rows(array):
-            return None if array is None else torch.from_numpy(np.asarray(array[class_ids], dtype=np.float32)).to(self.device)
+            return None if array is None else rows_as_tensor(array, class_ids, self.device)
 
         mask = None if store.description_mask is None else torch.from_numpy(np.asarray(store.description_mask[class_ids])).to(self.device)
         return TaskInfo(task, list(range(start, end)), [store.classes[c] for c in class_ids], rows(store.prompts),
                         rows(store.descriptions), mask, rows(store.templates))
 
-    def _task_data(self, task: int) -> TaskData:
-        start, end = self.bounds[task]
-        split = self.store.split("train")
-        rows = self._rows_of("train", list(range(start, end)))
-        if len(rows) == 0:
-            raise InputError(f"{self.store.path}: task {task + 1} has no training images")
+    def _split_data(self, split_name: str, task: int, positions: list[int]) -> TaskData:
+        """The rows of `split_name` whose classes sit at `positions` of the class order, as a lazy TaskData."""
+        split = self.store.split(split_name)
+        rows = self._rows_of(split_name, positions)
         patches = split.patches if self.learner.needs_patches else None
         return TaskData(task, _RowView(split.global_, rows), None if patches is None else _RowView(patches, rows),
                         self.position_of[split.labels[rows]], self.device)
 
+    def _task_data(self, task: int) -> TaskData:
+        start, end = self.bounds[task]
+        data = self._split_data("train", task, list(range(start, end)))
+        if len(data) == 0:
+            raise InputError(f"{self.store.path}: task {task + 1} has no training images")
+        return data
+
     @torch.no_grad()
     def _evaluate(self, task: int) -> TaskEvaluation:
         seen_end = self.bounds[task][1]
-        split = self.store.split("test")
-        rows = self._rows_of("test", list(range(seen_end)))
-        targets = self.position_of[split.labels[rows]]
-        predictions = np.empty(len(rows), dtype=np.int64)
-        size = self.config.train.eval_batch_size
-        for start in range(0, len(rows), size):
-            chunk = rows[start:start + size]
-            global_ = torch.from_numpy(np.asarray(split.global_[chunk], dtype=np.float32)).to(self.device)
-            patches = None
-            if self.learner.needs_patches:
-                patches = torch.from_numpy(np.asarray(split.patches[chunk], dtype=np.float32)).to(self.device)
-            predictions[start:start + len(chunk)] = self.learner.predict(FeatureBatch(global_, patches)).cpu().numpy()
+        data = self._split_data("test", task, list(range(seen_end)))
+        predictions, targets = [], []
+        for batch in data.batches(self.config.train.eval_batch_size, with_patches=self.learner.needs_patches):
+            predictions.append(self.learner.predict(batch).cpu().numpy())
+            targets.append(batch.targets.cpu().numpy())
+        predictions = np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
+        targets = np.concatenate(targets) if targets else np.zeros(0, dtype=np.int64)
         task_of_position = np.repeat(np.arange(len(self.sizes)), self.sizes)
         return evaluate_task(task, predictions, targets, task_of_position[targets], seen_end)
 

@@ -207,5 +207,24 @@ def resolve_config_path(path: str | Path) -> Path:
     raise InputError(f"{path}: no such config file (packaged configs: {', '.join(known)})")
 
 
+# Settings that say where a run computes, not what it computes: a run may resume or be compared across them.
+PLACEMENT_KEYS = ("device",)
+
+
+def differing_keys(saved: dict, config: Config, ignore: tuple[str, ...] = PLACEMENT_KEYS) -> list[str]:
+    """Dotted keys whose value in `saved` (a parsed config.yaml) differs from `config`, placement keys left out."""
+    current = config.to_dict()
+    differ = []
+    for key in sorted(set(saved) | set(current)):
+        if key in ignore:
+            continue
+        mine, theirs = current.get(key), saved.get(key)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            differ += [f"{key}.{sub}" for sub in sorted(set(mine) | set(theirs)) if mine.get(sub) != theirs.get(sub)]
+        elif mine != theirs:
+            differ.append(key)
+    return differ
+
+
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -50,6 +50,20 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
 # Reading
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object from `path`; anything else (unreadable, not JSON, not an object) is an InputError naming the file."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
+    except ValueError as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def rows_as_tensor(array: np.ndarray, rows, device=None):
     """Rows of a (memory-mapped, possibly fp16) array -> a float32 torch tensor on `device`."""
     import torch
@@ -84,10 +98,7 @@ class FeatureStore:
         if not meta_path.is_file():
             hint = " (an unfinished extraction: run `spacil extract` again to resume)" if (self.path / PROGRESS_FILE).exists() else ""
             raise InputError(f"{meta_path}: missing; not a feature store{hint}")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except ValueError as err:
-            raise InputError(f"{meta_path}: not valid JSON ({err})") from None
+        self.meta = read_json(meta_path)
         if self.meta.get("format") != FORMAT:
             raise InputError(f"{meta_path}: format is {self.meta.get('format')!r}, expected '{FORMAT}'")
         if self.meta.get("version") != VERSION:

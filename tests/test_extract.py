@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from spacil.backbone import FrozenCLIP
 from spacil.cli import main
@@ -72,8 +73,8 @@ def test_killed_extraction_resumes_byte_identical(tiny_model, tmp_path):
     process = subprocess.Popen(command + [str(killed)], env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
-        progress = killed / ".progress.json"
-        if progress.exists() and json.loads(progress.read_text())["done"]["train"] >= 20:
+        record = killed / ".progress.rank0.json"
+        if record.exists() and sum(hi - lo for lo, hi in json.loads(record.read_text())["done"]["train"]) >= 20:
             break
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
@@ -109,3 +110,143 @@ def test_word_level_semantic_tokens(tiny_model, shapes_root, tmp_path):
                             progress=False)
     store = FeatureStore(out)
     assert store.description_mask[0].sum() == 5 and store.descriptions.shape[1] == 5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A kill at any instant (issue 9): every file creation and every write is a place a kill can land
+
+
+class _Kill(BaseException):
+    """Stands for a SIGKILL: nothing in spacil catches it."""
+
+
+def _kill_at(mp, at: int) -> dict:
+    """Make the `at`-th file operation of an extraction leave what a kill in its middle would, then raise _Kill."""
+    import spacil.extract as extract
+    import spacil.features as features
+
+    calls = {"count": 0}
+
+    def strikes() -> bool:
+        calls["count"] += 1
+        return calls["count"] == at
+
+    real_open_memmap, real_write_rows = extract.open_memmap, extract._write_rows
+    real_flush, real_remove = extract._flush, extract._remove
+
+    def open_memmap(path, *args, **kwargs):
+        if strikes():
+            Path(path).write_bytes(b"")  # created, nothing in it yet
+            raise _Kill
+        return real_open_memmap(path, *args, **kwargs)
+
+    def atomic(real, partial: bytes):
+        def write(path, content):
+            if strikes():
+                path = Path(path)
+                path.with_name(f".{path.name}.tmp").write_bytes(partial)  # the temporary file, half written
+                raise _Kill
+            return real(path, content)
+        return write
+
+    def write_rows(fd, offset, data):
+        if strikes():
+            real_write_rows(fd, offset, data[: len(data) // 2])
+            raise _Kill
+        real_write_rows(fd, offset, data)
+
+    def flush(fd):
+        if strikes():
+            raise _Kill
+        real_flush(fd)
+
+    def remove(path):
+        if strikes():
+            raise _Kill
+        real_remove(path)
+
+    for module in (extract, features):
+        mp.setattr(module, "atomic_write_text", atomic(features.atomic_write_text, b'{"fingerp'))
+        mp.setattr(module, "atomic_save_npy", atomic(features.atomic_save_npy, b"\x93NUMPY"))
+    mp.setattr(extract, "open_memmap", open_memmap)
+    mp.setattr(extract, "_write_rows", write_rows)
+    mp.setattr(extract, "_flush", flush)
+    mp.setattr(extract, "_remove", remove)
+    return calls
+
+
+def test_a_kill_at_any_file_operation_resumes_byte_identical(tiny_model, tmp_path):
+    from spacil.shapes import write_shapes_dataset
+
+    write_shapes_dataset(tmp_path / "data", train_per_class=2, test_per_class=1, seed=3, size=32)
+    clip = FrozenCLIP(tiny_model, None)
+
+    def extract(out):
+        return extract_store("shapes", tmp_path / "data", out, model=tiny_model, pretrained=None, batch_size=3,
+                             progress=False, backbone=clip)
+
+    whole = _files(extract(tmp_path / "whole"))
+    kills = 0
+    while True:
+        out = tmp_path / f"killed{kills + 1}"
+        with pytest.MonkeyPatch.context() as mp:
+            calls = _kill_at(mp, kills + 1)
+            try:
+                extract(out)
+            except _Kill:
+                kills += 1
+            else:
+                assert calls["count"] == kills  # every operation has been struck once
+                break
+        extract(out)
+        assert _files(out) == whole, f"the rerun after a kill at file operation {kills} differs"
+    # the store record, 2 splits x (2 maps + labels), 5 batches x (2 writes + 2 flushes + record), 2 text arrays, meta.json,
+    # 2 records removed
+    assert kills == 1 + 2 * 3 + 5 * 5 + 2 + 1 + 2
+
+
+def test_meta_json_not_json_is_one_line(tiny_model, shapes_root, tmp_path, capsys):
+    out = extract_store("shapes", shapes_root, tmp_path / "store", model=tiny_model, pretrained=None, batch_size=8, progress=False)
+    (out / "meta.json").write_text("{not json")
+    assert main(["extract", "--dataset", "shapes", "--data-root", str(shapes_root), "--model", tiny_model, "--pretrained", "",
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "meta.json: not valid JSON" in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Devices and precision (issue 8)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_features_agree_with_fp32(tiny_model, shapes_root, tmp_path, device):
+    stores = {}
+    for precision in ("fp32", "bf16"):
+        out = extract_store("shapes", shapes_root, tmp_path / precision, model=tiny_model, pretrained=None, batch_size=8,
+                            dtype="float32", device=device, precision=precision, progress=False)
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["precision"] == precision and meta["device"] == device
+        stores[precision] = FeatureStore(out)
+    for split in ("train", "test"):
+        exact, reduced = stores["fp32"].split(split), stores["bf16"].split(split)
+        assert not np.array_equal(exact.global_, reduced.global_)  # bf16 did run
+        assert (np.sum(exact.global_ * reduced.global_, axis=-1) > 0.999).all()
+        assert (np.sum(exact.patches * reduced.patches, axis=-1) > 0.999).all()
+    assert (np.sum(stores["fp32"].prompts * stores["bf16"].prompts, axis=-1) > 0.999).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resuming_with_another_precision_is_refused(tiny_model, shapes_root, tmp_path, capsys, device):
+    out = tmp_path / "store"
+    extract_store("shapes", shapes_root, out, model=tiny_model, pretrained=None, batch_size=4, max_batches=2,
+                  device=device, precision="bf16", progress=False)
+    args = ["extract", "--dataset", "shapes", "--data-root", str(shapes_root), "--model", tiny_model, "--pretrained", "",
+            "--batch-size", "4", "--device", device, "--out", str(out), "--quiet"]
+    assert main(args + ["--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "encoded in bf16" in err and err.count("\n") == 1
+    assert main(args) == 0  # without --precision a resume keeps the store's
+    assert json.loads((out / "meta.json").read_text())["precision"] == "bf16"
+    assert main(args + ["--precision", "fp16"]) == 2  # a finished store's text features are refreshed in its precision only

@@ -9,6 +9,7 @@ local checkpoint file, or `local-dir:PATH` (a folder with `open_clip_config.json
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from spacil.devices import PRECISIONS, autocast
 from spacil.errors import InputError
 
 
@@ -107,10 +109,14 @@ def create_open_clip(model: str, pretrained: Optional[str], device: str = "cpu")
 class FrozenCLIP:
     """A frozen open_clip CLIP that yields the features SPA works on (SPEC.md notation)."""
 
-    def __init__(self, model: str = "ViT-B-16", pretrained: Optional[str] = "laion400m_e32", device: str = "cpu"):
+    def __init__(self, model: str = "ViT-B-16", pretrained: Optional[str] = "laion400m_e32", device: str = "cpu",
+                 precision: str = "fp32"):
         import open_clip
 
+        if precision not in PRECISIONS:
+            raise InputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
         self.device = torch.device(device)
+        self.precision = precision  # the encoders' forward passes run under autocast in this precision
         self.model, checkpoint_hash = create_open_clip(model, pretrained, device)
         visual = self.model.visual
         if not hasattr(visual, "ln_post") or not hasattr(visual, "proj") or getattr(visual, "attn_pool", None) is not None:
@@ -138,13 +144,19 @@ class FrozenCLIP:
 
         g is the CLS token after ln_post times visual.proj (the model's own image embedding); P are the patch tokens after
         ln_post, each times visual.proj.
+
+        The transformer runs under autocast in `self.precision`; ln_post, the projection and the normalisation run in fp32
+        (2% of the cost), so a reduced precision only rounds the tokens, not the final embedding. Outputs are float32 on
+        `self.device`.
         """
         visual = self.model.visual
-        tokens = visual.transformer(visual._embeds(images.to(self.device)))
-        tokens = visual.ln_post(tokens)
-        pooled, patches = visual._global_pool(tokens)
-        proj = visual.proj
-        return F.normalize(pooled @ proj, dim=-1), F.normalize(patches @ proj, dim=-1)
+        with autocast(self.device, self.precision):
+            tokens = visual.transformer(visual._embeds(images.to(self.device, non_blocking=True)))
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            tokens = visual.ln_post(tokens.float())
+            pooled, patches = visual._global_pool(tokens)
+            proj = visual.proj.float()
+            return F.normalize(pooled @ proj, dim=-1), F.normalize(patches @ proj, dim=-1)
 
     def _tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts)).to(self.device)
@@ -158,13 +170,15 @@ class FrozenCLIP:
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """texts -> e(s) [len, d]: EOT token after ln_final times text_projection, L2-normalised."""
+        """texts -> e(s) [len, d] float32 on `self.device`: EOT token after ln_final times text_projection, L2-normalised
+        (the text tower under autocast in `self.precision`, as the image tower)."""
         out = []
-        for start in range(0, len(texts), batch_size):
-            out.append(self.model.encode_text(self._tokenize(texts[start:start + batch_size]), normalize=True))
+        with autocast(self.device, self.precision):
+            for start in range(0, len(texts), batch_size):
+                out.append(self.model.encode_text(self._tokenize(texts[start:start + batch_size]), normalize=True).float())
         if not out:
-            return torch.zeros(0, self.dim)
-        return torch.cat(out).float()
+            return torch.zeros(0, self.dim, device=self.device)
+        return torch.cat(out)
 
     @torch.no_grad()
     def encode_text_tokens(self, texts: Sequence[str]) -> list[torch.Tensor]:
@@ -174,15 +188,31 @@ class FrozenCLIP:
         if not hasattr(model, "token_embedding") or getattr(model, "text_pool_type", "argmax") != "argmax":
             raise InputError("semantic_tokens=word needs an open_clip CLIP with a built-in causal text tower")
         result = []
-        for text in texts:
-            ids = self._tokenize([text])
-            cast = model.transformer.get_cast_dtype()
-            x = model.token_embedding(ids).to(cast) + model.positional_embedding.to(cast)
-            x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
-            x = x @ model.text_projection if not isinstance(model.text_projection, torch.nn.Linear) else model.text_projection(x)
-            end = int(ids[0].argmax())  # the EOT token has the largest id
-            result.append(F.normalize(x[0, 1:end].float(), dim=-1))
+        with autocast(self.device, self.precision):
+            for text in texts:
+                result.append(self._word_tokens(text))
         return result
+
+    def _word_tokens(self, text: str) -> torch.Tensor:
+        """One text -> [n_words, d] float32 (see encode_text_tokens)."""
+        model = self.model
+        ids = self._tokenize([text])
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(ids).to(cast) + model.positional_embedding.to(cast)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+        x = x @ model.text_projection if not isinstance(model.text_projection, torch.nn.Linear) else model.text_projection(x)
+        end = int(ids[0].argmax())  # the EOT token has the largest id
+        return F.normalize(x[0, 1:end].float(), dim=-1)
+
+    def with_precision(self, precision: str) -> "FrozenCLIP":
+        """The same frozen model (shared, not copied) whose encoders run in `precision`."""
+        if precision not in PRECISIONS:
+            raise InputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+        if precision == self.precision:
+            return self
+        other = copy.copy(self)
+        other.precision = precision
+        return other
 
     @property
     def logit_scale(self) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -47,8 +48,12 @@ def _add_extract(sub) -> None:
     p.add_argument("--out", required=True, help="the store folder")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding worker processes (default: the machine's cores on CUDA, 0 on the CPU)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun "
+                   "each rank uses cuda:LOCAL_RANK")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="autocast precision of the encoders (default: the store's when resuming, else bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--names-file", help="class names to check against the folders (a warning on mismatch, never a shift)")
     p.add_argument("--descriptions", help="a descriptions file whose sentences become the store's semantic tokens")
     p.add_argument("--semantic-tokens", default="sentence", choices=["sentence", "word"])
@@ -109,8 +114,8 @@ def cmd_extract(args) -> int:
     extract_store(args.dataset, args.data_root, args.out, model=args.model, pretrained=args.pretrained, dtype=args.dtype,
                   batch_size=args.batch_size, workers=args.workers, device=args.device, names_file=args.names_file,
                   descriptions=descriptions, descriptions_source=args.descriptions, semantic_tokens=args.semantic_tokens,
-                  progress=not args.quiet)
-    if not args.quiet:
+                  progress=not args.quiet, precision=args.precision)
+    if not args.quiet and int(os.environ.get("RANK", "0") or 0) == 0:
         print(f"feature store written: {args.out}")
     return 0
 

@@ -1,30 +1,67 @@
-"""`spacil extract`: encode a data set once with the frozen CLIP into a feature store (resumable).
+"""`spacil extract`: encode a data set once with the frozen CLIP into a feature store (resumable, shardable).
 
-Rows go in fixed batches into memory maps allocated at their final size; after each batch the maps are flushed and
-`.progress.json` records how many rows are on disk. Kill it at any point and run it again: it continues from the last recorded
-row, and because batches are the same and the forward pass is deterministic, the finished store is byte-identical to an
-uninterrupted one.
+A split's rows are cut into fixed batches (rows [b * batch_size, (b + 1) * batch_size)) and written in place into `.npy`
+files allocated at their final size. What is on disk is described by records that are written in a fixed order, so that
+a kill at any instant (SIGKILL included) leaves a folder the next run completes byte-identically:
+
+1. `.progress.json` (the store record: settings fingerprint, devices) is written first, before any other file; whether an
+   extraction is new or resumed is decided by it alone (a folder with nothing but interrupted temporary files is new).
+2. For every split with no row recorded done, the maps `global.npy` and `patches.npy` are (re-)created, then `labels.npy`
+   is saved: labels are on disk before any row.
+3. Each process ("rank") appends the rows it has written *and flushed* to its own `.progress.rank<R>.json`
+   (`{"done": {split: [[start, end], ...]}}`, row ranges); a batch counts as done only once it is there.
+4. Text features, then `meta.json` are written when every batch is recorded done; then the records are removed
+   (`.progress.json` first).
+
+A rerun takes the union of all rank records, and hands the batches not yet done out again; the forward pass of a batch is
+deterministic, so the finished store is the same bytes as an uninterrupted one.
+
+Under `torchrun` (env RANK / WORLD_SIZE / LOCAL_RANK) the ranks share the work: rank 0 creates the files, all ranks agree
+on the batches not yet done (in batch order, train then test) and rank r takes the r-th of `world` contiguous, near-equal
+slices of that list, writing into the same files; rank 0 writes text features and `meta.json` after a final barrier. A
+rerun may use another world size: the records are rows, not ranks.
+
+On CUDA, a batch's images come from pinned memory with non-blocking copies, the forward pass runs under autocast
+(`--precision`, bf16 by default), outputs are cast to the store dtype on the device and copied back into pinned buffers,
+and a writer thread puts batch i on disk while the device runs batch i+1.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import queue
+import threading
 import warnings
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+from numpy.lib import format as npy_format
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from spacil.backbone import FrozenCLIP
 from spacil.data import DatasetSpec, SplitIndex, dataset_spec, image_transform, open_dataset
+from spacil.devices import resolve_device, resolve_precision
 from spacil.errors import InputError
-from spacil.features import FORMAT, PROGRESS_FILE, SPLITS, VERSION, atomic_save_npy, atomic_write_text, pad_token_sets, write_text_features
+from spacil.features import (FORMAT, PROGRESS_FILE, SPLITS, VERSION, atomic_save_npy, atomic_write_text, pad_token_sets,
+                             read_json, write_text_features)
 
 log = logging.getLogger(__name__)
+
+RANK_PROGRESS_GLOB = ".progress.rank*.json"
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_PINNED_SLOTS = 3  # host buffers in flight on CUDA: one being filled, one queued, one being written
+
+
+def rank_progress_file(rank: int) -> str:
+    """The record of the rows rank `rank` has written and flushed."""
+    return f".progress.rank{rank}.json"
 
 
 class _ImageRows(torch.utils.data.Dataset):
@@ -52,7 +89,7 @@ def class_prompt_features(backbone: FrozenCLIP, names: list[str], templates: tup
     texts = [template.format(name) for name in names for template in templates]
     tokens = backbone.encode_texts(texts).reshape(len(names), len(templates), -1)
     prompts = torch.nn.functional.normalize(tokens.mean(dim=1), dim=-1)
-    return prompts.numpy().astype(np.float32), tokens.numpy().astype(np.float32)
+    return prompts.cpu().numpy().astype(np.float32), tokens.cpu().numpy().astype(np.float32)
 
 
 def semantic_token_features(
@@ -77,14 +114,308 @@ def semantic_token_features(
         if not sentences:
             sets.append(np.zeros((0, backbone.dim), dtype=np.float32))
         elif semantic_tokens == "word":
-            sets.append(torch.cat(backbone.encode_text_tokens(sentences)).numpy())
+            sets.append(torch.cat(backbone.encode_text_tokens(sentences)).cpu().numpy())
         else:
-            sets.append(backbone.encode_texts(sentences).numpy())
+            sets.append(backbone.encode_texts(sentences).cpu().numpy())
     return pad_token_sets(sets, backbone.dim)
 
 
-def _fingerprint(spec: DatasetSpec, backbone: FrozenCLIP, counts: dict, dtype: str, batch_size: int) -> dict:
-    return {"dataset": spec.key, "backbone": backbone.info.to_dict(), "counts": counts, "dtype": dtype, "batch_size": batch_size}
+def _fingerprint(spec: DatasetSpec, backbone: FrozenCLIP, counts: dict, dtype: str, batch_size: int, precision: str) -> dict:
+    return {"dataset": spec.key, "backbone": backbone.info.to_dict(), "counts": counts, "dtype": dtype,
+            "batch_size": batch_size, "precision": precision}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The file operations a kill can interrupt (tests inject kills here)
+
+
+def _write_rows(fd: int, offset: int, data: memoryview) -> None:
+    """Write all of `data` at `offset` of the open file `fd`."""
+    while len(data):
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def _flush(fd: int) -> None:
+    """Rows written so far are on disk."""
+    getattr(os, "fdatasync", os.fsync)(fd)
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Row ranges: which rows are recorded done
+
+
+def _add_range(ranges: list, start: int, end: int) -> list:
+    """Sorted, merged [start, end) ranges with [start, end) added."""
+    merged = []
+    for lo, hi in sorted([*ranges, [start, end]]):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return merged
+
+
+def _covered(ranges: list, start: int, end: int) -> bool:
+    return any(lo <= start and end <= hi for lo, hi in ranges)
+
+
+def _read_done(out: Path) -> dict[str, list]:
+    """The union of the rows every rank has recorded done: {split: [[start, end], ...]}."""
+    done: dict[str, list] = {split: [] for split in SPLITS}
+    for record in sorted(out.glob(RANK_PROGRESS_GLOB)):
+        for split, ranges in read_json(record).get("done", {}).items():
+            for lo, hi in ranges:
+                done[split] = _add_range(done[split], int(lo), int(hi))
+    return done
+
+
+def _batches(counts: dict, batch_size: int) -> list[tuple[str, int, int]]:
+    """Every batch of the store in order: (split, first row, end row)."""
+    return [(split, start, min(counts[split], start + batch_size))
+            for split in SPLITS for start in range(0, counts[split], batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Processes: one, or the ranks of a torch.distributed job
+
+
+@dataclass
+class _World:
+    rank: int = 0
+    size: int = 1
+    local_size: int = 1
+    barrier_device_ids: Optional[list] = None
+    owns_group: bool = False
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier(device_ids=self.barrier_device_ids) if self.barrier_device_ids else dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"environment variable {name}={value!r}: expected an integer") from None
+
+
+def _join_world(device: str | torch.device) -> tuple[_World, torch.device]:
+    """The processes of this extraction and the device this one encodes on.
+
+    A torch.distributed job (an initialised process group, or WORLD_SIZE > 1 as torchrun sets it) makes one rank per
+    process; on CUDA each rank uses cuda:LOCAL_RANK, with NCCL, on the CPU gloo."""
+    import torch.distributed as dist
+
+    resolved = resolve_device(str(device))
+    initialised = dist.is_available() and dist.is_initialized()
+    size = dist.get_world_size() if initialised else _env_int("WORLD_SIZE", 1)
+    if size <= 1:
+        return _World(), resolved
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if resolved.type == "cuda":
+        resolved = torch.device("cuda", local_rank)
+        torch.cuda.set_device(resolved)
+    if not initialised:
+        # generous: ranks wait at the final barrier for the slowest share
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    world = _World(rank=dist.get_rank(), size=dist.get_world_size(), local_size=_env_int("LOCAL_WORLD_SIZE", 1),
+                   owns_group=not initialised)
+    if dist.get_backend() == "nccl":
+        world.barrier_device_ids = [resolved.index]
+    return world, resolved
+
+
+def _default_workers(device: torch.device, world: _World) -> int:
+    """On CUDA the machine's cores (shared by the ranks of this node, one left for the main process); on the CPU the
+    encoder needs the cores itself, so images are decoded in the main process."""
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, world.local_size) - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# From the device to the disk
+
+
+@dataclass
+class _Staged:
+    """One encoded batch on the host, in the store dtype: global [b, d], patches [b, N, d]."""
+
+    global_: torch.Tensor
+    patches: torch.Tensor
+    wait: Callable[[], None] = lambda: None  # returns once the copies into the host tensors are complete
+    release: Callable[[], None] = lambda: None  # gives the host buffers back for reuse
+
+
+class _Staging:
+    """Device outputs -> host tensors in the store dtype. On CUDA: cast on the device, non-blocking copies into a ring of
+    pinned buffers, an event per batch; on the CPU: a cast."""
+
+    def __init__(self, device: torch.device, dtype: str, batch_size: int, dim: int, num_patches: int):
+        self.device = device
+        self.dtype = _TORCH_DTYPES[dtype]
+        self.shapes = ((batch_size, dim), (batch_size, num_patches, dim))
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.free: "queue.Queue[int]" = queue.Queue()
+        for slot in range(_PINNED_SLOTS):
+            self.free.put(slot)
+
+    def stage(self, global_: torch.Tensor, patches: torch.Tensor) -> _Staged:
+        if self.device.type != "cuda":
+            return _Staged(global_.to(self.dtype).contiguous(), patches.to(self.dtype).contiguous())
+        slot = self.free.get()  # blocks while every buffer is still queued or being written
+        if slot not in self.buffers:
+            self.buffers[slot] = tuple(torch.empty(shape, dtype=self.dtype, pin_memory=True) for shape in self.shapes)
+        global_host, patches_host = (buffer[: len(global_)] for buffer in self.buffers[slot])
+        global_host.copy_(global_.to(self.dtype), non_blocking=True)
+        patches_host.copy_(patches.to(self.dtype), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Staged(global_host, patches_host, event.synchronize, lambda: self.free.put(slot))
+
+
+def _data_offset(path: Path, shape: tuple, dtype: str) -> int:
+    """Where the rows of the `.npy` file `path` begin; InputError when its header is not the expected array's."""
+    try:
+        with open(path, "rb") as handle:
+            version = npy_format.read_magic(handle)
+            read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            found_shape, fortran, found_dtype = read(handle)
+            offset = handle.tell()
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: not a readable .npy array of this extraction ({err}); use another --out") from None
+    if tuple(found_shape) != tuple(shape) or found_dtype != np.dtype(dtype) or fortran:
+        raise InputError(f"{path}: shape {list(found_shape)} {found_dtype}, expected {list(shape)} {dtype}; use another --out")
+    return offset
+
+
+@dataclass
+class _SplitFiles:
+    """Where the rows of one split go: (path, row shape) of global.npy and patches.npy."""
+
+    global_path: Path
+    patches_path: Path
+    rows: int
+    dim: int
+    num_patches: int
+    dtype: str
+    offsets: dict = field(default_factory=dict)
+
+    def shapes(self) -> tuple[tuple, tuple]:
+        return (self.rows, self.dim), (self.rows, self.num_patches, self.dim)
+
+    def create(self) -> None:
+        for path, shape in zip((self.global_path, self.patches_path), self.shapes()):
+            array = open_memmap(path, mode="w+", dtype=self.dtype, shape=shape)
+            del array  # allocated at its final size; rows are written with pwrite
+
+    def read_offsets(self) -> None:
+        for path, shape in zip((self.global_path, self.patches_path), self.shapes()):
+            self.offsets[path] = _data_offset(path, shape, self.dtype)
+
+
+class _RowWriter:
+    """A thread that puts staged batches into the files, flushes them, then records them done in this rank's record.
+
+    Batches are written in the order given; the record only ever names rows that are flushed. An error in the thread is
+    raised in the caller at the next `submit` or at `close`."""
+
+    def __init__(self, files: dict[str, _SplitFiles], record: Path, done: dict, bar: Optional[tqdm]):
+        self.files = files
+        self.record = record
+        self.done = done
+        self.bar = bar
+        self.error: Optional[BaseException] = None
+        self.fds = {}
+        for split_files in files.values():
+            for path in (split_files.global_path, split_files.patches_path):
+                self.fds[path] = os.open(path, os.O_RDWR)
+        self.queue: "queue.Queue" = queue.Queue(maxsize=_PINNED_SLOTS - 1)
+        self.thread = threading.Thread(target=self._run, name="spacil-extract-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, split: str, start: int, end: int, staged: _Staged) -> None:
+        if self.error is not None:
+            staged.release()
+            raise self.error
+        self.queue.put((split, start, end, staged))
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread, close the files; raises the thread's error if it had one."""
+        self.queue.put(None)
+        self.thread.join()
+        for fd in self.fds.values():
+            os.close(fd)
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            split, start, end, staged = item
+            try:
+                if self.error is None:
+                    self._write(split, start, end, staged)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                self.error = err
+            finally:
+                staged.release()
+
+    def _write(self, split: str, start: int, end: int, staged: _Staged) -> None:
+        staged.wait()
+        split_files = self.files[split]
+        written = []
+        for path, tensor in ((split_files.global_path, staged.global_), (split_files.patches_path, staged.patches)):
+            array = tensor.numpy()
+            row_bytes = array[0].nbytes
+            _write_rows(self.fds[path], split_files.offsets[path] + start * row_bytes, memoryview(array.reshape(-1).view(np.uint8)))
+            written.append(self.fds[path])
+        for fd in written:
+            _flush(fd)
+        self.done[split] = _add_range(self.done[split], start, end)
+        atomic_write_text(self.record, json.dumps({"done": self.done}))
+        if self.bar is not None:
+            self.bar.update(end - start)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The extraction
+
+
+def _has_content(out: Path) -> bool:
+    """Anything in `out` besides temporary files of interrupted atomic writes (`.<name>.tmp`)?"""
+    return out.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in out.iterdir())
+
+
+def _choose_precision(requested: Optional[str], recorded: Optional[str], device: torch.device, where: Path) -> str:
+    """The precision of this run: the one asked for, else the one the store was (being) encoded in, else the device's
+    default. Asking for another one than the store's is refused: its rows and text features would mix precisions."""
+    if requested in (None, "auto"):
+        return recorded or resolve_precision(None, device)
+    precision = resolve_precision(requested, device)
+    if recorded is not None and precision != recorded:
+        raise InputError(f"{where}: the store is encoded in {recorded}, --precision {precision} would mix precisions; "
+                         f"run with --precision {recorded}, or choose another --out")
+    return precision
 
 
 def extract_store(
@@ -95,8 +426,8 @@ def extract_store(
     pretrained: Optional[str] = "laion400m_e32",
     dtype: str = "float16",
     batch_size: int = 64,
-    workers: int = 0,
-    device: str = "cpu",
+    workers: Optional[int] = None,
+    device: str | torch.device = "auto",
     names_file: Optional[str] = None,
     descriptions: Optional[dict[str, list[str]]] = None,
     descriptions_source: Optional[str] = None,
@@ -104,79 +435,169 @@ def extract_store(
     max_batches: Optional[int] = None,
     progress: bool = True,
     backbone: Optional[FrozenCLIP] = None,
+    precision: Optional[str] = None,
 ) -> Path:
-    """Encode `dataset` into a store at `out`. `max_batches` stops after that many batches (to test resuming); `backbone`
-    reuses an already built model (it must be the one `model` and `pretrained` name)."""
-    if dtype not in ("float16", "float32"):
+    """Encode `dataset` into a store at `out` (or finish an interrupted one, or refresh a finished one's text features).
+
+    `device`: auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK). `precision`: fp32, bf16 or fp16 autocast (None:
+    the store's when resuming, else bf16 on CUDA and fp32 on the CPU). `workers`: image-decoding processes (None: the
+    machine's cores on CUDA, 0 on the CPU). `max_batches` stops this process after that many batches (to test resuming).
+    `backbone` reuses an already built model (it must be the one `model` and `pretrained` name; its device is used).
+    """
+    if dtype not in _TORCH_DTYPES:
         raise InputError(f"--dtype {dtype}: expected float16 or float32")
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size}: expected at least 1")
+    if workers is not None and workers < 0:
+        raise InputError(f"--workers {workers}: expected 0 or more")
     spec = dataset_spec(dataset)
     names, splits = open_dataset(dataset, data_root, names_file)
     out = Path(out)
-    backbone = backbone or FrozenCLIP(model, pretrained, device)
-    counts = {split: len(splits[split].items) for split in SPLITS}
-    fingerprint = _fingerprint(spec, backbone, counts, dtype, batch_size)
+    world, run_device = _join_world(backbone.device if backbone is not None else device)
+    try:
+        return _extract(spec, names, splits, out, model, pretrained, dtype, batch_size, workers, run_device, world,
+                        descriptions, descriptions_source, semantic_tokens, max_batches, progress, backbone, precision)
+    finally:
+        world.close()
+
+
+def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_size, workers, device: torch.device,
+             world: _World, descriptions, descriptions_source, semantic_tokens, max_batches, progress, backbone,
+             precision) -> Path:
     progress_path = out / PROGRESS_FILE
     meta_path = out / "meta.json"
-
-    if meta_path.exists() and not progress_path.exists():
-        recorded = json.loads(meta_path.read_text()).get("backbone", {})
-        if recorded != backbone.info.to_dict():
-            raise InputError(f"{meta_path}: the store was encoded with another model ({recorded.get('model')}, "
-                             f"{recorded.get('pretrained')}); its text features must come from the same one")
-        log.info("%s: store complete; refreshing its text features only", out)
+    # Everything below up to the first barrier only reads, so that every rank sees the folder as rank 0 found it.
+    recorded = read_json(progress_path) if progress_path.exists() else None
+    complete = recorded is None and meta_path.exists()
+    old_meta = read_json(meta_path) if complete else None
+    if recorded is not None:
+        recorded_fingerprint = {"precision": "fp32", **recorded.get("fingerprint", {})}  # spacil 0.1 encoded in fp32
+        precision = _choose_precision(precision, recorded_fingerprint["precision"], device, progress_path)
+    elif complete:
+        precision = _choose_precision(precision, old_meta.get("precision", "fp32"), device, meta_path)
     else:
-        state = {"fingerprint": fingerprint, "done": {split: 0 for split in SPLITS}}
-        if progress_path.exists():
-            previous = json.loads(progress_path.read_text())
-            if previous.get("fingerprint") != fingerprint:
-                raise InputError(
-                    f"{progress_path}: an unfinished extraction with other settings (data set, model, dtype or batch size); "
-                    f"use another --out or delete {out}"
-                )
-            state = previous
-        elif out.exists() and any(out.iterdir()):
-            raise InputError(f"--out {out}: folder exists and is not an unfinished extraction; choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        transform = image_transform(backbone.image_size)
-        batches_left = max_batches
-        for split in SPLITS:
-            n = counts[split]
-            mode = "r+" if (out / split / "global.npy").exists() else "w+"
-            (out / split).mkdir(exist_ok=True)
-            global_map = open_memmap(out / split / "global.npy", mode=mode, dtype=dtype, shape=(n, backbone.dim))
-            patch_map = open_memmap(
-                out / split / "patches.npy", mode=mode, dtype=dtype, shape=(n, backbone.num_patches, backbone.dim)
+        precision = _choose_precision(precision, None, device, out)
+    if backbone is None:
+        backbone = FrozenCLIP(model, pretrained, device, precision)
+    else:
+        backbone = backbone.with_precision(precision)
+    counts = {split: len(splits[split].items) for split in SPLITS}
+    fingerprint = _fingerprint(spec, backbone, counts, dtype, batch_size, precision)
+    if complete:
+        stored_backbone = old_meta.get("backbone", {})
+        if stored_backbone != backbone.info.to_dict():
+            raise InputError(f"{meta_path}: the store was encoded with another model ({stored_backbone.get('model')}, "
+                             f"{stored_backbone.get('pretrained')}); its text features must come from the same one")
+    elif recorded is not None:
+        if recorded_fingerprint != fingerprint:
+            raise InputError(
+                f"{progress_path}: an unfinished extraction with other settings (data set, model, dtype or batch size); "
+                f"use another --out or delete {out}"
             )
-            if mode == "w+":
-                atomic_save_npy(out / split / "labels.npy", splits[split].labels)
-                atomic_write_text(progress_path, json.dumps(state))
-            start = int(state["done"][split])
-            rows = torch.utils.data.Subset(_ImageRows(splits[split], transform), range(start, n))
-            loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=workers)
-            bar = tqdm(total=n, initial=start, desc=f"extract {dataset}/{split}", unit="img", disable=not progress)
-            row = start
-            for images, errors in loader:
-                broken = next((e for e in errors if e), None)
-                if broken:
-                    raise InputError(broken)
-                if batches_left is not None:
-                    if batches_left == 0:
-                        bar.close()
-                        return out
-                    batches_left -= 1
-                g, patches = backbone.encode_images(images)
-                end = row + len(images)
-                global_map[row:end] = g.numpy().astype(dtype)
-                patch_map[row:end] = patches.numpy().astype(dtype)
-                global_map.flush()
-                patch_map.flush()
-                row = end
-                state["done"][split] = row
-                atomic_write_text(progress_path, json.dumps(state))
-                bar.update(len(images))
-            bar.close()
-            del global_map, patch_map
+    elif out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder; choose another --out")
+    elif _has_content(out):
+        raise InputError(f"--out {out}: folder exists and is not an unfinished extraction; choose another --out")
+    world.barrier()
 
+    if complete:
+        if world.rank == 0:
+            log.info("%s: store complete; refreshing its text features only", out)
+            _finish(out, spec, names, backbone, descriptions, descriptions_source, semantic_tokens,
+                    provenance={k: old_meta[k] for k in ("precision", "device") if k in old_meta})
+        return out
+
+    files = {split: _SplitFiles(out / split / "global.npy", out / split / "patches.npy", counts[split], backbone.dim,
+                                backbone.num_patches, dtype) for split in SPLITS}
+    if world.rank == 0:
+        _prepare(out, recorded, fingerprint, device, files, splits)
+    world.barrier()
+    for split_files in files.values():
+        split_files.read_offsets()
+    done = _read_done(out)
+    todo = [batch for batch in _batches(counts, batch_size) if not _covered(done[batch[0]], batch[1], batch[2])]
+    share = todo[len(todo) * world.rank // world.size: len(todo) * (world.rank + 1) // world.size]
+    world.barrier()  # every rank has its share before any rank records more rows done
+
+    if workers is None:
+        workers = _default_workers(device, world)
+    _encode(out, spec, splits, files, backbone, share, world, workers, max_batches,
+            progress and world.rank == 0)
+    world.barrier()
+    if world.rank == 0:
+        done = _read_done(out)
+        if all(_covered(done[split], start, end) for split, start, end in _batches(counts, batch_size)):
+            devices = read_json(progress_path).get("devices", [device.type])
+            _finish(out, spec, names, backbone, descriptions, descriptions_source, semantic_tokens,
+                    provenance={"precision": precision, "device": "+".join(devices)})
+    return out
+
+
+def _prepare(out: Path, recorded: Optional[dict], fingerprint: dict, device: torch.device, files: dict,
+             splits: dict) -> None:
+    """Rank 0, before any rank encodes: the store record first, then the maps and labels of every split with no row
+    recorded done."""
+    out.mkdir(parents=True, exist_ok=True)
+    if recorded is not None and isinstance((recorded.get("done") or {}).get("train"), int):
+        # a spacil 0.1 record: its row counts become rank 0's ranges before the record is rewritten without them
+        legacy = {split: [[0, int(recorded["done"].get(split, 0))]] if recorded["done"].get(split) else [] for split in SPLITS}
+        current = _read_done(out)
+        for split in SPLITS:
+            for lo, hi in current[split]:
+                legacy[split] = _add_range(legacy[split], lo, hi)
+        atomic_write_text(out / rank_progress_file(0), json.dumps({"done": legacy}))
+    devices = sorted(set((recorded or {}).get("devices", [])) | {device.type})
+    state = {"fingerprint": fingerprint, "devices": devices}
+    if recorded != state:
+        atomic_write_text(out / PROGRESS_FILE, json.dumps(state))
+    done = _read_done(out)
+    for split in SPLITS:
+        if done[split]:
+            continue
+        (out / split).mkdir(exist_ok=True)
+        files[split].create()
+        atomic_save_npy(out / split / "labels.npy", splits[split].labels)
+
+
+def _encode(out: Path, spec, splits: dict, files: dict, backbone: FrozenCLIP, share: list, world: _World, workers: int,
+            max_batches: Optional[int], show_progress: bool) -> None:
+    """Encode this rank's batches, writing each one (in a background thread) as soon as it is on the host."""
+    if not share:
+        return
+    device = backbone.device
+    transform = image_transform(backbone.image_size)
+    parts = [_ImageRows(splits[split], transform) for split in SPLITS]
+    first_row = dict(zip(SPLITS, np.cumsum([0] + [len(p) for p in parts[:-1]]).tolist()))
+    batch_indices = [list(range(first_row[split] + start, first_row[split] + end)) for split, start, end in share]
+    loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(parts), batch_sampler=batch_indices,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    record = out / rank_progress_file(world.rank)
+    own = read_json(record).get("done", {}) if record.exists() else {}
+    done = {split: [list(r) for r in own.get(split, [])] for split in SPLITS}
+    staging = _Staging(device, files[SPLITS[0]].dtype, max(end - start for _, start, end in share), backbone.dim,
+                       backbone.num_patches)
+    bar = tqdm(total=sum(end - start for _, start, end in share), desc=f"extract {spec.key}", unit="img",
+               disable=not show_progress)
+    writer = _RowWriter(files, record, done, bar)
+    try:
+        for count, ((split, start, end), (images, errors)) in enumerate(zip(share, loader)):
+            broken = next((e for e in errors if e), None)
+            if broken:
+                raise InputError(broken)
+            if max_batches is not None and count >= max_batches:
+                break
+            global_, patches = backbone.encode_images(images)
+            writer.submit(split, start, end, staging.stage(global_, patches))
+    finally:
+        try:
+            writer.close()
+        finally:
+            bar.close()
+
+
+def _finish(out: Path, spec, names, backbone: FrozenCLIP, descriptions, descriptions_source, semantic_tokens,
+            provenance: dict) -> None:
+    """Rank 0, every row on disk: text features, then meta.json, then the records and leftover temporary files go."""
     prompts, template_tokens = class_prompt_features(backbone, names, spec.templates)
     description_arrays = None
     if descriptions is not None:
@@ -195,12 +616,16 @@ def extract_store(
             "semantic_tokens": semantic_tokens if descriptions is not None else None,
             "descriptions_source": descriptions_source,
         },
+        **provenance,
     }
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if descriptions is None:
-            meta["text"] = old.get("text", meta["text"])
+    meta_path = out / "meta.json"
+    if meta_path.exists() and descriptions is None:
+        meta["text"] = read_json(meta_path).get("text", meta["text"])
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
-    if progress_path.exists():
-        progress_path.unlink()
-    return out
+    _remove(out / PROGRESS_FILE)  # first: from here on the folder reads as a finished store
+    for record in sorted(out.glob(RANK_PROGRESS_GLOB)):
+        _remove(record)
+    for folder in (out, *(out / split for split in SPLITS), out / "text"):
+        if folder.is_dir():
+            for leftover in sorted(folder.glob(".*.tmp")):
+                _remove(leftover)

@@ -250,3 +250,19 @@ def test_resuming_with_another_precision_is_refused(tiny_model, shapes_root, tmp
     assert main(args) == 0  # without --precision a resume keeps the store's
     assert json.loads((out / "meta.json").read_text())["precision"] == "bf16"
     assert main(args + ["--precision", "fp16"]) == 2  # a finished store's text features are refreshed in its precision only
+
+
+def test_an_unfinished_spacil_0_1_extraction_resumes(tiny_model, shapes_root, tmp_path):
+    """0.1 kept row counts in .progress.json and had no precision (it encoded in fp32)."""
+    whole = extract_store("shapes", shapes_root, tmp_path / "whole", model=tiny_model, pretrained=None, batch_size=4,
+                          progress=False)
+    part = tmp_path / "part"
+    extract_store("shapes", shapes_root, part, model=tiny_model, pretrained=None, batch_size=4, max_batches=2, progress=False)
+    record = json.loads((part / ".progress.json").read_text())
+    del record["fingerprint"]["precision"], record["devices"]
+    (part / ".progress.json").write_text(json.dumps({**record, "done": {"train": 8, "test": 0}}))
+    (part / ".progress.rank0.json").unlink()
+    extract_store("shapes", shapes_root, part, model=tiny_model, pretrained=None, batch_size=4, max_batches=1, progress=False)
+    assert json.loads((part / ".progress.rank0.json").read_text())["done"] == {"train": [[0, 12]], "test": []}
+    extract_store("shapes", shapes_root, part, model=tiny_model, pretrained=None, batch_size=4, progress=False)
+    assert _files(part) == _files(whole)

@@ -6,11 +6,11 @@ This is what makes a real benchmark one command: `spacil run --config cifar224_b
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from spacil.config import Config
 from spacil.errors import InputError
+from spacil.features import read_json
 
 
 def prepare_store(config: Config, progress: bool = True) -> Path:
@@ -28,7 +28,7 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
         extract_store(data.dataset, data.data_root, store, model=data.model, pretrained=data.pretrained,
                       device=config.device, names_file=data.names_file, descriptions=descriptions,
                       descriptions_source=data.descriptions, semantic_tokens=config.spa.semantic_tokens, progress=progress)
-    meta = json.loads((store / "meta.json").read_text())
+    meta = read_json(store / "meta.json")
     recorded = (meta.get("text") or {}).get("semantic_tokens")
     if recorded and recorded != config.spa.semantic_tokens and config.method == "spa" and config.ablation.llm_descriptions:
         raise InputError(

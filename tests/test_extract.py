@@ -17,6 +17,8 @@ from spacil.errors import InputError
 from spacil.extract import extract_store
 from spacil.features import FeatureStore
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
 
 def _files(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -44,15 +46,19 @@ def test_extract_writes_a_valid_store(tiny_model, shapes_root, tmp_path):
     assert meta["text"]["semantic_tokens"] == "sentence" and not (out / ".progress.json").exists()
 
 
-def test_interrupted_extraction_resumes_byte_identical(tiny_model, shapes_root, tmp_path):
-    whole = extract_store("shapes", shapes_root, tmp_path / "whole", model=tiny_model, pretrained=None, batch_size=4, progress=False)
+@pytest.mark.parametrize("device", DEVICES)
+def test_interrupted_extraction_resumes_byte_identical(tiny_model, shapes_root, tmp_path, device):
+    whole = extract_store("shapes", shapes_root, tmp_path / "whole", model=tiny_model, pretrained=None, batch_size=4,
+                          device=device, progress=False)
     part = tmp_path / "part"
-    extract_store("shapes", shapes_root, part, model=tiny_model, pretrained=None, batch_size=4, max_batches=3, progress=False)
+    extract_store("shapes", shapes_root, part, model=tiny_model, pretrained=None, batch_size=4, max_batches=3, device=device,
+                  progress=False)
     assert not (part / "meta.json").exists()
     with pytest.raises(InputError, match="unfinished extraction"):
         FeatureStore(part)
-    extract_store("shapes", shapes_root, part, model=tiny_model, pretrained=None, batch_size=4, max_batches=4, progress=False)
-    extract_store("shapes", shapes_root, part, model=tiny_model, pretrained=None, batch_size=4, progress=False)
+    extract_store("shapes", shapes_root, part, model=tiny_model, pretrained=None, batch_size=4, max_batches=4, device=device,
+                  progress=False)
+    extract_store("shapes", shapes_root, part, model=tiny_model, pretrained=None, batch_size=4, device=device, progress=False)
     assert _files(part) == _files(whole)
     with pytest.raises(InputError, match="other settings"):
         extract_store("shapes", shapes_root, tmp_path / "part2", model=tiny_model, pretrained=None, batch_size=4,
@@ -217,7 +223,6 @@ def test_meta_json_not_json_is_one_line(tiny_model, shapes_root, tmp_path, capsy
 # ----------------------------------------------------------------------------------------------------------------------
 # Devices and precision (issue 8)
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)

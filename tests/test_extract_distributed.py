@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from spacil.cli import main
@@ -24,9 +25,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _extract_args(tiny_model, shapes_root, out) -> list[str]:
+def _extract_args(tiny_model, shapes_root, out, device: str = "cpu") -> list[str]:
     return ["extract", "--dataset", "shapes", "--data-root", str(shapes_root), "--model", tiny_model, "--pretrained", "",
-            "--batch-size", "4", "--device", "cpu", "--quiet", "--out", str(out)]
+            "--batch-size", "4", "--device", device, "--quiet", "--out", str(out)]
 
 
 def _torchrun(args: list[str], kill_rank: int | None = None) -> int:
@@ -37,19 +38,21 @@ def _torchrun(args: list[str], kill_rank: int | None = None) -> int:
     return subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300).returncode
 
 
-def _single_process(tiny_model, shapes_root, out) -> dict:
+def _single_process(tiny_model, shapes_root, out, device: str = "cpu") -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun rank runs (OMP_NUM_THREADS=1)
     try:
-        assert main(_extract_args(tiny_model, shapes_root, out)) == 0
+        assert main(_extract_args(tiny_model, shapes_root, out, device)) == 0
     finally:
         torch.set_num_threads(threads)
     return _files(out)
 
 
-def test_two_ranks_write_the_single_process_store(tiny_model, shapes_root, tmp_path):
-    whole = _single_process(tiny_model, shapes_root, tmp_path / "whole")
-    assert _torchrun(_extract_args(tiny_model, shapes_root, tmp_path / "sharded")) == 0
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL, one per rank)"))])
+def test_two_ranks_write_the_single_process_store(tiny_model, shapes_root, tmp_path, device):
+    whole = _single_process(tiny_model, shapes_root, tmp_path / "whole", device)
+    assert _torchrun(_extract_args(tiny_model, shapes_root, tmp_path / "sharded", device)) == 0
     assert _files(tmp_path / "sharded") == whole
 
 

@@ -21,9 +21,9 @@ on the batches not yet done (in batch order, train then test) and rank r takes t
 slices of that list, writing into the same files; rank 0 writes text features and `meta.json` after a final barrier. A
 rerun may use another world size: the records are rows, not ranks.
 
-On CUDA, a batch's images come from pinned memory with non-blocking copies, the forward pass runs under autocast
-(`--precision`, bf16 by default), outputs are cast to the store dtype on the device and copied back into pinned buffers,
-and a writer thread puts batch i on disk while the device runs batch i+1.
+On CUDA, a batch's images come as uint8 from pinned memory with non-blocking copies and are normalised on the device, the
+forward pass runs under autocast (`--precision`, bf16 by default), outputs are cast to the store dtype on the device and
+copied back into pinned buffers, and a writer thread puts batch i on disk while the device runs batch i+1.
 """
 
 from __future__ import annotations
@@ -399,8 +399,8 @@ class _RowWriter:
         written = []
         for path, tensor in ((split_files.global_path, staged.global_), (split_files.patches_path, staged.patches)):
             array = tensor.numpy()
-            row_bytes = array[0].nbytes
-            _write_rows(self.fds[path], split_files.offsets[path] + start * row_bytes, memoryview(array.reshape(-1).view(np.uint8)))
+            offset = split_files.offsets[path] + start * array[0].nbytes
+            _write_rows(self.fds[path], offset, memoryview(array.reshape(-1).view(np.uint8)))
             written.append(self.fds[path])
         for fd in written:
             _flush(fd)

@@ -271,3 +271,14 @@ def test_an_unfinished_spacil_0_1_extraction_resumes(tiny_model, shapes_root, tm
     assert json.loads((part / ".progress.rank0.json").read_text())["done"] == {"train": [[0, 12]], "test": []}
     extract_store("shapes", shapes_root, part, model=tiny_model, pretrained=None, batch_size=4, progress=False)
     assert _files(part) == _files(whole)
+
+
+def test_images_normalised_on_the_device_equal_torchvision_s(shapes_root):
+    from spacil.extract import _ImageRows, _normalise
+
+    split = open_dataset("shapes", shapes_root)[1]["test"]
+    transform = image_transform(32)
+    rows = _ImageRows(split, transform)
+    assert rows[0][0].dtype == torch.uint8
+    expected = torch.stack([transform(split.loader(item)) for item in split.items])
+    assert torch.equal(_normalise(torch.stack([rows[i][0] for i in range(len(rows))]), torch.device("cpu")), expected)

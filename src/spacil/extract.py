@@ -67,7 +67,7 @@ def rank_progress_file(rank: int) -> str:
 class _ImageRows(torch.utils.data.Dataset):
     """Images of one split as uint8 tensors [3, H, W], resized and cropped by `image_transform`'s first two steps; its
     ToTensor and Normalize run batched on the encoding device (`_normalise`): a quarter of the bytes to pin and copy, and
-    40% less work per image for the loader workers. A broken image yields its path as an error string, so that the main
+    20-35% less work per image for the loader workers (docs/benchmarks/extract_loader.md). A broken image yields its path as an error string, so that the main
     process can stop with one clear line whatever the number of loader workers."""
 
     def __init__(self, split: SplitIndex, transform):

@@ -16,7 +16,7 @@ import torch
 
 from _common import write_result
 from spacil.data import image_transform, open_dataset
-from spacil.extract import _ImageRows, _normalise
+from spacil.extract import _ImageRows, _Normalise
 from spacil.shapes import write_shapes_dataset
 
 
@@ -43,7 +43,7 @@ def main() -> None:
             transform = image_transform(224)
             old = [transform(split.loader(item)) for item in split.items[:2]]
             new_rows = _ImageRows(split, transform)
-            assert torch.equal(torch.stack(old), _normalise(torch.stack([new_rows[i][0] for i in range(2)]), torch.device("cpu")))
+            assert torch.equal(torch.stack(old), _Normalise(torch.device("cpu"))(torch.stack([new_rows[i][0] for i in range(2)])))
             count = len(split.items)
             before, after = [], []
             for _ in range(args.rounds):

@@ -274,11 +274,11 @@ def test_an_unfinished_spacil_0_1_extraction_resumes(tiny_model, shapes_root, tm
 
 
 def test_images_normalised_on_the_device_equal_torchvision_s(shapes_root):
-    from spacil.extract import _ImageRows, _normalise
+    from spacil.extract import _ImageRows, _Normalise
 
     split = open_dataset("shapes", shapes_root)[1]["test"]
     transform = image_transform(32)
     rows = _ImageRows(split, transform)
     assert rows[0][0].dtype == torch.uint8
     expected = torch.stack([transform(split.loader(item)) for item in split.items])
-    assert torch.equal(_normalise(torch.stack([rows[i][0] for i in range(len(rows))]), torch.device("cpu")), expected)
+    assert torch.equal(_Normalise(torch.device("cpu"))(torch.stack([rows[i][0] for i in range(len(rows))])), expected)

@@ -66,7 +66,7 @@ def rank_progress_file(rank: int) -> str:
 
 class _ImageRows(torch.utils.data.Dataset):
     """Images of one split as uint8 tensors [3, H, W], resized and cropped by `image_transform`'s first two steps; its
-    ToTensor and Normalize run batched on the encoding device (`_normalise`): a quarter of the bytes to pin and copy, and
+    ToTensor and Normalize run batched on the encoding device (`_Normalise`): a quarter of the bytes to pin and copy, and
     20-35% less work per image for the loader workers (docs/benchmarks/extract_loader.md). A broken image yields its path as an error string, so that the main
     process can stop with one clear line whatever the number of loader workers."""
 
@@ -88,12 +88,18 @@ class _ImageRows(torch.utils.data.Dataset):
             return torch.zeros(3, *self.size, dtype=torch.uint8), f"{item}: unreadable image ({type(err).__name__}: {err})"
 
 
-def _normalise(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+class _Normalise:
     """uint8 [B, 3, H, W] -> the encoder's input on `device`: torchvision's ToTensor then Normalize, the same float32
-    operations in the same order, so the same values."""
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).view(-1, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=device).view(-1, 1, 1)
-    return images.to(device, non_blocking=True).to(torch.float32).div(255).sub_(mean).div_(std)
+    operations in the same order, so the same values. The statistics are put on the device once (a copy from pageable
+    memory per batch could wait for the device)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.std = torch.tensor(CLIP_STD, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).to(torch.float32).div(255).sub_(self.mean).div_(self.std)
 
 
 def class_prompt_features(backbone: FrozenCLIP, names: list[str], templates: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -591,6 +597,7 @@ def _encode(out: Path, spec, splits: dict, files: dict, backbone: FrozenCLIP, sh
                        backbone.num_patches)
     bar = tqdm(total=sum(end - start for _, start, end in share), desc=f"extract {spec.key}", unit="img",
                disable=not show_progress)
+    normalise = _Normalise(device)
     writer = _RowWriter(files, record, done, bar)
     try:
         for count, ((split, start, end), (images, errors)) in enumerate(zip(share, loader)):
@@ -599,7 +606,7 @@ def _encode(out: Path, spec, splits: dict, files: dict, backbone: FrozenCLIP, sh
                 raise InputError(broken)
             if max_batches is not None and count >= max_batches:
                 break
-            global_, patches = backbone.encode_images(_normalise(images, device))
+            global_, patches = backbone.encode_images(normalise(images))
             writer.submit(split, start, end, staging.stage(global_, patches))
     finally:
         try:

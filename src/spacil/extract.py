@@ -578,6 +578,22 @@ def _prepare(out: Path, recorded: Optional[dict], fingerprint: dict, device: tor
         atomic_save_npy(out / split / "labels.npy", splits[split].labels)
 
 
+class _BatchRows(torch.utils.data.Sampler):
+    """The loader's batches: this rank's share as indices into the train-then-test concatenation, made as they are asked
+    for (a share of ImageNet's rows would be a million ints held at once)."""
+
+    def __init__(self, share: list, first_row: dict):
+        self.share = share
+        self.first_row = first_row
+
+    def __len__(self) -> int:
+        return len(self.share)
+
+    def __iter__(self):
+        for split, start, end in self.share:
+            yield list(range(self.first_row[split] + start, self.first_row[split] + end))
+
+
 def _encode(out: Path, spec, splits: dict, files: dict, backbone: FrozenCLIP, share: list, world: _World, workers: int,
             max_batches: Optional[int], show_progress: bool) -> None:
     """Encode this rank's batches, writing each one (in a background thread) as soon as it is on the host."""
@@ -587,8 +603,7 @@ def _encode(out: Path, spec, splits: dict, files: dict, backbone: FrozenCLIP, sh
     transform = image_transform(backbone.image_size)
     parts = [_ImageRows(splits[split], transform) for split in SPLITS]
     first_row = dict(zip(SPLITS, np.cumsum([0] + [len(p) for p in parts[:-1]]).tolist()))
-    batch_indices = [list(range(first_row[split] + start, first_row[split] + end)) for split, start, end in share]
-    loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(parts), batch_sampler=batch_indices,
+    loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(parts), batch_sampler=_BatchRows(share, first_row),
                                          num_workers=workers, pin_memory=device.type == "cuda")
     record = out / rank_progress_file(world.rank)
     own = read_json(record).get("done", {}) if record.exists() else {}

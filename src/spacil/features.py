@@ -1,8 +1,8 @@
 """The feature store, version 1 (INTERFACES.md): a folder of plain `.npy` arrays that runs read memory-mapped.
 
 `extract_store` encodes a data set once with the frozen CLIP. It is resumable: rows are written in fixed batches into
-pre-allocated memory maps and a progress file records how many rows are safely on disk, so a killed extraction continues where
-it stopped and ends byte-identical to an uninterrupted one. `meta.json` is written last: a store without it is unfinished.
+pre-allocated memory maps and progress records name the rows safely on disk, so a killed extraction continues where it
+stopped and ends byte-identical to an uninterrupted one (spacil.extract has the order of writes). `meta.json` is written last: a store without it is unfinished.
 """
 
 from __future__ import annotations

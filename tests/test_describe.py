@@ -177,6 +177,9 @@ def test_rerun_with_another_count_is_refused_and_the_file_kept(shapes_root, tiny
         assert out.read_bytes() == before
         assert main(_args(shapes_root, tiny_model, out, server, "--model", "other-llm")) == 2
         assert "model 'gpt-5' (this run: 'other-llm')" in capsys.readouterr().err
+    template_run = ["describe", "--dataset", "shapes", "--data-root", str(shapes_root), "--out", str(out), "--llm", "none"]
+    assert main(template_run) == 2  # template descriptions never replace paid ones
+    assert "'llm' descriptions" in capsys.readouterr().err and out.read_bytes() == before
     result = load_descriptions(out)
     assert result.num_descriptions == 4 and all(len(e["descriptions"]) == 4 for e in result.classes.values())
 

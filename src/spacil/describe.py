@@ -172,6 +172,10 @@ def describe_dataset(
         wanted = [lookup[c] for c in classes]
 
     if mode == "none":
+        existing = load_descriptions(out) if out.exists() else DescriptionSet()
+        if existing.classes and existing.source != "templates":
+            raise InputError(f"{out}: holds {len(existing.classes)} classes of '{existing.source}' descriptions; template "
+                             f"descriptions would replace them: write to another --out")
         result = DescriptionSet(dataset=dataset, source="templates", num_descriptions=num_descriptions,
                                 classes={n: {"descriptions": s} for n, s in
                                          template_descriptions([names[i] for i in wanted], spec.templates, num_descriptions).items()})

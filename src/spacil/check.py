@@ -124,12 +124,21 @@ def _open_checked(path: Path, spec: ArraySpec, sizes: dict[str, int], findings: 
     return array if sound else None
 
 
-def _chunks(array: np.ndarray):
-    """(start, rows as float64 or the raw dtype) in chunks of at most CHUNK_BYTES."""
-    per_row = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize)
-    step = max(1, CHUNK_BYTES // per_row)
-    for start in range(0, len(array), step):
-        yield start, np.asarray(array[start:start + step])
+def _chunks(file: Path, array: np.ndarray):
+    """(first row, rows) of a stored array in chunks of at most CHUNK_BYTES, read with plain file reads: the memory used
+    stays one chunk, whatever the file's size (rows touched through a memory map would stay resident)."""
+    per_row_items = int(np.prod(array.shape[1:], dtype=np.int64))
+    step = max(1, CHUNK_BYTES // max(1, per_row_items * array.dtype.itemsize))
+    if not (isinstance(array, np.memmap) and array.flags.c_contiguous):
+        for start in range(0, len(array), step):
+            yield start, np.asarray(array[start:start + step])
+        return
+    with open(file, "rb") as handle:
+        handle.seek(array.offset)
+        for start in range(0, len(array), step):
+            rows = min(step, len(array) - start)
+            chunk = np.fromfile(handle, dtype=array.dtype, count=rows * per_row_items)
+            yield start, chunk.reshape((rows, *array.shape[1:]))
 
 
 def _scan(file: Path, spec: ArraySpec, array: np.ndarray, sizes: dict[str, int], arrays: dict[str, np.ndarray],
@@ -139,7 +148,7 @@ def _scan(file: Path, spec: ArraySpec, array: np.ndarray, sizes: dict[str, int],
     if spec.rel.endswith("labels.npy"):
         classes = sizes.get("classes")
         bad, first = 0, None
-        for start, chunk in _chunks(array):
+        for start, chunk in _chunks(file, array):
             out = (chunk < 0) | (chunk >= classes) if classes is not None else chunk < 0
             if out.any():
                 bad += int(out.sum())
@@ -157,7 +166,7 @@ def _scan(file: Path, spec: ArraySpec, array: np.ndarray, sizes: dict[str, int],
         mask = np.asarray(arrays["text/description_mask.npy"])  # [C, M]: only real tokens are unit vectors
     non_finite, first_non_finite = 0, None
     off_unit, first_off_unit = 0, None
-    for start, chunk in _chunks(array):
+    for start, chunk in _chunks(file, array):
         values = chunk.astype(np.float32)
         finite_values = np.isfinite(values)
         finite = finite_values.all(axis=-1)  # per vector

@@ -42,14 +42,20 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def make_random_store(path: Path, num_classes: int = 12, dim: int = 16, num_patches: int = 9, tokens: int = 3,
-                      train: int = 8, test: int = 4, seed: int = 0, ragged: bool = True) -> Path:
-    """A small store written with plain numpy.save, as another program following INTERFACES.md would."""
+                      train: int = 8, test: int = 4, seed: int = 0, ragged: bool = True, templates: int = 0,
+                      unbalanced: bool = False) -> Path:
+    """A small store written with plain numpy.save, as another program following INTERFACES.md would.
+    templates: also write text/templates.npy with that many tokens per class; unbalanced: class c has between half and
+    one and a half times the images per class (a different count for each class)."""
     import json
 
     rng = np.random.default_rng(seed)
     centres = unit(rng.normal(size=(num_classes, dim)))
     for split, per in (("train", train), ("test", test)):
-        labels = np.repeat(np.arange(num_classes), per)
+        counts = np.full(num_classes, per)
+        if unbalanced:
+            counts = np.maximum(1, np.round(per * (0.5 + np.arange(num_classes) / max(num_classes - 1, 1)))).astype(int)
+        labels = np.repeat(np.arange(num_classes), counts)
         (path / split).mkdir(parents=True)
         np.save(path / split / "global.npy", unit(centres[labels] + 0.6 * rng.normal(size=(len(labels), dim))).astype(np.float16))
         np.save(path / split / "patches.npy", unit(rng.normal(size=(len(labels), num_patches, dim)) + centres[labels][:, None]).astype(np.float16))
@@ -63,6 +69,9 @@ def make_random_store(path: Path, num_classes: int = 12, dim: int = 16, num_patc
         desc[~mask] = 0
     np.save(path / "text" / "descriptions.npy", desc)
     np.save(path / "text" / "description_mask.npy", mask)
+    if templates:
+        np.save(path / "text" / "templates.npy",
+                unit(centres[:, None] + 0.3 * rng.normal(size=(num_classes, templates, dim))).astype(np.float32))
     meta = {"format": "spacil-features", "version": 1, "dim": dim, "num_patches": num_patches,
             "classes": [f"class {i}" for i in range(num_classes)], "dataset": "random", "backbone": {"logit_scale": 50.0}}
     (path / "meta.json").write_text(json.dumps(meta))

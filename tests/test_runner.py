@@ -1,10 +1,14 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from conftest import make_random_store
 from spacil.cli import main
+from spacil.config import AblationConfig
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.methods import METHODS
 
@@ -27,9 +31,47 @@ def test_same_command_twice_gives_identical_summary(random_store, tmp_path, meth
     assert "top1 curve" in log and "Average Accuracy" in log
 
 
-@pytest.mark.parametrize("method", ["finetune", "spa"])
-def test_resume_after_interruption_gives_the_same_summary(random_store, tmp_path, method, monkeypatch):
-    assert _run(random_store, tmp_path / "whole", "--method", method, "--set", "epochs=2") == 0
+# Every registered method, and SPA with each of its parts switched off: methods added later are covered automatically.
+CONFIGURATIONS = [(name, ()) for name in METHODS] + [
+    ("spa", ("--set", f"ablation.{part}=false")) for part in AblationConfig.model_fields
+]
+CONFIGURATION_IDS = [name if not extra else f"spa-no-{extra[1].split('.')[1].split('=')[0]}" for name, extra in CONFIGURATIONS]
+# Batches smaller than a task (a task has 3 classes of 4 to 12 images): shuffles and schedules take several steps.
+SMALL_BATCHES = ("--set", "epochs=2", "--set", "batch_size=8")
+
+
+@pytest.fixture()
+def rich_store(tmp_path) -> Path:
+    """Templates (the no-LLM ablation's tokens) and a different number of images for every class."""
+    return make_random_store(tmp_path / "rich_store", templates=3, unbalanced=True)
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_state(a, b, where: str = "state") -> None:
+    """Exactly equal: every tensor bit for bit (dtype too), every other value by ==."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{index}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("method,extra", CONFIGURATIONS, ids=CONFIGURATION_IDS)
+def test_resume_after_interruption_gives_the_same_run(rich_store, tmp_path, method, extra, monkeypatch):
+    """Interrupted after two tasks and resumed: the same summary and metrics, and the same final checkpoint to the bit."""
+    args = ("--method", method, *SMALL_BATCHES, *extra)
+    assert _run(rich_store, tmp_path / "whole", *args) == 0
     learner = METHODS[method]
     original = learner.fit_task
 
@@ -39,14 +81,75 @@ def test_resume_after_interruption_gives_the_same_summary(random_store, tmp_path
         return original(self, data)
 
     monkeypatch.setattr(learner, "fit_task", interrupted)
-    assert _run(random_store, tmp_path / "cut", "--method", method, "--set", "epochs=2") == 130
+    assert _run(rich_store, tmp_path / "cut", *args) == 130
     partial = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert len(partial["curve"]) == 2 and partial["complete"] is False
     monkeypatch.setattr(learner, "fit_task", original)
-    assert _run(random_store, tmp_path / "cut", "--method", method, "--set", "epochs=2", "--resume") == 0
-    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
-    assert json.loads((tmp_path / "cut" / "summary.json").read_text()) == whole
-    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+    assert _run(rich_store, tmp_path / "cut", *args, "--resume") == 0
+    for name in ("summary.json", "metrics.jsonl", "acc_matrix.csv"):
+        assert (tmp_path / "cut" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    _assert_same_state(_state(tmp_path / "cut" / "checkpoints" / "last.pt"),
+                       _state(tmp_path / "whole" / "checkpoints" / "last.pt"))
+
+
+class _Killed(BaseException):
+    """A kill: nothing in spacil catches it, nothing after it runs."""
+
+
+@pytest.mark.parametrize("method", ["spa", "finetune"])
+def test_a_kill_at_any_write_of_the_run_folder_then_resume_ends_as_an_uninterrupted_run(rich_store, tmp_path, method,
+                                                                                           monkeypatch):
+    """Every file of the run folder is replaced whole (a temporary file, then os.replace) and the log is appended to.
+    Kill the run before each of these writes in turn (the temporary file left half-done); --resume then ends with the
+    summary, metrics and checkpoint of a run that was never killed."""
+    import os
+
+    from spacil.runner import Run
+
+    args = ("--method", method, "--init-cls", "6", "--increment", "6", *SMALL_BATCHES)
+    real_replace, real_log = os.replace, Run._log
+    writes = [0]
+
+    def counting_replace(src, dst):
+        writes[0] += 1
+        real_replace(src, dst)
+
+    def counting_log(self, line):
+        writes[0] += 1
+        real_log(self, line)
+
+    monkeypatch.setattr(os, "replace", counting_replace)
+    monkeypatch.setattr(Run, "_log", counting_log)
+    assert main(["run", "--features", str(rich_store), "--out", str(tmp_path / "whole"), "--quiet", *args]) == 0
+    total = writes[0]
+    assert total >= 15
+    for kill_at in range(1, total + 1):
+        seen = [0]
+
+        def dying_replace(src, dst, kill_at=kill_at, seen=seen):
+            seen[0] += 1
+            if seen[0] == kill_at:
+                raise _Killed
+            real_replace(src, dst)
+
+        def dying_log(self, line, kill_at=kill_at, seen=seen):
+            seen[0] += 1
+            if seen[0] == kill_at:
+                raise _Killed
+            real_log(self, line)
+
+        out = tmp_path / f"kill_{kill_at}"
+        monkeypatch.setattr(os, "replace", dying_replace)
+        monkeypatch.setattr(Run, "_log", dying_log)
+        with pytest.raises(_Killed):
+            main(["run", "--features", str(rich_store), "--out", str(out), "--quiet", *args])
+        monkeypatch.setattr(os, "replace", real_replace)
+        monkeypatch.setattr(Run, "_log", real_log)
+        assert main(["run", "--features", str(rich_store), "--out", str(out), "--quiet", *args, "--resume"]) == 0, kill_at
+        for name in ("summary.json", "metrics.jsonl", "acc_matrix.csv", "config.yaml", "class_order.json"):
+            assert (out / name).read_text() == (tmp_path / "whole" / name).read_text(), (kill_at, name)
+        _assert_same_state(_state(out / "checkpoints" / "last.pt"), _state(tmp_path / "whole" / "checkpoints" / "last.pt"),
+                           f"kill {kill_at}")
 
 
 def test_resume_refuses_other_settings_and_reruns_are_refused(random_store, tmp_path, capsys):
@@ -72,7 +175,8 @@ def test_bad_values_exit_2_with_one_line(random_store, tmp_path, capsys):
 
 
 def _perturb_later_classes(store, after_task: int, seed: int):
-    """Replace everything of the classes of tasks after `after_task`: features, names, prompts, descriptions."""
+    """Replace everything of the classes of tasks after `after_task`: their number of images in each split, their
+    features, names, prompts, templates and descriptions. Rows of earlier classes keep their values and their order."""
     meta = json.loads((store / "meta.json").read_text())
     num_classes = len(meta["classes"])
     order = class_order(num_classes, 1993)
@@ -81,12 +185,16 @@ def _perturb_later_classes(store, after_task: int, seed: int):
     rng = np.random.default_rng(seed)
     for split in ("train", "test"):
         labels = np.load(store / split / "labels.npy")
-        rows = np.isin(labels, later)
+        keep = ~np.isin(labels, later)
+        counts = {c: int(rng.integers(1, 2 * max(1, int((labels == c).sum())) + 2)) for c in later}
+        new_labels = np.concatenate([labels[keep], np.repeat(later, [counts[c] for c in later])]).astype(np.int64)
+        np.save(store / split / "labels.npy", new_labels)
         for name in ("global.npy", "patches.npy"):
             array = np.load(store / split / name)
-            array[rows] = rng.normal(size=array[rows].shape).astype(array.dtype)
-            np.save(store / split / name, array)
-    for name in ("prompts.npy", "descriptions.npy"):
+            fresh = rng.normal(size=(len(new_labels) - int(keep.sum()), *array.shape[1:]))
+            fresh /= np.linalg.norm(fresh, axis=-1, keepdims=True)
+            np.save(store / split / name, np.concatenate([array[keep], fresh.astype(array.dtype)]))
+    for name in ("prompts.npy", "descriptions.npy", "templates.npy"):
         array = np.load(store / "text" / name)
         array[later] = rng.normal(size=array[later].shape)
         np.save(store / "text" / name, array)
@@ -95,18 +203,33 @@ def _perturb_later_classes(store, after_task: int, seed: int):
     (store / "meta.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("method", ["spa", "simplecil", "finetune", "zeroshot"])
-def test_nothing_of_a_later_task_is_read_before_it_starts(random_store, tmp_path, method):
-    """Exemplar-free and causal: results up to task t do not change when every later class is replaced."""
-    assert _run(random_store, tmp_path / "clean", "--method", method, "--set", "epochs=2") == 0
+@pytest.mark.parametrize("method,extra", CONFIGURATIONS, ids=CONFIGURATION_IDS)
+def test_nothing_of_a_later_task_is_read_before_it_starts(rich_store, tmp_path, method, extra, monkeypatch):
+    """Exemplar-free and causal: the learner after task t (every tensor of its checkpoint) and the results up to task t do
+    not change when every later class is replaced, its number of images included."""
+    from spacil.runner import Run
+
+    real_checkpoint = Run._checkpoint
+
+    def keep_every_checkpoint(self):  # the learner after each task, not only the last
+        real_checkpoint(self)
+        shutil.copyfile(self.out / "checkpoints" / "last.pt", self.out / "checkpoints" / f"task_{len(self.evaluations)}.pt")
+
+    monkeypatch.setattr(Run, "_checkpoint", keep_every_checkpoint)
+    args = ("--method", method, *SMALL_BATCHES, *extra)
+    assert _run(rich_store, tmp_path / "clean", *args) == 0
     clean = (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()
     for t in range(3):
         changed = tmp_path / f"store_{t}"
-        shutil.copytree(random_store, changed)
+        shutil.copytree(rich_store, changed)
         _perturb_later_classes(changed, t, seed=t)
-        assert _run(changed, tmp_path / f"run_{t}", "--method", method, "--set", "epochs=2") == 0
-        lines = (tmp_path / f"run_{t}" / "metrics.jsonl").read_text().splitlines()
+        run = tmp_path / f"run_{t}"
+        assert _run(changed, run, *args) == 0
+        lines = (run / "metrics.jsonl").read_text().splitlines()
         assert lines[: t + 1] == clean[: t + 1]
+        for task in range(1, t + 2):
+            _assert_same_state(_state(run / "checkpoints" / f"task_{task}.pt"),
+                               _state(tmp_path / "clean" / "checkpoints" / f"task_{task}.pt"), f"after task {task}")
         assert lines[t + 1:] != clean[t + 1:]  # the perturbation is real
 
 

@@ -66,6 +66,12 @@ def _add_report(sub) -> None:
     p.add_argument("--out", help="where to write report.md, report.csv and the plots (default: the first run's parent)")
 
 
+def _add_check(sub) -> None:
+    p = sub.add_parser("check", help="validate a feature store file by file (every row); exit 0, or 2 with one line per fault")
+    p.add_argument("store", help="the feature store folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spacil", description="SPA for class-incremental learning on a frozen CLIP")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -75,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_run(sub)
     _add_report(sub)
+    _add_check(sub)
     from spacil.describe import add_describe_parsers
 
     add_describe_parsers(sub, _Parser)
@@ -135,12 +142,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from spacil.check import main_check
+
+    return main_check(args.store, quiet=args.quiet)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.simplefilter("default")
     try:
         args = build_parser().parse_args(argv)
-        handler = {"run": cmd_run, "extract": cmd_extract, "report": cmd_report, "demo": cmd_demo}.get(args.command)
+        handler = {"run": cmd_run, "extract": cmd_extract, "report": cmd_report, "demo": cmd_demo,
+                   "check": cmd_check}.get(args.command)
         if handler is None:
             from spacil.describe import dispatch
 

@@ -21,13 +21,16 @@ from tqdm import tqdm
 
 from spacil.config import build_config, dump_config
 from spacil.demo_world import WorldSpec, make_world
-from spacil.features import FeatureStore
+from spacil.features import FeatureStore, atomic_write_text
 from spacil.report import write_report
 from spacil.runner import Run
 
 # The demo world has 7x7 = 49 patches, a quarter of ViT-B/16's 196; k is scaled with it (16 * 49 / 196 = 4, doubled to
 # leave room for the three part patches among distractors).
 DEMO_OVERRIDES = {"spa": {"top_k_patches": 8}, "train": {"epochs": 5}}
+
+# The demo's table (Markdown), written next to report.md; the README's demo table is this file of a full demo.
+TABLE_FILE = "demo_table.md"
 
 RUNS = (
     ("zeroshot", "zeroshot", {}),
@@ -158,12 +161,13 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, echo=print) -> d
     for name, method, extra in tqdm(RUNS, desc="demo runs", unit="run"):
         folders.append(_run_one(name, method, extra, store, out / "runs", epochs))
     table = write_report(folders, out)
+    atomic_write_text(out / TABLE_FILE, table + "\n")  # what the README's demo table is made from (benchmarks/sync_docs.py)
     plot_patch_selection(store, world, DEMO_OVERRIDES["spa"]["top_k_patches"], out / "patch_selection.png")
     echo("")
     echo(table)
     echo("")
     image_level_path(out / "image_path", echo)
-    echo(f"\nwrote {out / 'report.md'}, {out / 'curves.png'}, {out / 'matrix_spa.png'} (one matrix per run), {out / 'patch_selection.png'}")
+    echo(f"\nwrote {out / 'report.md'}, {out / TABLE_FILE}, {out / 'curves.png'}, {out / 'matrix_spa.png'} (one matrix per run), {out / 'patch_selection.png'}")
     echo("a real benchmark: spacil run --config cifar224_b0 --set data.data_root=DATA --set data.features=STORE "
          "--set data.pretrained=CHECKPOINT.pt --set data.descriptions=DESCRIPTIONS.json --out runs/cifar224_spa")
     summaries = {name: json.loads((out / "runs" / name / "summary.json").read_text()) for name, _, _ in RUNS}

@@ -147,8 +147,11 @@ def describe_dataset(
     mode: str = "openai",
     progress: bool = True,
     echo: Callable[[str], None] = print,
-) -> DescriptionSet:
-    """Write a descriptions file for `dataset` at `out` (see the module doc). Returns what is in the file at the end."""
+    warn: Callable[[str], None] = None,
+) -> "DescribeOutcome":
+    """Write a descriptions file for `dataset` at `out` (see the module doc). Returns what is in the file at the end and
+    what failed in this run. `echo` gets the summary; `warn` (standard error by default) every failure."""
+    warn = warn or _warn
     spec: DatasetSpec = dataset_spec(dataset)
     out = Path(out)
     api_key = None
@@ -169,12 +172,16 @@ def describe_dataset(
         wanted = [lookup[c] for c in classes]
 
     if mode == "none":
+        existing = load_descriptions(out) if out.exists() else DescriptionSet()
+        if existing.classes and existing.source != "templates":
+            raise InputError(f"{out}: holds {len(existing.classes)} classes of '{existing.source}' descriptions; template "
+                             f"descriptions would replace them: write to another --out")
         result = DescriptionSet(dataset=dataset, source="templates", num_descriptions=num_descriptions,
                                 classes={n: {"descriptions": s} for n, s in
                                          template_descriptions([names[i] for i in wanted], spec.templates, num_descriptions).items()})
         result.save(out)
         echo(f"wrote template descriptions (the no-LLM ablation) for {len(wanted)} classes: {out}")
-        return result
+        return DescribeOutcome(result, {})
 
     if features is not None:
         from spacil.features import FeatureStore
@@ -186,12 +193,14 @@ def describe_dataset(
     result = load_descriptions(out) if out.exists() else DescriptionSet()
     if result.dataset not in (None, dataset):
         raise InputError(f"{out}: holds descriptions of '{result.dataset}', not '{dataset}'")
+    _refuse_other_settings(out, result, llm.model, num_descriptions)
     result.dataset, result.source, result.model = dataset, "llm", llm.model
     result.prompt_version, result.num_descriptions = PROMPT_VERSION, num_descriptions
     grid_dir = out.with_name(out.stem + "_grids")
     grid_dir.mkdir(parents=True, exist_ok=True)
     count_tokens = default_token_counter()
     describer = LLMDescriber(llm, api_key, num_descriptions, spec.domain, count_tokens)
+    url = str(describer.client.base_url).rstrip("/")
     lock = threading.Lock()
     class_features = _feature_source(splits, features, clip_model, pretrained)
 
@@ -199,17 +208,26 @@ def describe_dataset(
     root = Path(data_root)
     bar = tqdm(total=len(wanted), desc=f"describe {dataset}", unit="class", disable=not progress)
     skipped = 0
+    failed_now: dict[str, str] = {}  # classes that failed in this run (also those that keep an earlier entry)
+    in_flight = [0]  # requests sent and not yet answered (queued classes are not counted)
 
-    def record(job: ClassJob, future: Future) -> None:
+    def ask(job: ClassJob, shown: int) -> dict:
+        with lock:
+            in_flight[0] += 1
         try:
-            answer = future.result()
-        except Exception as err:  # noqa: BLE001 - an API failure is reported by class, the others go on
-            answer = {"error": f"{type(err).__name__}: {err}", "attempts": 0, "usage": {}}
+            return describer.describe(job, shown)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    def record(job: ClassJob, answer: dict) -> None:
         with lock:
             for key, value in answer.get("usage", {}).items():
                 result.usage[key] = result.usage.get(key, 0) + value
             if "error" in answer:
-                result.failed[job.name] = answer["error"]
+                failed_now[job.name] = answer["error"]
+                if job.name not in result.classes:  # an entry made from other samples stays: the header still holds
+                    result.failed[job.name] = answer["error"]
             else:
                 result.failed.pop(job.name, None)
                 result.classes[job.name] = {"descriptions": answer["descriptions"], "sample_ids": job.sample_ids,
@@ -218,6 +236,18 @@ def describe_dataset(
             result.save(out)
             bar.update(1)
 
+    def recorded(job: ClassJob, future: Future) -> None:
+        if future.cancelled():
+            return  # never sent (Ctrl-C): not a failure, the next run asks for it
+        try:
+            answer = future.result()
+        except Exception as err:  # noqa: BLE001 - an API failure is reported by class, the others go on
+            answer = {"error": f"{type(err).__name__}: {err}", "attempts": 0, "usage": {}}
+        record(job, answer)
+
+    # Nothing was ever answered into this file: the first class goes alone, so that a server that cannot be reached is
+    # one clear error after one class's retries, not one failure per class.
+    probe = not result.classes
     executor = ThreadPoolExecutor(max_workers=llm.max_concurrency)
     futures = []
     try:
@@ -238,18 +268,33 @@ def describe_dataset(
             buffer = io.BytesIO()
             grid.save(buffer, format="PNG")
             job = ClassJob(index, name, sample_ids, buffer.getvalue(), str(grid_path), key)
-            future = executor.submit(describer.describe, job, len(chosen))
-            future.add_done_callback(lambda f, job=job: record(job, f))
+            if probe:
+                probe = False
+                try:
+                    answer = ask(job, len(chosen))
+                except Exception as err:  # noqa: BLE001
+                    if _unreachable(err):
+                        bar.close()
+                        raise InputError(f"--base-url {url}: cannot connect to the LLM server ({type(err).__name__}: "
+                                         f"{err}) after {llm.max_retries} retries; no class was described") from None
+                    answer = {"error": f"{type(err).__name__}: {err}", "attempts": 0, "usage": {}}
+                record(job, answer)
+                continue
+            future = executor.submit(ask, job, len(chosen))
+            future.add_done_callback(lambda f, job=job: recorded(job, f))
             futures.append(future)
         for future in futures:
             future.exception()  # wait
     except KeyboardInterrupt:
-        # classes not yet sent are dropped; requests already in flight are paid for, so their answers are still saved
-        in_flight = sum(1 for f in futures if not f.done())
+        # classes not yet sent are dropped (not failures); requests already in flight are paid for, so their answers are
+        # still saved before the process exits
         executor.shutdown(wait=False, cancel_futures=True)
         bar.close()
-        if in_flight:
-            print(f"spacil: saving the answers of up to {in_flight} requests in flight (Ctrl-C again to abandon them)", file=sys.stderr)
+        with lock:
+            sent = in_flight[0]
+        if sent:
+            print(f"spacil: saving the answers of {sent} request{'s' if sent != 1 else ''} in flight "
+                  f"(Ctrl-C again to abandon {'them' if sent != 1 else 'it'})", file=sys.stderr)
         raise
     executor.shutdown(wait=True)
     bar.close()
@@ -258,12 +303,49 @@ def describe_dataset(
     result.classes = dict(sorted(result.classes.items(), key=lambda item: order.get(item[0], len(order))))
     result.save(out)
     usage = result.usage
-    echo(f"described {len(wanted) - skipped - len(result.failed)} classes, {skipped} already in {out}, "
-         f"{len(result.failed)} failed; tokens used (all runs): prompt {usage.get('prompt_tokens', 0)}, "
+    echo(f"described {len(wanted) - skipped - len(failed_now)} classes, {skipped} already in {out}, "
+         f"{len(failed_now)} failed; tokens used (all runs): prompt {usage.get('prompt_tokens', 0)}, "
          f"completion {usage.get('completion_tokens', 0)}, total {usage.get('total_tokens', 0)}")
-    for name, reason in result.failed.items():
-        echo(f"  failed: {name}: {reason}")
-    return result
+    for name, reason in failed_now.items():
+        kept = " (its earlier descriptions, from other samples, are kept)" if name in result.classes else ""
+        warn(f"failed: {name}: {reason}{kept}")
+    return DescribeOutcome(result, failed_now)
+
+
+@dataclass
+class DescribeOutcome:
+    """What `describe_dataset` leaves: the file's content, and the classes that failed in this run (exit status 1)."""
+
+    descriptions: DescriptionSet
+    failed: dict[str, str]
+
+
+def _unreachable(err: Exception) -> bool:
+    """A connection that could not be made (not a timeout: a slow server is there)."""
+    try:
+        from openai import APIConnectionError, APITimeoutError
+    except ImportError:  # pragma: no cover - openai is a dependency
+        return False
+    return isinstance(err, APIConnectionError) and not isinstance(err, APITimeoutError)
+
+
+def _refuse_other_settings(out: Path, existing: DescriptionSet, model: str, count: int) -> None:
+    """A file's header (model, prompt version, count) says how every entry was made: a rerun that would make entries of
+    another kind into the same file is refused, so that the header never contradicts an entry."""
+    if not existing.classes:
+        return
+    if existing.source != "llm":
+        raise InputError(f"{out}: holds '{existing.source}' descriptions, not an LLM's; write to another --out")
+    theirs = {"model": existing.model, "prompt version": existing.prompt_version, "num_descriptions": existing.num_descriptions}
+    mine = {"model": model, "prompt version": PROMPT_VERSION, "num_descriptions": count}
+    differ = [f"{key} {theirs[key]!r} (this run: {mine[key]!r})" for key in mine if theirs[key] != mine[key]]
+    if differ:
+        raise InputError(f"{out}: its {len(existing.classes)} classes were described with {', '.join(differ)}; "
+                         f"use the same settings to complete it, or another --out")
+
+
+def _warn(line: str) -> None:
+    print(f"spacil: {line}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -322,11 +404,10 @@ def dispatch(args) -> int:
                                             if getattr(args, flag) is not None]
         config = load_config(args.config, overrides) if args.config else build_config({}, overrides, source="--set")
         knobs = config.spa
-        describe_dataset(args.dataset, args.data_root, args.out, config.llm, knobs.num_descriptions, knobs.visual_samples,
-                         knobs.sample_strategy, args.classes, args.features, config.data.model, config.data.pretrained or None,
-                         config.seed, args.llm, progress=not args.quiet, echo=(lambda line: None) if args.quiet else print)
-        result = load_descriptions(args.out)
-        return 0 if not result.failed else 1
+        outcome = describe_dataset(args.dataset, args.data_root, args.out, config.llm, knobs.num_descriptions,
+                                   knobs.visual_samples, knobs.sample_strategy, args.classes, args.features, config.data.model,
+                                   config.data.pretrained or None, config.seed, args.llm, progress=not args.quiet, echo=print)
+        return 0 if not outcome.failed else 1
     if args.command == "descriptions" and args.descriptions_command == "import":
         if args.num_descriptions < 1:
             raise InputError("--num-descriptions must be at least 1")

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from spacil.data import clean_class_name
 from spacil.errors import InputError
-from spacil.features import atomic_write_text
+from spacil.features import atomic_write_text, read_json
 
 FORMAT = "spacil-descriptions"
 VERSION = 1
@@ -76,28 +76,43 @@ class DescriptionSet:
 
 
 def load_descriptions(path: str | Path) -> DescriptionSet:
+    """Read a descriptions file (or a CuPL-style `{class: [sentences]}` object); any fault is an InputError naming the file
+    and the key."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as err:
-        raise InputError(f"{path}: cannot read descriptions file ({err.strerror})") from None
-    except ValueError as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
-    if isinstance(data, dict) and data.get("format") == FORMAT:
+    data = read_json(path)
+    if data.get("format") == FORMAT:
         if data.get("version") != VERSION:
             raise InputError(f"{path}: descriptions version {data.get('version')!r} not supported (expected {VERSION})")
         classes = data.get("classes") or {}
+        if not isinstance(classes, dict):
+            raise InputError(f"{path}: 'classes' must be an object {{class name: entry}}")
         for name, entry in classes.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("descriptions"), list):
-                raise InputError(f"{path}: class '{name}' has no list of descriptions")
+            if not isinstance(entry, dict) or not _strings(entry.get("descriptions")):
+                raise InputError(f"{path}: classes.{name}: expected an object whose 'descriptions' is a list of strings")
+        failed = data.get("failed") or {}
+        if not isinstance(failed, dict) or not all(isinstance(v, str) for v in failed.values()):
+            raise InputError(f"{path}: 'failed' must be an object {{class name: reason}}")
+        usage = data.get("usage") or {}
+        if not isinstance(usage, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in usage.values()):
+            raise InputError(f"{path}: 'usage' must be an object of token counts (integers)")
+        count = data.get("num_descriptions")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise InputError(f"{path}: 'num_descriptions' is {count!r}, expected an integer >= 1")
+        for key in ("dataset", "source", "model", "prompt_version"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise InputError(f"{path}: '{key}' is {data[key]!r}, expected a string")
         return DescriptionSet(
-            dataset=data.get("dataset"), source=data.get("source", "json"), model=data.get("model"),
-            prompt_version=data.get("prompt_version"), num_descriptions=data.get("num_descriptions"), classes=classes,
-            failed=dict(data.get("failed") or {}), usage=dict(data.get("usage") or {}),
+            dataset=data.get("dataset"), source=data.get("source") or "json", model=data.get("model"),
+            prompt_version=data.get("prompt_version"), num_descriptions=count, classes=classes,
+            failed=dict(failed), usage=dict(usage),
         )
-    if isinstance(data, dict) and all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in data.values()):
+    if all(_strings(v) for v in data.values()):
         return DescriptionSet(source="json", classes={n: {"descriptions": list(v)} for n, v in data.items()})
     raise InputError(f"{path}: neither a spacil descriptions file nor a JSON object {{class: [sentences]}}")
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(s, str) for s in value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -217,7 +232,11 @@ def import_area(folder: str | Path, count: int, count_tokens: Callable[[str], in
     for file in files:
         name = clean_class_name(file.name[: -len("_descriptions.txt")])
         sentences = []
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split("\t", 1)
@@ -229,12 +248,7 @@ def import_area(folder: str | Path, count: int, count_tokens: Callable[[str], in
 
 
 def _read_json(path: str | Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err.strerror})") from None
-    except ValueError as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
+    return read_json(path)
 
 
 def import_json(path: str | Path, count: int, count_tokens: Callable[[str], int], report: ImportReport) -> dict[str, list[str]]:

@@ -64,6 +64,70 @@ def read_json(path: str | Path) -> dict:
     return value
 
 
+def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of a `.npy` file, read from its header alone (cheap at any size). An empty file, a
+    broken header, an object dtype (a pickle: code could run) or a file shorter than its header says (truncated) is an
+    InputError naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise InputError(f"{path}: empty file, expected a .npy array")
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+            offset = handle.tell()
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
+    except (ValueError, EOFError, SyntaxError) as err:
+        raise InputError(f"{path}: not a readable .npy array ({' '.join(str(err).split())})") from None
+    if dtype.hasobject:
+        raise InputError(f"{path}: dtype {dtype} holds Python objects (a pickle); expected a plain numeric array")
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < expected:
+        raise InputError(f"{path}: truncated ({size} bytes, its header {list(shape)} {dtype} needs {expected})")
+    return tuple(int(n) for n in shape), dtype, offset
+
+
+def open_npy(path: str | Path) -> np.ndarray:
+    """A `.npy` array memory-mapped read-only, after `read_npy_header`'s checks; never unpickles."""
+    read_npy_header(path)
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        raise InputError(f"{path}: not a readable .npy array ({' '.join(str(err).split())})") from None
+
+
+def read_meta(meta_path: str | Path) -> dict:
+    """A store's meta.json, checked: format, version, required keys and their types (InputError naming the file)."""
+    meta_path = Path(meta_path)
+    meta = read_json(meta_path)
+    if meta.get("format") != FORMAT:
+        raise InputError(f"{meta_path}: format is {meta.get('format')!r}, expected '{FORMAT}'")
+    if meta.get("version") != VERSION:
+        raise InputError(f"{meta_path}: version {meta.get('version')!r} is not supported (this spacil reads version {VERSION})")
+    for key in ("dim", "num_patches", "classes"):
+        if key not in meta:
+            raise InputError(f"{meta_path}: key '{key}' missing")
+    for key, low in (("dim", 1), ("num_patches", 0)):
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{meta_path}: '{key}' is {value!r}, expected an integer >= {low}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise InputError(f"{meta_path}: 'classes' must be a non-empty list of class names (strings)")
+    if not isinstance(meta.get("backbone", {}), dict):
+        raise InputError(f"{meta_path}: 'backbone' must be an object")
+    if not isinstance(meta.get("backbone", {}).get("logit_scale", 100.0), (int, float)):
+        raise InputError(f"{meta_path}: 'backbone.logit_scale' must be a number")
+    return meta
+
+
 def rows_as_tensor(array: np.ndarray, rows, device=None):
     """Rows of a (memory-mapped, possibly fp16) array -> a float32 torch tensor on `device`."""
     import torch
@@ -98,18 +162,11 @@ class FeatureStore:
         if not meta_path.is_file():
             hint = " (an unfinished extraction: run `spacil extract` again to resume)" if (self.path / PROGRESS_FILE).exists() else ""
             raise InputError(f"{meta_path}: missing; not a feature store{hint}")
-        self.meta = read_json(meta_path)
-        if self.meta.get("format") != FORMAT:
-            raise InputError(f"{meta_path}: format is {self.meta.get('format')!r}, expected '{FORMAT}'")
-        if self.meta.get("version") != VERSION:
-            raise InputError(f"{meta_path}: version {self.meta.get('version')!r} is not supported (this spacil reads version {VERSION})")
-        for key in ("dim", "num_patches", "classes"):
-            if key not in self.meta:
-                raise InputError(f"{meta_path}: key '{key}' missing")
+        self.meta = read_meta(meta_path)
         self.dim = int(self.meta["dim"])
         self.num_patches = int(self.meta["num_patches"])
         self.classes: list[str] = list(self.meta["classes"])
-        self.dataset: str = self.meta.get("dataset", "custom")
+        self.dataset: str = str(self.meta.get("dataset", "custom"))
         self.backbone: dict = dict(self.meta.get("backbone", {}))
         self._splits: dict[str, SplitFeatures] = {}
         for split in SPLITS:
@@ -117,6 +174,10 @@ class FeatureStore:
         self.prompts = self._optional("text/prompts.npy", (len(self.classes), self.dim))
         self.templates = self._optional("text/templates.npy", (len(self.classes), None, self.dim))
         self.descriptions = self._optional("text/descriptions.npy", (len(self.classes), None, self.dim))
+        for array, rel in ((self.prompts, "text/prompts.npy"), (self.templates, "text/templates.npy"),
+                           (self.descriptions, "text/descriptions.npy")):
+            if array is not None and array.dtype not in (np.float16, np.float32):
+                raise InputError(f"{self.path / rel}: dtype {array.dtype}, expected float32")
         self.description_mask = None
         if self.descriptions is not None:
             self.description_mask = self._array("text/description_mask.npy", (len(self.classes), self.descriptions.shape[1]))
@@ -138,10 +199,7 @@ class FeatureStore:
         file = self.path / rel
         if not file.is_file():
             raise InputError(f"{file}: missing array")
-        try:
-            array = np.load(file, mmap_mode="r", allow_pickle=False)
-        except ValueError as err:
-            raise InputError(f"{file}: not a readable .npy array ({err})") from None
+        array = open_npy(file)
         if array.ndim != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)):
             expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise InputError(f"{file}: shape {list(array.shape)}, expected {expected}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from spacil.config import Config
 from spacil.errors import InputError
-from spacil.features import read_json
+from spacil.features import read_meta
 
 
 def prepare_store(config: Config, progress: bool = True) -> Path:
@@ -28,8 +28,9 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
         extract_store(data.dataset, data.data_root, store, model=data.model, pretrained=data.pretrained,
                       device=config.device, names_file=data.names_file, descriptions=descriptions,
                       descriptions_source=data.descriptions, semantic_tokens=config.spa.semantic_tokens, progress=progress)
-    meta = read_json(store / "meta.json")
-    recorded = (meta.get("text") or {}).get("semantic_tokens")
+    meta = read_meta(store / "meta.json")
+    text = meta.get("text") or {}
+    recorded = text.get("semantic_tokens") if isinstance(text, dict) else None
     if recorded and recorded != config.spa.semantic_tokens and config.method == "spa" and config.ablation.llm_descriptions:
         raise InputError(
             f"{store / 'meta.json'}: its descriptions were embedded as semantic_tokens={recorded}, the config asks for "

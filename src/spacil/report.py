@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.features import atomic_write_text
+from spacil.features import atomic_write_text, read_json
 
 
 def load_run(folder: str | Path) -> dict:
@@ -19,21 +18,32 @@ def load_run(folder: str | Path) -> dict:
     path = folder / "summary.json"
     if not path.is_file():
         raise InputError(f"{path}: missing; not a run folder (or a run that finished no task)")
-    try:
-        summary = json.loads(path.read_text())
-    except ValueError as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
+    summary = read_json(path)
     for key in ("method", "avg_acc", "last_acc", "curve", "forgetting"):
         if key not in summary:
             raise InputError(f"{path}: key '{key}' missing")
+    for key in ("avg_acc", "last_acc", "forgetting"):
+        if isinstance(summary[key], bool) or not isinstance(summary[key], (int, float)):
+            raise InputError(f"{path}: '{key}' is {summary[key]!r}, expected a number")
+    if not isinstance(summary["curve"], list) or not all(isinstance(v, (int, float)) for v in summary["curve"]):
+        raise InputError(f"{path}: 'curve' must be a list of numbers")
     summary.setdefault("label", summary["method"])
     summary["folder"] = str(folder)
     return summary
 
 
 def read_matrix(folder: str | Path) -> np.ndarray:
-    rows = list(csv.reader((Path(folder) / "acc_matrix.csv").read_text().splitlines()))[1:]
-    return np.array([[float(v) if v else np.nan for v in row[1:]] for row in rows])
+    path = Path(folder) / "acc_matrix.csv"
+    try:
+        rows = list(csv.reader(path.read_text().splitlines()))[1:]
+        matrix = np.array([[float(v) if v else np.nan for v in row[1:]] for row in rows], dtype=float)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
+    except ValueError as err:
+        raise InputError(f"{path}: not an accuracy matrix ({err})") from None
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise InputError(f"{path}: not a square accuracy matrix (rows after_task, columns task_1..task_B)")
+    return matrix
 
 
 def table_rows(summaries: Sequence[dict]) -> list[list[str]]:

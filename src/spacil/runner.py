@@ -12,14 +12,16 @@ import io
 import json
 import logging
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+import yaml
 
-from spacil.config import Config, dump_config
+from spacil.config import Config, differing_keys, dump_config
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
 from spacil.features import FeatureStore, atomic_write_text, rows_as_tensor
@@ -62,21 +64,18 @@ class Run:
     # run folder --------------------------------------------------------------------------------------------------------
     def _prepare_folder(self, resume: bool) -> None:
         checkpoint = self.out / "checkpoints" / "last.pt"
+        starting_over = False
         if resume:
             if not checkpoint.is_file():
                 if (self.out / "summary.json").exists():
                     raise InputError(f"{self.out}: nothing to resume (no checkpoints/last.pt)")
                 resume = False  # an interrupted run that never finished its first task starts over
+                starting_over = True
             else:
-                saved_config = (self.out / "config.yaml").read_text() if (self.out / "config.yaml").exists() else None
-                if saved_config is not None and saved_config != dump_config(self.config):
-                    raise InputError(f"{self.out / 'config.yaml'}: differs from this run's config; resume with the same settings")
-                state = torch.load(checkpoint, weights_only=False)
-                self.learner.load_state_dict(state["learner"])
-                self.evaluations = [TaskEvaluation(**e) for e in state["evaluations"]]
-                self.first_task = len(self.evaluations)
+                self._check_saved_config()
+                self._load_checkpoint(checkpoint)
         if not resume:
-            if (self.out / "summary.json").exists() or (self.out / "checkpoints").exists():
+            if not starting_over and ((self.out / "summary.json").exists() or (self.out / "checkpoints").exists()):
                 raise InputError(f"--out {self.out}: holds a run already; use --resume or another folder")
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", dump_config(self.config))
@@ -84,6 +83,47 @@ class Run:
                 {"seed": self.config.seed, "order": self.order, "task_sizes": self.sizes,
                  "classes": [self.store.classes[c] for c in self.order]}, indent=1))
             atomic_write_text(self.out / "log.txt", "")
+
+    def _check_saved_config(self) -> None:
+        """The run folder's config.yaml must parse and match this run's config (placement keys such as device aside)."""
+        path = self.out / "config.yaml"
+        try:
+            saved = yaml.safe_load(path.read_text())
+        except OSError as err:
+            raise InputError(f"{path}: cannot read ({err.strerror}); it must hold the interrupted run's config") from None
+        except yaml.YAMLError as err:
+            raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(saved, dict):
+            raise InputError(f"{path}: expected a mapping of config sections")
+        differ = differing_keys(saved, self.config)
+        if differ:
+            shown = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")
+            raise InputError(f"{path}: differs from this run's config ({shown}); resume with the same settings")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Load checkpoints/last.pt with weights_only=True: tensors, numbers, strings, lists and dicts, never code."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "weights only" in str(err).lower() or "weights_only" in str(err):
+                raise InputError(f"{path}: refused: it holds Python objects other than tensors, numbers, strings, lists "
+                                 f"and dicts (loading it could run code)") from None
+            raise InputError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:200]})") from None
+        except (RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError, KeyError) as err:
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise InputError(f"{path}: not a readable checkpoint, truncated or damaged ({reason})") from None
+        if not isinstance(state, dict) or not isinstance(state.get("learner"), dict) or not isinstance(state.get("evaluations"), list):
+            raise InputError(f"{path}: not a spacil checkpoint (expected a dict with 'learner' and 'evaluations')")
+        try:
+            self.learner.load_state_dict(state["learner"])
+            evaluations = [TaskEvaluation(**e) for e in state["evaluations"]]
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise InputError(f"{path}: does not hold a '{self.config.method}' learner of this config "
+                             f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+        if len(evaluations) > len(self.sizes):
+            raise InputError(f"{path}: holds {len(evaluations)} finished tasks, this run has {len(self.sizes)}")
+        self.evaluations = evaluations
+        self.first_task = len(self.evaluations)
 
     def _log(self, line: str) -> None:
         with open(self.out / "log.txt", "a") as handle:
@@ -110,7 +150,9 @@ class Run:
         folder = self.out / "checkpoints"
         folder.mkdir(exist_ok=True)
         tmp = folder / ".last.pt.tmp"
-        torch.save({"learner": self.learner.state_dict(), "evaluations": [e.to_dict() for e in self.evaluations]}, tmp)
+        state = {"learner": self.learner.state_dict(), "evaluations": [e.to_dict() for e in self.evaluations]}
+        _check_plain(state, "checkpoint")
+        torch.save(state, tmp)
         os.replace(tmp, folder / "last.pt")
 
     # data views ----------------------------------------------------------------------------------------------------------
@@ -187,6 +229,22 @@ class Run:
         self._log(f"Average Accuracy: {summary['avg_acc']:.2f}  Last Accuracy: {summary['last_acc']:.2f}  "
                   f"Forgetting: {summary['forgetting']:.2f}")
         return summary
+
+
+def _check_plain(value, where: str) -> None:
+    """A checkpoint may hold only what torch.load(weights_only=True) reads back: tensors, numbers, strings, bools, None,
+    lists, tuples and dicts. Anything else is a bug of the learner's state_dict, caught when saving, not at --resume."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}, not a string or integer")
+            _check_plain(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+    elif not (value is None or isinstance(value, (torch.Tensor, bool, int, float, str))):
+        raise TypeError(f"{where}: a {type(value).__name__}; a learner's state_dict may hold only tensors, numbers, "
+                        f"strings, bools, None, lists and dicts (checkpoints load with weights_only=True)")
 
 
 class _RowView:

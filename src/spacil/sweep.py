@@ -172,7 +172,10 @@ def build_grid(spec: SweepSpec, out: str | Path, source: str | Path = "sweep") -
     cells: list[Cell] = []
     seen: dict[Path, str] = {}
     variants = spec.variants if spec.variants else {None: {}}
-    entries = _entries(spec)
+    try:
+        entries = _entries(spec)
+    except InputError as err:
+        raise InputError(f"{source}: configs: {err}") from None
     names = [e[0] for e in entries]
     for entry in names:
         if names.count(entry) > 1:

@@ -100,13 +100,13 @@ def split_label(summary: dict) -> str:
 
 
 def column_titles(entries: list[str], groups: dict[tuple[str, str], Group]) -> dict[str, str]:
-    """Each entry's column title, '<data set> <split>' when its runs say so and that names it alone, else its name."""
+    """Each entry's column title: '<data set> <split>' from its runs, prefixed by the entry's name when two would read alike."""
     titles = {}
     for entry in entries:
         sample = next((s for (e, _), g in groups.items() if e == entry for s in g.summaries), None)
         titles[entry] = f"{sample.get('dataset', entry)} {split_label(sample)}".strip() if sample else entry
     counts = list(titles.values())
-    return {e: (t if counts.count(t) == 1 else e) for e, t in titles.items()}
+    return {e: (t if counts.count(t) == 1 or t == e else f"{e} ({t})") for e, t in titles.items()}
 
 
 def _format(mean: float, std: Optional[float], group: Group, latex: bool = False, bold: bool = False) -> str:

@@ -198,6 +198,7 @@ def test_changed_settings_are_refused_unless_forced(tmp_path, capsys):
     ("features: [S]\nset: {train.epochz: 1}\n", "unknown config key"),
     ("features: [S]\nvariants: {no_ot: {ablation.optimal_transprt: false}}\n", "variants.no_ot"),
     ("features: [S]\nvariants: {a: {}, b: {}}\n", "appears twice"),
+    ("features: [S]\nset: {seed: 3}\n", "set.seed: the grid's seeds are given by 'seeds:'"),
     ("features: [S]\nslurm: {partitionn: gpu}\n", "slurm.partitionn"),
     ("configs: [no_such_config]\n", "no such config file"),
     ("methods: [spa]\n", "nothing to run"),
@@ -222,6 +223,15 @@ def test_missing_sweep_file_and_packaged_grid(tmp_path, capsys):
     assert plan[-1].startswith("540 cells under") and "540 to run" in plan[-1]
     assert any(line.endswith("cifar224_b0/spa-no_ot/seed1993") for line in plan)
     assert any(line.endswith("sun_b150/simplecil/seed1995") for line in plan)
+
+
+def test_each_local_worker_gets_one_gpu_or_a_share_of_the_cores():
+    from spacil.sweep_local import worker_env
+
+    assert [worker_env(slot, 2, ["4", "7"], 16)["CUDA_VISIBLE_DEVICES"] for slot in range(3)] == ["4", "7", "4"]
+    cpu = worker_env(1, 3, [], 8)
+    assert cpu["OMP_NUM_THREADS"] == "2" and cpu["MKL_NUM_THREADS"] == "2"
+    assert worker_env(0, 4, [], 2)["OMP_NUM_THREADS"] == "1"
 
 
 def test_runs_that_need_one_store_wait_for_a_single_extraction(tmp_path, monkeypatch):

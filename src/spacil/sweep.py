@@ -119,6 +119,10 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
     for name in spec.variants or {}:
         if not _NAME.match(name):
             raise InputError(f"{path}: variants.{name}: a variant name may hold letters, digits, '_', '.', '+' only")
+    for where, mapping in [("set", spec.overrides)] + [(f"variants.{n}", v) for n, v in (spec.variants or {}).items()]:
+        for key in ("method", "seed"):
+            if key in mapping:
+                raise InputError(f"{path}: {where}.{key}: the grid's {key}s are given by '{key}s:' (a list), not as an override")
     if spec.methods is not None:
         from spacil.methods import METHODS
 

@@ -63,7 +63,7 @@ def submit(cells: list[Cell], out: Path, parameters: dict[str, Any], echo: Calla
     """Submit the cells as one job array (each task one cell); record the job ids; print how to watch."""
     executor = _executor(out, make_executor)
     executor.update_parameters(**{"name": "spacil-sweep", **parameters})
-    jobs = executor.map_array(SweepCellJob(), [c.config.to_dict() for c in cells], [str(c.folder) for c in cells])
+    jobs = executor.map_array(SweepCellJob(), [c.config.to_dict() for c in cells], [str(c.folder.absolute()) for c in cells])
     submitted = _read_submitted(out)
     submitted.update({c.name: job.job_id for c, job in zip(cells, jobs)})
     atomic_write_text(out / ".submitit" / SUBMITTED, json.dumps(submitted, indent=1))

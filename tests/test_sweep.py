@@ -195,6 +195,7 @@ def test_changed_settings_are_refused_unless_forced(tmp_path, capsys):
     ("features: [S]\nmethod: [spa]\n", "unknown key 'method'"),
     ("features: [S]\nseeds: [one]\n", "bad value 'one' for 'seeds.0'"),
     ("features: [S]\nmethods: [spa, nope]\n", "methods: unknown method 'nope'"),
+    ("features: [S]\nvariants: {x: {methods: [spa, nope], top_k_patches: 2}}\n", "variants.x.methods: unknown method 'nope'"),
     ("features: [S]\nset: {train.epochz: 1}\n", "unknown config key"),
     ("features: [S]\nvariants: {no_ot: {ablation.optimal_transprt: false}}\n", "variants.no_ot"),
     ("features: [S]\nvariants: {a: {}, b: {}}\n", "appears twice"),

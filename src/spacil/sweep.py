@@ -123,12 +123,15 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
         for key in ("method", "seed"):
             if key in mapping:
                 raise InputError(f"{path}: {where}.{key}: the grid's {key}s are given by '{key}s:' (a list), not as an override")
-    if spec.methods is not None:
-        from spacil.methods import METHODS
+    from spacil.methods import METHODS
 
-        for method in spec.methods:
+    for where, methods in [("methods", spec.methods or [])] + [(f"variants.{n}.methods", v.get("methods", []))
+                                                                for n, v in (spec.variants or {}).items()]:
+        if not isinstance(methods, list):
+            raise InputError(f"{path}: {where}: expected a list of methods, found {methods!r}")
+        for method in methods:
             if method not in METHODS:
-                raise InputError(f"{path}: methods: unknown method '{method}' (known: {', '.join(METHODS)})")
+                raise InputError(f"{path}: {where}: unknown method '{method}' (known: {', '.join(METHODS)})")
     return spec, path
 
 
@@ -199,7 +202,7 @@ def build_grid(spec: SweepSpec, out: str | Path, source: str | Path = "sweep") -
             for variant, settings in variants.items():
                 settings = dict(settings)
                 only = settings.pop("methods", None)
-                if only is not None and method not in (only if isinstance(only, list) else [only]):
+                if only is not None and method not in only:
                     continue
                 row = method if not settings else f"{method}-{variant}"
                 extra = [_override(k, _expand(v, placeholders)) for k, v in settings.items()]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -58,11 +59,13 @@ def main() -> None:
     sweep = root / "sweep.yaml"
     sweep.write_text(sweep_yaml(store))
     seconds: dict[int, list[float]] = {1: [], 2: []}
+    load = {1: [], 2: []}  # the 1-minute load average when each measurement ended: how much else ran on the machine
     results = {}
     for repeat in range(args.repeats):
         for jobs in (1, 2):
             out = root / f"out_jobs{jobs}_{repeat}"
             seconds[jobs].append(time_sweep(sweep, out, jobs))
+            load[jobs].append(os.getloadavg()[0])
             results[jobs] = summaries(out)
             shutil.rmtree(out)
             print(f"repeat {repeat + 1}, --jobs {jobs}: {seconds[jobs][-1]:.1f} s", flush=True)
@@ -75,13 +78,16 @@ def main() -> None:
             ("--jobs 1 (median)", f"{one:.1f} s  (each: {', '.join(f'{s:.1f}' for s in seconds[1])})"),
             ("--jobs 2 (median)", f"{two:.1f} s  (each: {', '.join(f'{s:.1f}' for s in seconds[2])})"),
             ("speed-up", f"{speedup:.2f}x (target >= 1.6x: {met})"),
-            ("same summaries with --jobs 1 and --jobs 2", "yes" if same else "NO")]
+            ("same summaries with --jobs 1 and --jobs 2", "yes" if same else "NO"),
+            ("1-minute load average after each measurement", f"--jobs 1: {', '.join(f'{v:.1f}' for v in load[1])}; "
+                                                              f"--jobs 2: {', '.join(f'{v:.1f}' for v in load[2])} (2 cores)")]
     notes = ("Measured on this project's 2-core machine while other work shared it (load from other processes), so the "
              "speed-up is what two workers got out of whatever CPU was left, not the machine's ceiling. Each worker is a "
              "fresh `python -m spacil run` process (about 2 s of start-up, mostly importing torch), with cores // N "
              "threads: 2 with --jobs 1, 1 each with --jobs 2.")
     write_result("sweep", "`spacil sweep`: 8 demo-world runs, --jobs 1 vs --jobs 2", rows,
                  {"seconds_jobs1": seconds[1], "seconds_jobs2": seconds[2], "speedup": speedup, "same_summaries": same,
+                  "load_average_jobs1": load[1], "load_average_jobs2": load[2],
                   "runs": len(METHODS) * len(SEEDS)}, notes=notes)
     shutil.rmtree(root, ignore_errors=True)
 

@@ -19,6 +19,7 @@ from spacil.features import atomic_write_text
 from spacil.sweep import Cell, CellState, run_cell
 
 SUBMITTED = "submitted.json"
+DEFAULT_TIMEOUT_MIN = 120
 # parameters every submitit executor understands; the rest of `slurm:` are SLURM's own (partition, account, qos, ...)
 GENERIC = ("name", "timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node", "stderr_to_stdout")
 # states in which a submitted job still holds its cell: resubmitting it would make two writers on one run folder
@@ -62,7 +63,9 @@ def submit(cells: list[Cell], out: Path, parameters: dict[str, Any], echo: Calla
            make_executor: Optional[Callable[[Path], Any]] = None) -> list:
     """Submit the cells as one job array (each task one cell); record the job ids; print how to watch."""
     executor = _executor(out, make_executor)
-    executor.update_parameters(**{"name": "spacil-sweep", **parameters})
+    # submitit's own default time limit is 5 minutes: far too short for a run (a timed-out job is requeued and resumes,
+    # but only 3 times); 2 hours unless the sweep says otherwise
+    executor.update_parameters(**{"name": "spacil-sweep", "timeout_min": DEFAULT_TIMEOUT_MIN, **parameters})
     jobs = executor.map_array(SweepCellJob(), [c.config.to_dict() for c in cells], [str(c.folder.absolute()) for c in cells])
     submitted = _read_submitted(out)
     submitted.update({c.name: job.job_id for c, job in zip(cells, jobs)})

@@ -212,7 +212,7 @@ def plot_entry(entry: str, title: str, rows: list[str], groups: dict[tuple[str, 
         curves = np.array([s["curve"] for s in group.summaries if len(s["curve"]) == len(group.summaries[0]["curve"])])
         seen = np.cumsum(group.summaries[0].get("task_sizes") or [1] * curves.shape[1])[: curves.shape[1]]
         mean, std = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(curves.shape[1])
-        style = "-" if row.split("-")[0] == "spa" and "-" not in row else "--"
+        style = "-" if row == "spa" else "--"
         line, = ax.plot(seen, mean, style, marker="o", markersize=3, label=f"{row} ({mean.mean():.1f})")
         ax.fill_between(seen, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("classes seen")

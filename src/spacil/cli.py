@@ -61,14 +61,26 @@ def _add_extract(sub) -> None:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="a comparison table (Markdown and CSV) and plots of runs")
-    p.add_argument("runs", nargs="+", help="run folders")
+    p = sub.add_parser("report", help="a comparison table (Markdown and CSV) and plots of runs, or the tables of a sweep")
+    p.add_argument("runs", nargs="+", help="run folders, or one sweep folder (then also LaTeX, mean +- std over seeds)")
     p.add_argument("--out", help="where to write report.md, report.csv and the plots (default: the first run's parent)")
 
 
 def _add_check(sub) -> None:
     p = sub.add_parser("check", help="validate a feature store file by file (every row); exit 0, or 2 with one line per fault")
     p.add_argument("store", help="the feature store folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="a grid of runs (configs or stores x methods x variants x seeds), locally or on SLURM")
+    p.add_argument("sweep", help="a sweep YAML file, or the name of a packaged one (e.g. paper_grid)")
+    p.add_argument("--out", required=True, help="the sweep folder: one run folder per cell under it")
+    p.add_argument("--executor", default="local", choices=["local", "slurm"],
+                   help="local: a pool of worker processes here; slurm: a job array through submitit")
+    p.add_argument("--jobs", type=int, default=1, help="local workers at once (each one GPU, or cores // N threads)")
+    p.add_argument("--dry-run", action="store_true", help="print the grid and what would be skipped, resumed or run")
+    p.add_argument("--force", action="store_true", help="redo cells whose settings changed since they ran")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -82,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_report(sub)
     _add_check(sub)
+    _add_sweep(sub)
     from spacil.describe import add_describe_parsers
 
     add_describe_parsers(sub, _Parser)
@@ -129,10 +142,21 @@ def cmd_extract(args) -> int:
 
 def cmd_report(args) -> int:
     from spacil.report import write_report
+    from spacil.sweep_report import is_sweep_folder, write_sweep_report
 
+    if len(args.runs) == 1 and is_sweep_folder(args.runs[0]):
+        print(write_sweep_report(args.runs[0], args.out))
+        return 0
     table = write_report(args.runs, args.out)
     print(table)
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from spacil.sweep import run_sweep
+
+    return run_sweep(args.sweep, args.out, executor=args.executor, jobs=args.jobs, dry_run=args.dry_run, force=args.force,
+                     progress=not args.quiet)
 
 
 def cmd_demo(args) -> int:
@@ -154,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"run": cmd_run, "extract": cmd_extract, "report": cmd_report, "demo": cmd_demo,
-                   "check": cmd_check}.get(args.command)
+                   "check": cmd_check, "sweep": cmd_sweep}.get(args.command)
         if handler is None:
             from spacil.describe import dispatch
 

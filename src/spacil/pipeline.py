@@ -13,6 +13,11 @@ from spacil.errors import InputError
 from spacil.features import read_meta
 
 
+def store_lock_path(store: Path) -> Path:
+    """The lock file beside the store folder, held while the store is extracted (a sweep's runs share stores)."""
+    return store.parent / f"{store.name}.lock"
+
+
 def prepare_store(config: Config, progress: bool = True) -> Path:
     data = config.data
     if data.features is None:
@@ -21,13 +26,20 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
     if not (store / "meta.json").is_file():
         if data.data_root is None:
             raise InputError(f"{store}: no feature store there (meta.json missing) and data.data_root is not set to extract one")
+        from filelock import FileLock
+
         from spacil.descriptions import load_descriptions
         from spacil.extract import extract_store
 
-        descriptions = load_descriptions(data.descriptions).sentences if data.descriptions else None
-        extract_store(data.dataset, data.data_root, store, model=data.model, pretrained=data.pretrained,
-                      device=config.device, names_file=data.names_file, descriptions=descriptions,
-                      descriptions_source=data.descriptions, semantic_tokens=config.spa.semantic_tokens, progress=progress)
+        # Runs of a sweep that need the same store wait here for one extraction: never two writers on one store.
+        store.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(store_lock_path(store)):
+            if not (store / "meta.json").is_file():  # another process may have finished it while this one waited
+                descriptions = load_descriptions(data.descriptions).sentences if data.descriptions else None
+                extract_store(data.dataset, data.data_root, store, model=data.model, pretrained=data.pretrained,
+                              device=config.device, names_file=data.names_file, descriptions=descriptions,
+                              descriptions_source=data.descriptions, semantic_tokens=config.spa.semantic_tokens,
+                              progress=progress)
     meta = read_meta(store / "meta.json")
     text = meta.get("text") or {}
     recorded = text.get("semantic_tokens") if isinstance(text, dict) else None

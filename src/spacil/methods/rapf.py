@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -200,15 +201,20 @@ class RAPF(Learner):
         edge_count = int(knobs.edge_per_pair * knobs.beta)
         pairs = self.hard_pairs
         use_edges = len(pairs) > 0 and edge_count > 0 and old_classes > 0
-        batches_per_epoch = math.ceil(len(data) / knobs.adapter_batch_size)
-        bar = step_bar(self.context, batches_per_epoch * knobs.adapter_epochs, data.task)
+        # The task's global features are small ([n, d]): moved to the device once, batches are index sets of them.
+        task = data.take(np.arange(len(data)), with_patches=False)
+        task_targets = column[task.targets]
+        size = knobs.adapter_batch_size
+        bar = step_bar(self.context, math.ceil(len(data) / size) * knobs.adapter_epochs, data.task)
         for epoch in range(knobs.adapter_epochs):
             for group in optimizer.param_groups:
                 group["lr"] = step_lr(knobs.adapter_lr, epoch, knobs.milestones, knobs.lr_gamma)
             order = torch.randperm(old_classes, generator=order_generator).tolist() if old_classes else []
-            for batch_index, batch in enumerate(data.batches(knobs.adapter_batch_size, batch_generator, with_patches=False)):
-                features = batch.global_
-                targets = column[batch.targets]
+            shuffle = torch.randperm(len(data), generator=batch_generator).to(device)  # a DataLoader's shuffle=True
+            for batch_index, start in enumerate(range(0, len(data), size)):
+                rows = shuffle[start:start + size]
+                features = task.global_[rows]
+                targets = task_targets[rows]
                 if order and replay_count > 0:
                     classes = replay_classes(order, batch_index, knobs.replay_classes_per_batch)
                     features = torch.cat([features, draw_features(means, factors, classes, replay_count, draw_generator)])

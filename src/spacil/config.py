@@ -90,6 +90,27 @@ class LLMConfig(_Section):
     max_attempts: int = Field(3, ge=1)  # per class, when an answer fails validation
 
 
+class RAPFConfig(_Section):
+    """RAPF's knobs (Huang et al., ECCV 2024). Defaults: the official configs/class/cifar100_10-10.yaml and the constants of
+    its main.py and continual_clip/models.py (official names where they do not clash with another section's leaf)."""
+
+    adapter_lr: float = Field(0.001, gt=0)  # official `lr` (Adam)
+    adapter_weight_decay: float = Field(0.0, ge=0)  # main.py: Adam(..., weight_decay=0.0)
+    adapter_epochs: int = Field(15, ge=0)  # official `epochs`
+    adapter_batch_size: int = Field(100, ge=1)  # official `train_batch_size`
+    milestones: list[int] = Field(default_factory=lambda: [4, 10])  # MultiStepLR milestones, in epochs
+    lr_gamma: float = Field(0.1, gt=0)  # main.py: MultiStepLR(..., gamma=0.1)
+    beta: float = Field(2.0, ge=0)  # draws: int(replay_per_class * beta) per replayed class, int(edge_per_pair * beta) per hard pair
+    replay_per_class: int = Field(10, ge=0)  # main.py: int(10 * beta)
+    edge_per_pair: int = Field(20, ge=0)  # main.py: int(20 * beta)
+    replay_classes_per_batch: int = Field(2, ge=1)  # main.py's list_for_one_batch: 2; 4 (CIFAR-100 Inc5), 5 (ImageNet-R), 10 (CUB)
+    threshold: float = Field(0.55, ge=0)  # hard pair: distance of the unit text features below this
+    margin: float = Field(0.1, ge=0)  # main.py's hinge: relu(-<f,t_old> + <f,t_new> + 0.1)
+    mix_bias: float = 0.6  # fusion mask = clamp(|difference| / max + mix_bias, max=1)
+    shrinkage: bool = False  # models.py shrink_cov before sampling
+    cov_ridge: float = Field(1e-4, ge=0)  # models.py analyze_mean_cov: torch.cov(...) + 1e-4 * I
+
+
 class Config(_Section):
     method: str = "spa"
     seed: int = 1993
@@ -99,12 +120,13 @@ class Config(_Section):
     ablation: AblationConfig = AblationConfig()
     train: TrainConfig = TrainConfig()
     llm: LLMConfig = LLMConfig()
+    rapf: RAPFConfig = RAPFConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-_SECTIONS = ("data", "spa", "ablation", "train", "llm")
+_SECTIONS = ("data", "spa", "ablation", "train", "llm", "rapf")
 
 
 def _leaf_paths() -> dict[str, list[str]]:

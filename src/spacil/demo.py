@@ -1,6 +1,6 @@
 """`spacil demo`: the embedded default. Offline, no download, a few minutes on 2 CPU cores.
 
-1. Writes the demo world (`demo_world.py`) as a feature store and runs zero-shot, SimpleCIL, fine-tune, SPA and SPA's six
+1. Writes the demo world (`demo_world.py`) as a feature store and runs zero-shot, SimpleCIL, fine-tune, RAPF, SPA and SPA's six
    ablations on it through the same runner as any benchmark; prints one table and writes the report with its pictures.
 2. Draws which patches SPA picks for a few test images (for the true class and for a sibling class).
 3. Proves the image-level plumbing: a tiny random-weight open_clip model encodes a few generated images (extract -> store ->
@@ -28,6 +28,9 @@ from spacil.runner import Run
 # The demo world has 7x7 = 49 patches, a quarter of ViT-B/16's 196; k is scaled with it (16 * 49 / 196 = 4, doubled to
 # leave room for the three part patches among distractors).
 DEMO_OVERRIDES = {"spa": {"top_k_patches": 8}, "train": {"epochs": 5}}
+# RAPF's official schedule is 15 epochs of CIFAR-100's 50 batches (750 adapter steps per task, the learning rate divided by 10
+# after steps 200 and 500); a demo task has 4 batches, so RAPF runs 188 epochs with the milestones at the same steps.
+RAPF_DEMO_SCHEDULE = {"rapf": {"adapter_epochs": 188, "milestones": [50, 125]}}
 
 # The demo's table (Markdown), written next to report.md; the README's demo table is this file of a full demo.
 TABLE_FILE = "demo_table.md"
@@ -36,6 +39,7 @@ RUNS = (
     ("zeroshot", "zeroshot", {}),
     ("simplecil", "simplecil", {}),
     ("finetune", "finetune", {}),
+    ("rapf", "rapf", RAPF_DEMO_SCHEDULE),
     ("spa", "spa", {}),
     ("spa_global_only", "spa", {"ablation": {"patch_branch": False}}),
     ("spa_no_ot", "spa", {"ablation": {"optimal_transport": False}}),

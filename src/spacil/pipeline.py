@@ -22,11 +22,12 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
         if data.data_root is None:
             raise InputError(f"{store}: no feature store there (meta.json missing) and data.data_root is not set to extract one")
         from spacil.descriptions import load_descriptions
+        from spacil.devices import device_name, resolve_device
         from spacil.extract import extract_store
 
         descriptions = load_descriptions(data.descriptions).sentences if data.descriptions else None
         extract_store(data.dataset, data.data_root, store, model=data.model, pretrained=data.pretrained,
-                      device=config.device, names_file=data.names_file, descriptions=descriptions,
+                      device=device_name(resolve_device(config.device)), names_file=data.names_file, descriptions=descriptions,
                       descriptions_source=data.descriptions, semantic_tokens=config.spa.semantic_tokens, progress=progress)
     meta = json.loads((store / "meta.json").read_text())
     recorded = (meta.get("text") or {}).get("semantic_tokens")

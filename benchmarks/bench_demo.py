@@ -13,16 +13,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import write_result
+from _common import add_device_argument, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 PICTURES = {"curves.png": "demo_curves.png", "matrix_spa.png": "demo_spa_matrix.png", "patch_selection.png": "demo_patch_selection.png"}
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_device_argument(parser)
+    args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="spacil_demo_")) / "demo"
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "spacil", "demo", "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "spacil", "demo", "--out", str(out), "--device", args.device], check=True,
+                   stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     report = (out / "report.md").read_text()
     table = "\n".join(line for line in report.splitlines() if line.startswith("|"))

@@ -28,13 +28,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     args = parser.parse_args()
+    from spacil.devices import device_name, resolve_device
+
+    device = device_name(resolve_device(args.device))
     work = Path(tempfile.mkdtemp(prefix="spacil_bench_extract_"))
     try:
         write_shapes_dataset(work / "data", train_per_class=args.images_per_class, test_per_class=0, seed=0, size=224)
-        clip = FrozenCLIP("ViT-B-16", None)
+        clip = FrozenCLIP("ViT-B-16", None, device)
         images = 4 * args.images_per_class
-        batch = torch.randn(args.batch_size, 3, 224, 224)
+        batch = torch.randn(args.batch_size, 3, 224, 224, device=device)
         bare, extract = [], []
         for round_ in range(args.rounds):
             start = time.perf_counter()
@@ -45,7 +49,7 @@ def main() -> None:
             out = work / f"store{round_}"
             start = time.perf_counter()
             extract_store("shapes", work / "data", out, model="ViT-B-16", pretrained=None, batch_size=args.batch_size,
-                          workers=args.workers, progress=False, backbone=clip)
+                          workers=args.workers, progress=False, backbone=clip, device=device)
             extract.append(images / (time.perf_counter() - start))
         ratio = statistics.median(extract) / statistics.median(bare)
         rows = [("images", f"{images} PNG, 224 px, batch {args.batch_size}, {args.workers} loader workers, fp16 store"),

@@ -73,7 +73,10 @@ class Run:
                 resume = False  # an interrupted run that never finished its first task starts over
             else:
                 saved_path = self.out / "config.yaml"
-                saved = yaml.safe_load(saved_path.read_text()) if saved_path.exists() else None
+                try:
+                    saved = yaml.safe_load(saved_path.read_text()) if saved_path.exists() else None
+                except yaml.YAMLError:
+                    raise InputError(f"{saved_path}: not valid YAML; resume needs the run's own config.yaml") from None
                 if saved is not None:
                     differ = differing_keys(saved if isinstance(saved, dict) else {}, self.config)
                     if differ:

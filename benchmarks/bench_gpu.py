@@ -57,11 +57,12 @@ class Results:
         write_result(self.name, f"spacil on {device_description(self.device)}", self.rows, self.data, notes=note)
 
 
-def _timed(device: torch.device, function, *args, **kwargs):
-    synchronize(device)
+def _timed(clock_device: torch.device, function, *args, **kwargs):
+    """(function(*args, **kwargs), seconds), with `clock_device`'s queued work finished before each clock reading."""
+    synchronize(clock_device)
     start = time.perf_counter()
     value = function(*args, **kwargs)
-    synchronize(device)
+    synchronize(clock_device)
     return value, time.perf_counter() - start
 
 

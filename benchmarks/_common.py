@@ -33,6 +33,23 @@ def write_result(name: str, title: str, rows: list[tuple[str, str]], data: dict,
     print("\n".join(lines))
 
 
+def add_device_argument(parser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+
+
+def device_description(device: torch.device) -> str:
+    """'cpu' or the GPU's name, for the results."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (before reading a clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_rss_reset() -> int:
     """Reset the process's peak resident set (Linux) and return the current resident set in bytes."""
     Path("/proc/self/clear_refs").write_text("5")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from _common import DOCS, write_result
+from _common import DOCS, add_device_argument, write_result
 from spacil.config import build_config
 from spacil.features import FeatureStore, write_text_features
 from spacil.runner import run_from_store
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--store", default="/tmp/spacil_cifar_shape")
     parser.add_argument("--out", default="/tmp/spacil_cifar_shape_runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_device_argument(parser)
     args = parser.parse_args()
     store = Path(args.store)
     start = time.perf_counter()
@@ -71,7 +72,7 @@ def main() -> None:
     FeatureStore(store)
     out = Path(args.out) / args.method
     shutil.rmtree(out, ignore_errors=True)
-    config = build_config({"method": args.method, "data": {"init_cls": 10, "increment": 10}}, args.overrides)
+    config = build_config({"method": args.method, "device": args.device, "data": {"init_cls": 10, "increment": 10}}, args.overrides)
     start = time.perf_counter()
     summary = run_from_store(config, store, out)
     seconds = time.perf_counter() - start

@@ -16,16 +16,21 @@ import time
 from pathlib import Path
 
 import sync_docs
-from _common import write_result
+from _common import add_device_argument, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 PICTURES = {"curves.png": "demo_curves.png", "matrix_spa.png": "demo_spa_matrix.png", "patch_selection.png": "demo_patch_selection.png"}
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_device_argument(parser)
+    args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="spacil_demo_")) / "demo"
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "spacil", "demo", "--out", str(out)], stdout=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "spacil", "demo", "--out", str(out), "--device", args.device], stdout=subprocess.DEVNULL)
     load = []  # the machine's 1-minute load average while the demo ran: other jobs slow a shared machine down
     while process.poll() is None:
         load.append(os.getloadavg()[0])

@@ -36,6 +36,7 @@ def _add_run(sub) -> None:
                    help="override a config value, e.g. --set top_k_patches=8 or --set ablation.optimal_transport=false")
     p.add_argument("--out", required=True, help="the run folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished task")
+    p.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N (the config key `device`)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded default: SPA and baselines on an offline demo world")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--quick", action="store_true", help="a smaller world and fewer epochs (for smoke tests)")
+    demo.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     _add_extract(sub)
     _add_run(sub)
     _add_report(sub)
@@ -106,7 +108,7 @@ def _run_config(args):
 
     overrides = list(args.overrides)
     for flag, key in ((args.method, "method"), (args.init_cls, "data.init_cls"), (args.increment, "data.increment"),
-                      (args.seed, "seed")):
+                      (args.seed, "seed"), (args.device, "device")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
     if args.features:
@@ -162,7 +164,7 @@ def cmd_sweep(args) -> int:
 def cmd_demo(args) -> int:
     from spacil.demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, device=args.device)
     return 0
 
 

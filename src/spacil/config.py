@@ -76,6 +76,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1)
     epochs: int = Field(10, ge=0)
     eval_batch_size: int = Field(256, ge=1)
+    # GiB of device memory a task's feature rows may occupy on a GPU (train rows per task, test rows per evaluation);
+    # null: half of the device's free memory when the task starts. Rows beyond it stream in batch by batch. Unused on CPU.
+    device_memory_budget: Optional[float] = Field(None, ge=0)
 
 
 class LLMConfig(_Section):
@@ -114,7 +117,7 @@ class RAPFConfig(_Section):
 class Config(_Section):
     method: str = "spa"
     seed: int = 1993
-    device: str = "cpu"
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N; the resolved device is written to config.yaml
     data: DataConfig = DataConfig()
     spa: SPAConfig = SPAConfig()
     ablation: AblationConfig = AblationConfig()

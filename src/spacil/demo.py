@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
 
-from spacil.config import build_config, dump_config
+from spacil.config import build_config, differing_keys
 from spacil.demo_world import WorldSpec, make_world
 from spacil.features import FeatureStore, atomic_write_text
 from spacil.report import write_report
@@ -60,13 +61,15 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def _run_one(name: str, method: str, extra: dict, store: Path, runs: Path, epochs: int) -> Path:
-    tree = _merge(_merge(DEMO_OVERRIDES, {"train": {"epochs": epochs}, "method": method, "data": {"features": str(store)}}), extra)
+def _run_one(name: str, method: str, extra: dict, store: Path, runs: Path, epochs: int, device: str = "auto") -> Path:
+    tree = _merge(_merge(DEMO_OVERRIDES, {"train": {"epochs": epochs}, "method": method, "device": device,
+                                          "data": {"features": str(store)}}), extra)
     config = build_config(tree, source="demo")
     folder = runs / name
     if (folder / "summary.json").exists():
         summary = json.loads((folder / "summary.json").read_text())
-        same = (folder / "config.yaml").exists() and (folder / "config.yaml").read_text() == dump_config(config)
+        saved = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else None
+        same = isinstance(saved, dict) and not differing_keys(saved, config)  # a run on another device is reused
         if summary.get("complete") and same:
             return folder  # finished earlier with the same settings
         if not same:
@@ -103,7 +106,7 @@ def plot_patch_selection(store: Path, world: dict, top_k: int, path: Path, image
             relevance = patch_relevance(patches, tokens, mask)[0, 0]
             picked, _ = select_top_k(relevance.view(1, 1, -1), top_k)
             ax = axes[r, col]
-            ax.imshow(relevance.view(grid, grid).numpy(), cmap="magma", vmin=-0.3, vmax=1.0)
+            ax.imshow(relevance.view(grid, grid).cpu().numpy(), cmap="magma", vmin=-0.3, vmax=1.0)
             for index in picked.view(-1).tolist():
                 ax.add_patch(Rectangle((index % grid - 0.5, index // grid - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.6))
             for index in world["test_part_locations"][row]:
@@ -119,7 +122,7 @@ def plot_patch_selection(store: Path, world: dict, top_k: int, path: Path, image
     plt.close(fig)
 
 
-def image_level_path(out: Path, echo) -> dict:
+def image_level_path(out: Path, echo, device: str = "auto") -> dict:
     """Generated images -> tiny random-weight open_clip -> feature store -> SimpleCIL and SPA runs."""
     from spacil.backbone import write_tiny_model
     from spacil.descriptions import template_descriptions
@@ -133,12 +136,14 @@ def image_level_path(out: Path, echo) -> dict:
     store = out / "store"
     if not (store / "meta.json").exists():
         descriptions = template_descriptions(names, DATASETS["shapes"].templates)
+        from spacil.devices import device_name, resolve_device
+
         extract_store("shapes", data_root, store, model=model, pretrained=None, batch_size=16, descriptions=descriptions,
-                      descriptions_source="templates", progress=False)
+                      descriptions_source="templates", progress=False, device=device_name(resolve_device(device)))
     results = {}
     for method in ("simplecil", "spa"):
         folder = _run_one(f"image_{method}", method, {"data": {"init_cls": 2, "increment": 2}, "spa": {"top_k_patches": 4}},
-                          store, out / "runs", epochs=2)
+                          store, out / "runs", epochs=2, device=device)
         results[method] = json.loads((folder / "summary.json").read_text())
     echo(f"image-level path (tiny random-weight CLIP, {len(names)} generated classes): extract -> store -> run works; "
          f"SimpleCIL {results['simplecil']['avg_acc']:.1f}, SPA {results['spa']['avg_acc']:.1f} average accuracy "
@@ -146,7 +151,11 @@ def image_level_path(out: Path, echo) -> dict:
     return results
 
 
-def run_demo(out: str | Path = "demo_out", quick: bool = False, echo=print) -> dict:
+def run_demo(out: str | Path = "demo_out", quick: bool = False, echo=print, device: str = "auto") -> dict:
+    """`device`: where the runs compute (auto: CUDA when available); finished runs are reused on any device."""
+    from spacil.devices import resolve_device
+
+    echo(f"device: {resolve_device(device)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = WorldSpec() if not quick else replace(WorldSpec(), num_classes=30, train_per_class=16, test_per_class=8)
@@ -163,14 +172,14 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, echo=print) -> d
          f"d={spec.dim} -> {store}")
     folders = []
     for name, method, extra in tqdm(RUNS, desc="demo runs", unit="run"):
-        folders.append(_run_one(name, method, extra, store, out / "runs", epochs))
+        folders.append(_run_one(name, method, extra, store, out / "runs", epochs, device))
     table = write_report(folders, out)
     atomic_write_text(out / TABLE_FILE, table + "\n")  # what the README's demo table is made from (benchmarks/sync_docs.py)
     plot_patch_selection(store, world, DEMO_OVERRIDES["spa"]["top_k_patches"], out / "patch_selection.png")
     echo("")
     echo(table)
     echo("")
-    image_level_path(out / "image_path", echo)
+    image_level_path(out / "image_path", echo, device)
     echo(f"\nwrote {out / 'report.md'}, {out / TABLE_FILE}, {out / 'curves.png'}, {out / 'matrix_spa.png'} (one matrix per run), {out / 'patch_selection.png'}")
     echo("a real benchmark: spacil run --config cifar224_b0 --set data.data_root=DATA --set data.features=STORE "
          "--set data.pretrained=CHECKPOINT.pt --set data.descriptions=DESCRIPTIONS.json --out runs/cifar224_spa")

@@ -98,7 +98,8 @@ class LLMDescriber:
         return {"error": reason, "attempts": self.llm.max_attempts, "usage": usage}
 
 
-def _feature_source(splits, store_path: Optional[str], clip_model: str, pretrained: Optional[str]) -> Callable[[np.ndarray], torch.Tensor]:
+def _feature_source(splits, store_path: Optional[str], clip_model: str, pretrained: Optional[str],
+                    device: str = "auto") -> Callable[[np.ndarray], torch.Tensor]:
     """-> a function: training rows of one class -> their g(x) [n, d], from a store when given, else from the CLIP."""
     if store_path is not None:
         from spacil.features import FeatureStore, rows_as_tensor
@@ -108,7 +109,9 @@ def _feature_source(splits, store_path: Optional[str], clip_model: str, pretrain
     from spacil.backbone import FrozenCLIP
     from spacil.data import image_transform
 
-    backbone = FrozenCLIP(clip_model, pretrained)
+    from spacil.devices import resolve_device
+
+    backbone = FrozenCLIP(clip_model, pretrained, resolve_device(device))
     transform = image_transform(backbone.image_size)
     split = splits["train"]
 
@@ -116,7 +119,7 @@ def _feature_source(splits, store_path: Optional[str], clip_model: str, pretrain
         features = []
         for start in range(0, len(rows), 64):
             batch = torch.stack([transform(split.loader(split.items[r])) for r in rows[start:start + 64]])
-            features.append(backbone.encode_images(batch)[0])
+            features.append(backbone.encode_images(batch)[0].cpu())
         return torch.cat(features)
 
     return encode
@@ -148,6 +151,7 @@ def describe_dataset(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     warn: Callable[[str], None] = None,
+    device: str = "auto",
 ) -> "DescribeOutcome":
     """Write a descriptions file for `dataset` at `out` (see the module doc). Returns what is in the file at the end and
     what failed in this run. `echo` gets the summary; `warn` (standard error by default) every failure."""
@@ -202,7 +206,7 @@ def describe_dataset(
     describer = LLMDescriber(llm, api_key, num_descriptions, spec.domain, count_tokens)
     url = str(describer.client.base_url).rstrip("/")
     lock = threading.Lock()
-    class_features = _feature_source(splits, features, clip_model, pretrained)
+    class_features = _feature_source(splits, features, clip_model, pretrained, device)
 
     labels = splits["train"].labels
     root = Path(data_root)
@@ -384,6 +388,7 @@ def add_describe_parsers(sub, parser_class) -> None:
     p.add_argument("--max-retries", type=int, help="per request, on 429, 5xx and timeouts")
     p.add_argument("--max-attempts", type=int, help="per class, while answers fail validation")
     p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", help="where the CLIP encodes the samples: auto (CUDA when available), cpu, cuda[:N]")
     p.add_argument("--quiet", action="store_true")
 
     d = sub.add_parser("descriptions", help="work with descriptions files")
@@ -406,7 +411,8 @@ def dispatch(args) -> int:
         knobs = config.spa
         outcome = describe_dataset(args.dataset, args.data_root, args.out, config.llm, knobs.num_descriptions,
                                    knobs.visual_samples, knobs.sample_strategy, args.classes, args.features, config.data.model,
-                                   config.data.pretrained or None, config.seed, args.llm, progress=not args.quiet, echo=print)
+                                   config.data.pretrained or None, config.seed, args.llm, progress=not args.quiet, echo=print,
+                                   device=args.device)
         return 0 if not outcome.failed else 1
     if args.command == "descriptions" and args.descriptions_command == "import":
         if args.num_descriptions < 1:

@@ -56,3 +56,15 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def memory_budget(device: torch.device, gib: Optional[float] = None) -> Optional[int]:
+    """Bytes of device memory a task's feature rows may occupy: `gib` GiB when given, else half of what is free now
+    (memory the caching allocator holds but does not use counts as free). None on the CPU (rows stay memory-mapped)."""
+    if device.type != "cuda":
+        return None
+    if gib is not None:
+        return int(gib * 2**30)
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return (free + cached) // 2

@@ -2,7 +2,8 @@
 
 Statistics are accumulated in float64 (sums and outer products), shrunk by `cov_shrink * I`, factorised once per class in
 float64, and stored in float32. With `cov_type=diag` only the per-dimension standard deviation is kept.
-Memory per class and branch: full d + d*d floats (d = 512: 1.05 MB), diag 2*d floats (4 KB).
+Memory per class and branch: full d + d*d floats (d = 512: 1.05 MB), diag 2*d floats (4 KB). Statistics, factors and
+sampling live on the run's device (`device`); sampling draws from a generator on that device.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import torch
 class MomentAccumulator:
     """Streaming first and second moments of the features of some classes, float64."""
 
-    def __init__(self, num_classes: int, dim: int, full: bool):
-        self.count = torch.zeros(num_classes, dtype=torch.float64)
-        self.total = torch.zeros(num_classes, dim, dtype=torch.float64)
+    def __init__(self, num_classes: int, dim: int, full: bool, device: Optional[torch.device] = None):
+        options = {"dtype": torch.float64, "device": device}
+        self.count = torch.zeros(num_classes, **options)
+        self.total = torch.zeros(num_classes, dim, **options)
         self.full = full
-        self.outer = torch.zeros(num_classes, dim, dim, dtype=torch.float64) if full else torch.zeros(num_classes, dim, dtype=torch.float64)
+        self.outer = torch.zeros(num_classes, dim, dim, **options) if full else torch.zeros(num_classes, dim, **options)
 
     def add(self, column: int, features: torch.Tensor) -> None:
-        """features [n, d] of the class in slot `column`."""
-        x = features.detach().to(torch.float64).cpu()
+        """features [n, d] of the class in slot `column` (moved to the accumulator's device)."""
+        x = features.detach().to(device=self.total.device, dtype=torch.float64)
         self.count[column] += x.shape[0]
         self.total[column] += x.sum(dim=0)
         self.outer[column] += x.T @ x if self.full else (x * x).sum(dim=0)
@@ -43,46 +45,54 @@ class MomentAccumulator:
 class GaussianBank:
     """Class-wise Gaussians of one feature branch (global or patch), indexed by class position."""
 
-    def __init__(self, dim: int, cov_type: str = "full", cov_shrink: float = 1e-4):
+    def __init__(self, dim: int, cov_type: str = "full", cov_shrink: float = 1e-4, device: Optional[torch.device] = None):
         self.dim = dim
         self.cov_type = cov_type
         self.cov_shrink = cov_shrink
+        self.device = torch.device(device if device is not None else "cpu")
         self.positions: list[int] = []
-        self.means = torch.zeros(0, dim)
-        self.factors = torch.zeros(0, dim, dim) if cov_type == "full" else torch.zeros(0, dim)
+        self.means = torch.zeros(0, dim, device=self.device)
+        self.factors = torch.zeros(0, dim, dim, device=self.device) if cov_type == "full" else torch.zeros(0, dim, device=self.device)
+        self._position_tensor = torch.zeros(0, dtype=torch.long, device=self.device)  # `positions` on the device
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def add(self, position: int, mean: torch.Tensor, cov: torch.Tensor) -> None:
         """Store class `position` from its float64 mean [d] and covariance [d, d] (variance [d] for diag)."""
+        mean, cov = mean.to(self.device), cov.to(self.device)
         if self.cov_type == "full":
-            shrunk = cov + self.cov_shrink * torch.eye(self.dim, dtype=torch.float64)
+            eye = torch.eye(self.dim, dtype=torch.float64, device=self.device)
+            shrunk = cov + self.cov_shrink * eye
             factor, info = torch.linalg.cholesky_ex(shrunk)
             jitter = max(self.cov_shrink, 1e-8)
             while int(info) != 0:  # numerically indefinite: grow the ridge until it factorises
                 jitter *= 10
-                factor, info = torch.linalg.cholesky_ex(cov + jitter * torch.eye(self.dim, dtype=torch.float64))
+                factor, info = torch.linalg.cholesky_ex(cov + jitter * eye)
             factor = factor.float().unsqueeze(0)
         else:
             factor = (cov.clamp(min=0) + self.cov_shrink).sqrt().float().unsqueeze(0)
         self.positions.append(int(position))
         self.means = torch.cat([self.means, mean.float().unsqueeze(0)])
         self.factors = torch.cat([self.factors, factor])
+        self._position_tensor = torch.tensor(self.positions, dtype=torch.long, device=self.device)
 
     def covariance(self, slot: int) -> torch.Tensor:
         factor = self.factors[slot].double()
         return factor @ factor.T if self.cov_type == "full" else torch.diag(factor * factor)
 
     def sample(self, count: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw `count` features of every stored class -> (features [C * count, d], positions [C * count])."""
+        """Draw `count` features of every stored class -> (features [C * count, d], positions [C * count]), on the bank's
+        device; `generator` must live there too."""
         classes = len(self.positions)
-        noise = torch.randn(classes, count, self.dim, generator=generator)
+        noise = torch.randn(classes, count, self.dim, generator=generator, device=self.means.device)
         if self.cov_type == "full":
             draws = self.means.unsqueeze(1) + noise @ self.factors.transpose(1, 2)
         else:
             draws = self.means.unsqueeze(1) + noise * self.factors.unsqueeze(1)
-        positions = torch.tensor(self.positions).repeat_interleave(count)
+        if len(self._position_tensor) != classes:  # positions set from outside (checkpoint, benchmark)
+            self._position_tensor = torch.tensor(self.positions, dtype=torch.long, device=self.means.device)
+        positions = self._position_tensor.repeat_interleave(count)
         return draws.reshape(classes * count, self.dim), positions
 
     def state_dict(self) -> dict:
@@ -90,5 +100,6 @@ class GaussianBank:
 
     def load_state_dict(self, state: dict) -> None:
         self.positions = list(state["positions"])
-        self.means = state["means"]
-        self.factors = state["factors"]
+        self.means = state["means"].to(self.device)
+        self.factors = state["factors"].to(self.device)
+        self._position_tensor = torch.tensor(self.positions, dtype=torch.long, device=self.device)

@@ -57,14 +57,36 @@ class FeatureBatch:
 
 
 class TaskData:
-    """The training features of one task, memory-mapped; `batches` yields float32 tensors."""
+    """The features of one task (training rows, or the test rows of an evaluation); `take` and `batches` yield float32
+    tensors on `device`.
 
-    def __init__(self, task: int, global_: np.ndarray, patches: Optional[np.ndarray], targets: np.ndarray, device: torch.device):
+    Where the rows live between batches (`placement`):
+    - "host": read from the memory maps batch by batch (the CPU: nothing is copied that a batch does not use);
+    - "resident": copied to the device once, in the store's dtype (fp16 in practice), and converted to float32 per batch
+      there (a GPU, when the rows fit in `memory_budget` bytes);
+    - "stream": a background thread reads the next batches into (pinned, on CUDA) host memory while the device works on the
+      current one: double buffering, for rows beyond the budget.
+    The default, "auto", is "host" on the CPU, else "resident" within the budget and "stream" beyond it (decided per array:
+    global rows first, patch tokens when they also fit).
+    """
+
+    PLACEMENTS = ("auto", "host", "resident", "stream")
+
+    def __init__(self, task: int, global_: np.ndarray, patches: Optional[np.ndarray], targets: np.ndarray, device: torch.device,
+                 memory_budget: Optional[int] = None, placement: str = "auto"):
+        if placement not in self.PLACEMENTS:
+            raise ValueError(f"placement {placement!r}: expected one of {self.PLACEMENTS}")
         self.task = task
         self._global = global_
         self._patches = patches
         self.targets = targets
-        self.device = device
+        self.device = torch.device(device)
+        self.memory_budget = memory_budget
+        if placement == "auto":
+            placement = "host" if self.device.type == "cpu" else "resident"
+        self.placement = placement
+        self._resident: dict[str, torch.Tensor] = {}  # uploaded arrays: "global", "patches", "targets"
+        self._resident_bytes = 0
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -73,21 +95,158 @@ class TaskData:
     def has_patches(self) -> bool:
         return self._patches is not None
 
+    # placement ---------------------------------------------------------------------------------------------------------
+    def _arrays(self, with_patches: bool) -> dict[str, object]:
+        arrays = {"global": self._global}
+        if with_patches and self._patches is not None:
+            arrays["patches"] = self._patches
+        return arrays
+
+    def _upload(self, with_patches: bool) -> None:
+        """Copy to the device, once, every needed array that fits in what is left of the budget (resident placement)."""
+        if self.placement != "resident":
+            return
+        if "targets" not in self._resident:
+            self._resident["targets"] = torch.from_numpy(np.asarray(self.targets, dtype=np.int64)).to(self.device)
+        for name, array in self._arrays(with_patches).items():
+            if name in self._resident:
+                continue
+            size = _array_bytes(array, len(self))
+            if self.memory_budget is not None and self._resident_bytes + size > self.memory_budget:
+                continue  # streamed instead
+            self._resident[name] = _copy_rows_to_device(array, len(self), self.device)
+            self._resident_bytes += size
+
+    def _streamed(self, with_patches: bool) -> list[str]:
+        """Names of the needed arrays that are read from the host per batch."""
+        return [name for name in self._arrays(with_patches) if name not in self._resident]
+
+    # reading -----------------------------------------------------------------------------------------------------------
     def take(self, rows: np.ndarray, with_patches: bool = True) -> FeatureBatch:
         rows = np.sort(rows)  # sequential reads from the memory map
-        global_ = rows_as_tensor(self._global, rows, self.device)
-        patches = None
-        if with_patches and self._patches is not None:
-            patches = rows_as_tensor(self._patches, rows, self.device)
-        targets = torch.from_numpy(self.targets[rows]).to(self.device)
-        return FeatureBatch(global_, patches, targets, rows)
+        self._upload(with_patches)
+        index = None
+        if self._resident:
+            index = torch.from_numpy(rows).to(self.device)
+        return self._assemble(rows, index, with_patches, {})
+
+    def _assemble(self, rows: np.ndarray, index: Optional[torch.Tensor], with_patches: bool,
+                  host: dict[str, torch.Tensor]) -> FeatureBatch:
+        """One batch from the resident arrays (gathered at `index` on the device) and from host rows (read here, unless
+        already read into `host` by the streaming thread)."""
+        tensors = {}
+        for name, array in self._arrays(with_patches).items():
+            if name in self._resident:
+                tensors[name] = self._resident[name][index].float()
+            elif name in host:
+                tensors[name] = host[name].to(self.device, non_blocking=True).float()
+            else:
+                tensors[name] = rows_as_tensor(array, rows, self.device)
+        if "targets" in self._resident:
+            targets = self._resident["targets"][index]
+        elif "targets" in host:
+            targets = host["targets"].to(self.device, non_blocking=True)
+        else:
+            targets = torch.from_numpy(self.targets[rows]).to(self.device)
+        return FeatureBatch(tensors["global"], tensors.get("patches"), targets, rows)
 
     def batches(self, batch_size: int, generator: Optional[torch.Generator] = None, with_patches: bool = True) -> Iterator[FeatureBatch]:
-        """Shuffled batches when a generator is given, in order otherwise."""
+        """Shuffled batches when a (CPU) generator is given, in order otherwise. The order is drawn on the CPU, so a run's
+        batches are the same on every device."""
         n = len(self)
         order = torch.randperm(n, generator=generator).numpy() if generator is not None else np.arange(n)
-        for start in range(0, n, batch_size):
-            yield self.take(order[start:start + batch_size], with_patches)
+        if self.placement == "host":
+            for start in range(0, n, batch_size):
+                yield self.take(order[start:start + batch_size], with_patches)
+            return
+        self._upload(with_patches)
+        streamed = self._streamed(with_patches)
+        # the whole order goes to the device once per pass (a small copy per batch would wait for the device each time)
+        device_order = torch.from_numpy(order).to(self.device) if self._resident else None
+        starts = range(0, n, batch_size)
+        if not streamed:
+            for start in starts:
+                rows = np.sort(order[start:start + batch_size])
+                index = device_order[start:start + batch_size].sort().values
+                yield self._assemble(rows, index, with_patches, {})
+            return
+        arrays = {name: array for name, array in self._arrays(with_patches).items() if name in streamed}
+        if "targets" not in self._resident:
+            arrays["targets"] = self.targets
+        pin = self.device.type == "cuda"
+        for start, host in _prefetched(arrays, order, batch_size, pin):
+            rows = np.sort(order[start:start + batch_size])
+            index = device_order[start:start + batch_size].sort().values if device_order is not None else None
+            yield self._assemble(rows, index, with_patches, host)
+
+
+def _array_bytes(array, rows: int) -> int:
+    """Bytes of `rows` rows of a (memory-mapped or lazily viewed) array."""
+    return rows * int(np.prod(array.shape[1:], dtype=np.int64)) * np.dtype(array.dtype).itemsize
+
+
+_UPLOAD_CHUNK_BYTES = 64 << 20  # host rows read per copy while uploading an array to the device
+
+
+def _copy_rows_to_device(array, rows: int, device: torch.device) -> torch.Tensor:
+    """All `rows` rows of `array` -> one tensor on `device` in the array's own dtype, read and copied chunk by chunk (pinned
+    chunks on CUDA, so reading the next chunk overlaps copying this one)."""
+    dtype = torch.from_numpy(np.zeros(0, dtype=array.dtype)).dtype
+    target = torch.empty((rows, *array.shape[1:]), dtype=dtype, device=device)
+    step = max(1, _UPLOAD_CHUNK_BYTES // max(1, _array_bytes(array, 1)))
+    pin = device.type == "cuda"
+    for start in range(0, rows, step):
+        chunk = torch.from_numpy(np.ascontiguousarray(array[start:start + step]))
+        if pin:
+            chunk = chunk.pin_memory()
+        target[start:start + len(chunk)].copy_(chunk, non_blocking=pin)
+    return target
+
+
+def _prefetched(arrays: dict, order: np.ndarray, batch_size: int, pin: bool) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(start, {name: host rows of the batch at `start`}) in order, read by a background thread at most two batches ahead."""
+    import queue
+    import threading
+
+    slots: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for start in range(0, len(order), batch_size):
+                rows = np.sort(order[start:start + batch_size])
+                host = {}
+                for name, array in arrays.items():
+                    tensor = torch.from_numpy(np.ascontiguousarray(array[rows]))
+                    host[name] = tensor.pin_memory() if pin else tensor
+                if not put((start, host)):
+                    return
+            put(None)
+        except BaseException as err:  # handed to the consumer, which raises it
+            put(err)
+
+    thread = threading.Thread(target=read, name="spacil-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class Learner:
@@ -144,10 +303,11 @@ class Learner:
         self.seen_names = list(state["seen_names"])
 
 
-def task_generator(config: Config, task: int, stream: int = 0) -> torch.Generator:
+def task_generator(config: Config, task: int, stream: int = 0, device: Optional[torch.device] = None) -> torch.Generator:
     """The one source of randomness of a task: derived from the config's seed, the task and a stream number, so a resumed
-    run draws exactly what an uninterrupted one draws."""
-    generator = torch.Generator()
+    run draws exactly what an uninterrupted one draws. `device` places the generator (CPU by default): draws on a CUDA
+    generator are reproducible run to run, but differ from the CPU's."""
+    generator = torch.Generator(device=device if device is not None else "cpu")
     generator.manual_seed(config.seed * 1_000_003 + task * 101 + stream)
     return generator
 

@@ -10,7 +10,8 @@ solver therefore runs the same iterates in the log-stabilised form (Schmitzer, 2
 log-domain step sets the potentials and the stabilised kernel K~_ij = exp(-C_ij/eps + f_i + g_j) (the current plan); in
 between, the updates are the equivalent multiplicative ones on K~ (u <- a / K~v, v <- b / K~'u), and their log is absorbed back
 into f and g. Same iterates, one exponential pass per block instead of two per iteration. Problems are processed in chunks
-that fit in cache.
+sized for the device they run on (`chunk_problems`): cache-sized on a CPU; on a GPU the whole batch at once unless its
+working memory would pass a fixed bound (one launch per operation over every problem instead of one per chunk).
 
 Fixed iteration count, no host synchronisation inside the loop, float32 at least whatever the input dtype, and masked
 marginals: a -inf log-weight removes a row or a column (a class with fewer descriptions is solved on its real ones only).
@@ -21,8 +22,17 @@ from __future__ import annotations
 import torch
 
 _TINY = 1e-30  # floor of the multiplicative denominators: a column with (numerically) no mass must not divide by zero
-CHUNK_PROBLEMS = 8192  # problems solved together: [n, m, chunk] float32 blocks stay cache-friendly for small n, m
+CHUNK_PROBLEMS = 8192  # problems solved together on a CPU: [n, m, chunk] float32 blocks stay cache-friendly for small n, m
+DEVICE_CHUNK_BYTES = 4 << 30  # on a GPU: the most working memory (about 8 [n, m] float32 blocks per problem) of one chunk
 ABSORB_EVERY = 20
+
+
+def chunk_problems(device: torch.device, n: int, m: int, problems: int) -> int:
+    """How many problems of size n x m one block solves on `device` (at least one)."""
+    if device.type == "cpu":
+        return CHUNK_PROBLEMS
+    per_problem = 8 * n * m * 4
+    return max(1, min(problems, DEVICE_CHUNK_BYTES // max(1, per_problem)))
 
 
 # Inside a block, problems are the last (contiguous) dimension: scaled [n, m, P], f [n, P], g [m, P]. Every reduction then
@@ -106,12 +116,13 @@ def sinkhorn_log(
     initial_f = row_shift.squeeze(-1)
     log_a = log_a.to(work).expand(*batch_shape, n).reshape(-1, n)
     log_b = log_b.to(work).expand(*batch_shape, m).reshape(-1, m)
+    chunk = chunk_problems(scaled.device, n, m, scaled.shape[0])
     plans = [
-        _solve_block(scaled[s:s + CHUNK_PROBLEMS], initial_f[s:s + CHUNK_PROBLEMS], log_a[s:s + CHUNK_PROBLEMS],
-                     log_b[s:s + CHUNK_PROBLEMS], iters, max(1, absorb_every))
-        for s in range(0, scaled.shape[0], CHUNK_PROBLEMS)
+        _solve_block(scaled[s:s + chunk], initial_f[s:s + chunk], log_a[s:s + chunk], log_b[s:s + chunk], iters,
+                     max(1, absorb_every))
+        for s in range(0, scaled.shape[0], chunk)
     ]
-    plan = torch.cat(plans) if plans else scaled.exp()
+    plan = (plans[0] if len(plans) == 1 else torch.cat(plans)) if plans else scaled.exp()
     # inf - inf in fully masked problems gives NaN: those carry no mass
     return torch.nan_to_num(plan, nan=0.0, posinf=0.0).reshape(*batch_shape, n, m)
 

@@ -20,10 +20,12 @@ def token_similarity(patches: torch.Tensor, semantic: torch.Tensor) -> torch.Ten
     return flat.view(batch, num_patches, classes, tokens)
 
 
-def relevance_from_similarity(similarity: torch.Tensor, mask: torch.Tensor, mode: str = "max") -> torch.Tensor:
-    """similarity [B, N, C, M], mask [C, M] -> relevance [B, C, N] (classes without tokens get zeros)."""
+def relevance_from_similarity(similarity: torch.Tensor, mask: torch.Tensor, mode: str = "max",
+                              mask_full: Optional[bool] = None) -> torch.Tensor:
+    """similarity [B, N, C, M], mask [C, M] -> relevance [B, C, N] (classes without tokens get zeros). `mask_full`: whether
+    the mask is all True, when the caller knows (asking a device tensor waits for the device)."""
     if mode == "max":
-        if bool(mask.all()):  # every class has all its tokens: no masking pass over the [B, N, C, M] similarities
+        if mask_full if mask_full is not None else bool(mask.all()):  # no masking pass over the [B, N, C, M] similarities
             return similarity.amax(dim=-1).permute(0, 2, 1)
         scores = similarity.masked_fill(~mask, float("-inf")).amax(dim=-1)
         scores = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
@@ -34,9 +36,10 @@ def relevance_from_similarity(similarity: torch.Tensor, mask: torch.Tensor, mode
 
 
 @torch.no_grad()
-def patch_relevance(patches: torch.Tensor, semantic: torch.Tensor, mask: torch.Tensor, mode: str = "max") -> torch.Tensor:
+def patch_relevance(patches: torch.Tensor, semantic: torch.Tensor, mask: torch.Tensor, mode: str = "max",
+                    mask_full: Optional[bool] = None) -> torch.Tensor:
     """patches [B, N, d], semantic [C, M, d], mask [C, M] -> relevance r [B, C, N]."""
-    return relevance_from_similarity(token_similarity(patches, semantic), mask, mode)
+    return relevance_from_similarity(token_similarity(patches, semantic), mask, mode, mask_full)
 
 
 @torch.no_grad()
@@ -49,7 +52,8 @@ def select_top_k(relevance: torch.Tensor, top_k_patches: int) -> tuple[torch.Ten
 
 @torch.no_grad()
 def random_patches(batch: int, classes: int, num_patches: int, top_k_patches: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """The ablation of semantic selection: k random patches per image (the same for every class) -> indices [B, C, k]."""
+    """The ablation of semantic selection: k random patches per image (the same for every class) -> indices [B, C, k], on
+    the generator's device."""
     k = min(top_k_patches, num_patches)
-    noise = torch.rand(batch, num_patches, generator=generator)
+    noise = torch.rand(batch, num_patches, generator=generator, device=generator.device if generator is not None else None)
     return noise.argsort(dim=-1)[:, :k].unsqueeze(1).expand(batch, classes, k)

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from spacil.config import Config, differing_keys, dump_config
+from spacil.devices import device_name, memory_budget, resolve_device
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
 from spacil.features import FeatureStore, atomic_write_text, rows_as_tensor
@@ -41,11 +42,13 @@ class Run:
 
     def __init__(self, config: Config, store: FeatureStore, out: str | Path, resume: bool = False,
                  echo: Optional[Callable[[str], None]] = None, progress: bool = False):
+        self.device = resolve_device(config.device)
+        # the resolved device is what config.yaml records ('auto' says nothing about where a run computed)
+        config = config.model_copy(update={"device": device_name(self.device)})
         self.config = config
         self.store = store
         self.out = Path(out)
         self.echo = echo or (lambda line: None)
-        self.device = torch.device(config.device)
         context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device, progress)
         self.learner: Learner = create_learner(config, context)
         data = config.data
@@ -99,11 +102,14 @@ class Run:
         if differ:
             shown = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")
             raise InputError(f"{path}: differs from this run's config ({shown}); resume with the same settings")
+        if saved.get("device") != self.config.device:  # a run may move between devices: record where it ends
+            atomic_write_text(path, dump_config(self.config))
 
     def _load_checkpoint(self, path: Path) -> None:
         """Load checkpoints/last.pt with weights_only=True: tensors, numbers, strings, lists and dicts, never code."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # tensors come back on this run's device, whichever device wrote them
+            state = torch.load(path, map_location=self.device, weights_only=True)
         except pickle.UnpicklingError as err:
             if "weights only" in str(err).lower() or "weights_only" in str(err):
                 raise InputError(f"{path}: refused: it holds Python objects other than tensors, numbers, strings, lists "
@@ -178,7 +184,8 @@ class Run:
         rows = self._rows_of(split_name, positions)
         patches = split.patches if self.learner.needs_patches else None
         return TaskData(task, _RowView(split.global_, rows), None if patches is None else _RowView(patches, rows),
-                        self.position_of[split.labels[rows]], self.device)
+                        self.position_of[split.labels[rows]], self.device,
+                        memory_budget=memory_budget(self.device, self.config.train.device_memory_budget))
 
     def _task_data(self, task: int) -> TaskData:
         start, end = self.bounds[task]
@@ -193,10 +200,11 @@ class Run:
         data = self._split_data("test", task, list(range(seen_end)))
         predictions, targets = [], []
         for batch in data.batches(self.config.train.eval_batch_size, with_patches=self.learner.needs_patches):
-            predictions.append(self.learner.predict(batch).cpu().numpy())
-            targets.append(batch.targets.cpu().numpy())
-        predictions = np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
-        targets = np.concatenate(targets) if targets else np.zeros(0, dtype=np.int64)
+            predictions.append(self.learner.predict(batch))
+            targets.append(batch.targets)
+        # one copy to the host per evaluation, not one wait for the device per batch
+        predictions = torch.cat(predictions).cpu().numpy() if predictions else np.zeros(0, dtype=np.int64)
+        targets = torch.cat(targets).cpu().numpy() if targets else np.zeros(0, dtype=np.int64)
         task_of_position = np.repeat(np.arange(len(self.sizes)), self.sizes)
         return evaluate_task(task, predictions, targets, task_of_position[targets], seen_end)
 
@@ -206,9 +214,9 @@ class Run:
         if self.first_task == 0:
             self._log(f"method: {self.learner.label}  data: {self.store.dataset} ({self.store.num_classes} classes)  "
                       f"tasks: {len(self.sizes)} (B{config.data.init_cls if config.data.init_cls != config.data.increment else 0} "
-                      f"Inc{config.data.increment})  seed: {config.seed}")
+                      f"Inc{config.data.increment})  seed: {config.seed}  device: {config.device}")
         else:
-            self._log(f"resuming after task {self.first_task}")
+            self._log(f"resuming after task {self.first_task} (device: {config.device})")
         summary = None
         for task in range(self.first_task, len(self.sizes)):
             started = time.perf_counter()
@@ -216,6 +224,7 @@ class Run:
             data = self._task_data(task)
             self.learner.fit_task(data)
             self.learner.end_task(data)
+            del data  # the task's rows leave the device before the test rows come
             evaluation = self._evaluate(task)
             self.evaluations.append(evaluation)
             self._checkpoint()
@@ -256,6 +265,14 @@ class _RowView:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.rows), *self.array.shape[1:])
+
+    @property
+    def dtype(self):
+        return self.array.dtype
 
     def __getitem__(self, index):
         return self.array[self.rows[index]]

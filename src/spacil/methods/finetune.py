@@ -16,28 +16,29 @@ class FineTune(Learner):
 
     def __init__(self, config, context):
         super().__init__(config, context)
-        self.weight = torch.zeros(0, context.dim)
-        self.bias = torch.zeros(0)
+        self.weight = torch.zeros(0, context.dim, device=context.device)
+        self.bias = torch.zeros(0, device=context.device)
 
     def begin_task(self, info: TaskInfo) -> None:
         super().begin_task(info)
         generator = task_generator(self.config, info.task, stream=7)
+        # drawn on the CPU, then moved: the same initial head on every device
         new_weight = torch.randn(len(info.positions), self.context.dim, generator=generator) * self.context.dim ** -0.5
-        self.weight = torch.cat([self.weight, new_weight])
-        self.bias = torch.cat([self.bias, torch.zeros(len(info.positions))])
+        self.weight = torch.cat([self.weight, new_weight.to(self.weight.device)])
+        self.bias = torch.cat([self.bias, torch.zeros(len(info.positions), device=self.bias.device)])
 
     def fit_task(self, data: TaskData) -> None:
         train = self.config.train
         weight = torch.nn.Parameter(self.weight.clone())
         bias = torch.nn.Parameter(self.bias.clone())
         optimizer, schedule = make_optimizer([weight, bias], train, steps_per_task(len(data), train))
-        column = self.columns_of_positions()
+        column = self.columns_of_positions().to(self.context.device)
         generator = task_generator(self.config, data.task, stream=1)
         bar = step_bar(self.context, steps_per_task(len(data), train), data.task)
         for _ in range(train.epochs):
             for batch in data.batches(train.batch_size, generator, with_patches=False):
                 logits = self.context.logit_scale * (batch.global_ @ weight.T) + bias
-                loss = F.cross_entropy(logits, column[batch.targets.cpu()])
+                loss = F.cross_entropy(logits, column[batch.targets.to(column.device)])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -54,4 +55,4 @@ class FineTune(Learner):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.weight, self.bias = state["weight"], state["bias"]
+        self.weight, self.bias = state["weight"].to(self.context.device), state["bias"].to(self.context.device)

@@ -16,17 +16,20 @@ class SimpleCIL(Learner):
 
     def __init__(self, config, context):
         super().__init__(config, context)
-        self.prototypes = torch.zeros(0, context.dim)
+        self.prototypes = torch.zeros(0, context.dim, device=context.device)
 
     def end_task(self, data: TaskData) -> None:
+        device = self.context.device
         new = self.seen_positions[len(self.prototypes):]
-        sums = torch.zeros(len(new), self.context.dim, dtype=torch.float64)
-        counts = torch.zeros(len(new), dtype=torch.float64)
-        column = {position: i for i, position in enumerate(new)}
+        sums = torch.zeros(len(new), self.context.dim, dtype=torch.float64, device=device)
+        counts = torch.zeros(len(new), dtype=torch.float64, device=device)
+        column = torch.full((max(new) + 1,), -1, dtype=torch.long)  # class position -> its row in `sums`
+        column[torch.tensor(new)] = torch.arange(len(new))
+        column = column.to(device)
         for batch in data.batches(self.config.train.eval_batch_size, with_patches=False):
-            index = torch.tensor([column[int(t)] for t in batch.targets])
-            sums.index_add_(0, index, batch.global_.double().cpu())
-            counts.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
+            index = column[batch.targets]
+            sums.index_add_(0, index, batch.global_.double())
+            counts.index_add_(0, index, torch.ones(len(index), dtype=torch.float64, device=device))
         means = (sums / counts.clamp(min=1).unsqueeze(1)).float()
         self.prototypes = torch.cat([self.prototypes, F.normalize(means, dim=-1)])
 
@@ -38,4 +41,4 @@ class SimpleCIL(Learner):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.prototypes = state["prototypes"]
+        self.prototypes = state["prototypes"].to(self.context.device)

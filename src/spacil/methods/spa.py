@@ -55,13 +55,15 @@ class SPA(Learner):
         self.ablation = config.ablation
         self.needs_patches = self.ablation.patch_branch or self.ablation.gaussian_calibration
         dim = context.dim
-        self.prompts = torch.zeros(0, dim)
-        self.semantic = torch.zeros(0, 1, dim)  # [C, M, d] semantic tokens s_cj of seen classes
-        self.semantic_mask = torch.zeros(0, 1, dtype=torch.bool)
-        self.image_projector = ProjectorStack(dim, self.knobs.projector)
-        self.text_projector = ProjectorStack(dim, self.knobs.projector)
-        self.global_bank = GaussianBank(dim, self.knobs.cov_type, self.knobs.cov_shrink)
-        self.patch_bank = GaussianBank(dim, self.knobs.cov_type, self.knobs.cov_shrink)
+        device = context.device  # text features, projectors and Gaussians live there from the start
+        self.prompts = torch.zeros(0, dim, device=device)
+        self.semantic = torch.zeros(0, 1, dim, device=device)  # [C, M, d] semantic tokens s_cj of seen classes
+        self.semantic_mask = torch.zeros(0, 1, dtype=torch.bool, device=device)
+        self._mask_full = True  # whether semantic_mask is all True (known on the host, so scoring never asks the device)
+        self.image_projector = ProjectorStack(dim, self.knobs.projector).to(device)
+        self.text_projector = ProjectorStack(dim, self.knobs.projector).to(device)
+        self.global_bank = GaussianBank(dim, self.knobs.cov_type, self.knobs.cov_shrink, device)
+        self.patch_bank = GaussianBank(dim, self.knobs.cov_type, self.knobs.cov_shrink, device)
 
     @property
     def label(self) -> str:
@@ -88,7 +90,9 @@ class SPA(Learner):
     def begin_task(self, info: TaskInfo) -> None:
         if info.prompts is None:
             raise InputError("spa: the feature store has no class prompts (text/prompts.npy)")
+        device = self.context.device
         tokens, mask = self._semantic_tokens(info)
+        tokens, mask = tokens.to(device), mask.to(device)
         # A class without descriptions keeps one zero token: its patch score is 0 and its OT problem stays well posed.
         mask = mask.clone()
         mask[:, 0] |= ~mask.any(dim=1)
@@ -98,17 +102,21 @@ class SPA(Learner):
         tokens, mask = _pad_tokens(tokens, mask, width)
         self.semantic = torch.cat([old_tokens, tokens])
         self.semantic_mask = torch.cat([old_mask, mask])
-        self.prompts = torch.cat([self.prompts, info.prompts.cpu()])
+        self._mask_full = bool(self.semantic_mask.all())
+        self.prompts = torch.cat([self.prompts, info.prompts.to(device)])
         if self.ablation.projectors:
+            # initialised on the CPU from a CPU generator, then moved: the same starting weights on every device
             generator = task_generator(self.config, info.task, stream=3)
             self.image_projector.add_task(generator)
             self.text_projector.add_task(generator)
+            self.image_projector.to(device)
+            self.text_projector.to(device)
 
     # scoring -----------------------------------------------------------------------------------------------------------
     def _select(self, patches: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         """patches [B, N, d] frozen -> (indices [B, C, k] of the kept patches, their relevance [B, C, k])."""
         semantic, mask = self.semantic.to(patches.device), self.semantic_mask.to(patches.device)
-        relevance = patch_relevance(patches, semantic, mask, self.knobs.relevance)
+        relevance = patch_relevance(patches, semantic, mask, self.knobs.relevance, self._mask_full)
         if self.ablation.semantic_selection:
             return select_top_k(relevance, self.knobs.top_k_patches)
         batch, classes, num_patches = relevance.shape
@@ -177,7 +185,7 @@ class SPA(Learner):
         if patches is not None and self.knobs.patch_weights == "relevance":  # only the relevance weights need it
             mask = self.semantic_mask.to(patches.device)
             relevance = relevance_from_similarity(token_similarity(patches, self.semantic.to(patches.device)), mask,
-                                                  self.knobs.relevance)
+                                                  self.knobs.relevance, self._mask_full)
         return self._logits(global_, patches, None, relevance)
 
     # hooks -------------------------------------------------------------------------------------------------------------
@@ -187,16 +195,17 @@ class SPA(Learner):
             return
         train = self.config.train
         optimizer, schedule = make_optimizer(params, train, steps_per_task(len(data), train))
-        column = self.columns_of_positions()
-        batch_generator = task_generator(self.config, data.task, stream=1)
-        sample_generator = task_generator(self.config, data.task, stream=2)
+        device = self.context.device
+        column = self.columns_of_positions().to(device)
+        batch_generator = task_generator(self.config, data.task, stream=1)  # the batch order is drawn on the CPU
+        sample_generator = task_generator(self.config, data.task, stream=2, device=device)
         self.image_projector.train()
         self.text_projector.train()
         bar = step_bar(self.context, steps_per_task(len(data), train), data.task)
         for _ in range(train.epochs):
             for batch in data.batches(train.batch_size, batch_generator, with_patches=self.ablation.patch_branch):
                 logits = self._real_logits(batch, sample_generator)
-                targets = column[batch.targets.cpu()].to(logits.device)
+                targets = column[batch.targets.to(device)]
                 pseudo = self._pseudo_batch(sample_generator)
                 if pseudo is not None:
                     global_, patches, positions = pseudo
@@ -221,10 +230,11 @@ class SPA(Learner):
         new_positions = self.seen_positions[len(self.global_bank):]
         slot = {position: i for i, position in enumerate(new_positions)}
         full = self.knobs.cov_type == "full"
-        global_moments = MomentAccumulator(len(new_positions), self.context.dim, full)
-        patch_moments = MomentAccumulator(len(new_positions), self.context.dim, full)
+        device = self.context.device
+        global_moments = MomentAccumulator(len(new_positions), self.context.dim, full, device)
+        patch_moments = MomentAccumulator(len(new_positions), self.context.dim, full, device)
         seen_column = {position: i for i, position in enumerate(self.seen_positions)}
-        generator = task_generator(self.config, data.task, stream=4)
+        generator = task_generator(self.config, data.task, stream=4, device=device)
         for batch in data.batches(self.config.train.eval_batch_size, with_patches=self.ablation.patch_branch):
             targets = batch.targets.cpu()
             for position in targets.unique().tolist():
@@ -236,7 +246,7 @@ class SPA(Learner):
                     semantic = self.semantic[own:own + 1].to(patches.device)
                     mask = self.semantic_mask[own:own + 1].to(patches.device)
                     if self.ablation.semantic_selection:
-                        relevance = patch_relevance(patches, semantic, mask, self.knobs.relevance)
+                        relevance = patch_relevance(patches, semantic, mask, self.knobs.relevance)  # one class: cheap
                         indices, _ = select_top_k(relevance, self.knobs.top_k_patches)
                     else:
                         indices = random_patches(len(rows), 1, patches.shape[1], self.knobs.top_k_patches, generator)
@@ -248,7 +258,7 @@ class SPA(Learner):
                 self.patch_bank.add(position, *patch_moments.moments(i))
 
     def logits(self, batch: FeatureBatch) -> torch.Tensor:
-        generator = task_generator(self.config, len(self.seen_positions), stream=5)
+        generator = task_generator(self.config, len(self.seen_positions), stream=5, device=self.context.device)
         if not self.ablation.patch_branch:
             return self._logits(batch.global_, None, None, None)
         per_image = batch.patches.shape[1] * self.semantic.shape[0] * self.semantic.shape[1]
@@ -275,10 +285,13 @@ class SPA(Learner):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.prompts, self.semantic, self.semantic_mask = state["prompts"], state["semantic"], state["semantic_mask"]
+        device = self.context.device
+        self.prompts, self.semantic, self.semantic_mask = (state[key].to(device) for key in ("prompts", "semantic", "semantic_mask"))
+        self._mask_full = bool(self.semantic_mask.all())
         for stack, key in ((self.image_projector, "image_projector"), (self.text_projector, "text_projector")):
             for task in range(state["num_projectors"]):
                 stack.add_task(task_generator(self.config, task, stream=3))
+            stack.to(device)
             stack.load_state_dict(state[key])
             for param in stack.parameters():
                 param.requires_grad_(False)

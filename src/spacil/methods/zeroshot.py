@@ -13,13 +13,13 @@ class ZeroShot(Learner):
 
     def __init__(self, config, context):
         super().__init__(config, context)
-        self.prompts = torch.zeros(0, context.dim)
+        self.prompts = torch.zeros(0, context.dim, device=context.device)
 
     def begin_task(self, info: TaskInfo) -> None:
         if info.prompts is None:
             raise InputError("zeroshot needs class prompt embeddings: the store has no text/prompts.npy")
         super().begin_task(info)
-        self.prompts = torch.cat([self.prompts, info.prompts.cpu()])
+        self.prompts = torch.cat([self.prompts, info.prompts.to(self.context.device)])
 
     def logits(self, batch: FeatureBatch) -> torch.Tensor:
         return self.context.logit_scale * batch.global_ @ self.prompts.to(batch.global_.device).T
@@ -29,4 +29,4 @@ class ZeroShot(Learner):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.prompts = state["prompts"]
+        self.prompts = state["prompts"].to(self.context.device)

@@ -203,17 +203,27 @@ def build_config(tree: Optional[dict] = None, overrides: tuple[str, ...] | list[
         raise InputError(_format_error(err, source)) from None
 
 
+def read_yaml_mapping(path: str | Path, what: str, empty_ok: bool = False) -> dict:
+    """A YAML mapping from `path` (yaml.safe_load: no Python objects); InputError naming the file when it cannot be read,
+    is not YAML or is not a mapping. `what` says what the file should be ("config", "sweep file")."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise InputError(f"{path}: cannot read {what} ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if tree is None and empty_ok:
+        return {}
+    if not isinstance(tree, dict):
+        raise InputError(f"{path}: a {what} must be a mapping")
+    return tree
+
+
 def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Read a YAML config (a path, or the name of a packaged benchmark config such as `cifar224_b0`)."""
     path = resolve_config_path(path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise InputError(f"{path}: cannot read config ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise InputError(f"{path}: a config must be a mapping of sections")
+    tree = read_yaml_mapping(path, "config", empty_ok=True)
     return build_config(tree, overrides, source=str(path))
 
 
@@ -221,15 +231,20 @@ def packaged_config_dir() -> Path:
     return Path(__file__).parent / "configs"
 
 
-def resolve_config_path(path: str | Path) -> Path:
-    candidate = Path(path)
-    if candidate.exists():
+def resolve_packaged(name: str | Path, folder: Path, what: str) -> Path:
+    """`name` as a file, else `folder/<name>.yaml` (a file shipped with spacil), else an InputError listing those."""
+    candidate = Path(name)
+    if candidate.is_file():
         return candidate
-    packaged = packaged_config_dir() / f"{path}.yaml"
-    if packaged.exists():
+    packaged = folder / f"{name}.yaml"
+    if packaged.is_file():
         return packaged
-    known = sorted(p.stem for p in packaged_config_dir().glob("*.yaml"))
-    raise InputError(f"{path}: no such config file (packaged configs: {', '.join(known)})")
+    known = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise InputError(f"{name}: no such {what} file (packaged {what}s: {', '.join(known) or 'none'})")
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    return resolve_packaged(path, packaged_config_dir(), "config")
 
 
 # Settings that say where a run computes, not what it computes: a run may resume or be compared across them.

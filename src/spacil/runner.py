@@ -19,9 +19,8 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import yaml
 
-from spacil.config import Config, differing_keys, dump_config
+from spacil.config import Config, differing_keys, dump_config, read_yaml_mapping
 from spacil.devices import device_name, memory_budget, resolve_device
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
@@ -90,14 +89,7 @@ class Run:
     def _check_saved_config(self) -> None:
         """The run folder's config.yaml must parse and match this run's config (placement keys such as device aside)."""
         path = self.out / "config.yaml"
-        try:
-            saved = yaml.safe_load(path.read_text())
-        except OSError as err:
-            raise InputError(f"{path}: cannot read ({err.strerror}); it must hold the interrupted run's config") from None
-        except yaml.YAMLError as err:
-            raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(saved, dict):
-            raise InputError(f"{path}: expected a mapping of config sections")
+        saved = read_yaml_mapping(path, "run's config")
         differ = differing_keys(saved, self.config)
         if differ:
             shown = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")

@@ -32,7 +32,8 @@ from typing import Any, Callable, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from spacil.config import Config, build_config, differing_keys, dump_config, load_config, resolve_config_path
+from spacil.config import (Config, build_config, differing_keys, dump_config, load_config, read_yaml_mapping,
+                           resolve_config_path, resolve_packaged)
 from spacil.errors import InputError
 from spacil.features import atomic_write_text
 
@@ -85,27 +86,13 @@ def packaged_sweep_dir() -> Path:
 
 
 def resolve_sweep_path(name: str | Path) -> Path:
-    candidate = Path(name)
-    if candidate.is_file():
-        return candidate
-    packaged = packaged_sweep_dir() / f"{name}.yaml"
-    if packaged.is_file():
-        return packaged
-    known = sorted(p.stem for p in packaged_sweep_dir().glob("*.yaml"))
-    raise InputError(f"{name}: no such sweep file (packaged sweeps: {', '.join(known) or 'none'})")
+    return resolve_packaged(name, packaged_sweep_dir(), "sweep")
 
 
 def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
     """Read and validate a sweep YAML (a file, or the name of a packaged one such as `paper_grid`)."""
     path = resolve_sweep_path(path)
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise InputError(f"{path}: cannot read sweep file ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise InputError(f"{path}: a sweep file must be a mapping (configs, features, methods, seeds, variants, set, slurm)")
+    tree = read_yaml_mapping(path, "sweep file")
     try:
         spec = SweepSpec.model_validate(tree)
     except ValidationError as err:

@@ -131,21 +131,26 @@ def _best(entries, rows, groups, key) -> dict[str, float]:
     return best
 
 
+def _row_cells(entries, row, groups, best, latex: bool = False) -> list[str]:
+    """One table row's cells: mean +- std of Ā and A_B per entry (empty where the grid has no such run), best in bold."""
+    cells = []
+    for entry in entries:
+        group = groups.get((entry, row))
+        for key in ("avg_acc", "last_acc"):
+            if group is None:
+                cells.append("")
+                continue
+            mean, std = group.mean_std(key)
+            cells.append(_format(mean, std, group, latex=latex, bold=mean == best[key][entry]))
+    return cells
+
+
 def markdown(entries, rows, groups, titles) -> str:
     header = ["method"] + [part for e in entries for part in (f"{titles[e]} Ā", "A_B")]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
     best = {key: _best(entries, rows, groups, key) for key in ("avg_acc", "last_acc")}
     for row in rows:
-        cells = [row]
-        for entry in entries:
-            group = groups.get((entry, row))
-            for key in ("avg_acc", "last_acc"):
-                if group is None:
-                    cells.append("")
-                    continue
-                mean, std = group.mean_std(key)
-                cells.append(_format(mean, std, group, bold=mean == best[key][entry]))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([row] + _row_cells(entries, row, groups, best)) + " |")
     return "\n".join(lines)
 
 
@@ -161,16 +166,7 @@ def latex(entries, rows, groups, titles) -> str:
              " ".join(f"\\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(entries))),
              "Method & " + " & ".join("$\\bar{A}$ & $A_B$" for _ in entries) + " \\\\", "\\midrule"]
     for row in rows:
-        cells = [_tex(row)]
-        for entry in entries:
-            group = groups.get((entry, row))
-            for key in ("avg_acc", "last_acc"):
-                if group is None:
-                    cells.append("")
-                    continue
-                mean, std = group.mean_std(key)
-                cells.append(_format(mean, std, group, latex=True, bold=mean == best[key][entry]))
-        lines.append(" & ".join(cells) + " \\\\")
+        lines.append(" & ".join([_tex(row)] + _row_cells(entries, row, groups, best, latex=True)) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
 

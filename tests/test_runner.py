@@ -95,7 +95,7 @@ def _perturb_later_classes(store, after_task: int, seed: int):
     (store / "meta.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("method", ["spa", "simplecil", "finetune", "zeroshot"])
+@pytest.mark.parametrize("method", ["spa", "simplecil", "finetune", "zeroshot", "proof"])
 def test_nothing_of_a_later_task_is_read_before_it_starts(random_store, tmp_path, method):
     """Exemplar-free and causal: results up to task t do not change when every later class is replaced."""
     assert _run(random_store, tmp_path / "clean", "--method", method, "--set", "epochs=2") == 0

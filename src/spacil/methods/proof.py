@@ -391,4 +391,5 @@ class Proof(Learner):
         self.fusion.load_state_dict(state["fusion"])
         with torch.no_grad():
             self.log_logit_scale.copy_(state["log_logit_scale"])
+        self.memory_features, self.memory_targets = state["memory_features"], state["memory_targets"]
         self._freeze()

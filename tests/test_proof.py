@@ -71,11 +71,11 @@ def test_fusion_is_attention_over_image_texts_prototypes_and_context():
 
 def test_fusion_dropout_is_drawn_from_the_generator():
     fusion = _fusion()
-    tokens = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
-    a = fusion(tokens, torch.Generator().manual_seed(9))
-    b = fusion(tokens, torch.Generator().manual_seed(9))
+    image, shared = torch.randn(2, 6, generator=torch.Generator().manual_seed(0)), torch.randn(4, 6)
+    a = fusion(image, shared, torch.Generator().manual_seed(9))
+    b = fusion(image, shared, torch.Generator().manual_seed(9))
     torch.testing.assert_close(a, b)
-    assert not torch.allclose(a, fusion(tokens))  # evaluation drops nothing
+    assert not torch.allclose(a, fusion(image, shared))  # evaluation drops nothing
 
 
 def test_projections_sum_over_tasks_and_train_only_the_newest_image_one():

@@ -88,12 +88,17 @@ class TaskProjections(nn.Module):
 
 
 class CrossModalFusion(nn.Module):
-    """One-head self-attention over a token sequence, then dropout, residual and LayerNorm: [B, L, d] -> [B, L, d].
+    """One-head self-attention over each image's token sequence [image, shared tokens], then dropout, residual and LayerNorm:
+    image [B, d], shared [S, d] -> [B, 1 + S, d].
 
     Follows MultiHeadAttention and ScaledDotProductAttention (convs/projections.py) as Proof_Net builds it
     (n_head 1, d_k = d_v = d): query/key/value maps without bias drawn from N(0, 2 / (d + d)), the output map Xavier-normal
     with the default Linear bias, softmax(q k^T / sqrt(d)) over the keys, dropout on the attention weights and on the output
     (training only), LayerNorm(output + input). No token is masked: every token attends to every token.
+
+    The shared tokens (class texts, prototypes, context prompts) are the same in every image's sequence, so their query, key
+    and value maps and their block of scores are computed once; the output map is applied to the values before mixing
+    ((A V) W_o^T = A (V W_o^T)). The result is the official per-sequence computation, in a different order of operations.
     """
 
     def __init__(self, dim: int, dropout: float, generator: torch.Generator):
@@ -109,12 +114,20 @@ class CrossModalFusion(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(dim))
         self.norm_bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, tokens: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        q, k, v = tokens @ self.query.T, tokens @ self.key.T, tokens @ self.value.T
-        weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.dim), dim=-1)
-        weights = _dropout(weights, self.dropout, generator)
-        out = _dropout((weights @ v) @ self.out_weight.T + self.out_bias, self.dropout, generator)
-        return F.layer_norm(out + tokens, (self.dim,), self.norm_weight, self.norm_bias)
+    def forward(self, image: torch.Tensor, shared: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        batch, num_shared, dim = len(image), len(shared), self.dim
+        value_out = self.out_weight @ self.value  # x -> x W_v^T W_o^T
+        q_image, k_image, v_image = image @ self.query.T, image @ self.key.T, image @ value_out.T  # [B, d]
+        q_shared, k_shared, v_shared = shared @ self.query.T, shared @ self.key.T, shared @ value_out.T  # [S, d]
+        image_row = torch.cat([(q_image * k_image).sum(dim=1, keepdim=True), q_image @ k_shared.T], dim=1)  # [B, 1 + S]
+        shared_rows = torch.cat([(k_image @ q_shared.T).unsqueeze(2),
+                                 (q_shared @ k_shared.T).expand(batch, num_shared, num_shared)], dim=2)  # [B, S, 1 + S]
+        scores = torch.cat([image_row.unsqueeze(1), shared_rows], dim=1) / math.sqrt(dim)  # [B, L, L], L = 1 + S
+        weights = _dropout(torch.softmax(scores, dim=-1), self.dropout, generator)
+        mixed = weights[..., :1] * v_image.unsqueeze(1) + (weights[..., 1:].reshape(-1, num_shared) @ v_shared).view(batch, -1, dim)
+        out = _dropout(mixed + self.out_bias, self.dropout, generator)
+        tokens = torch.cat([image.unsqueeze(1), shared.unsqueeze(0).expand(batch, -1, -1)], dim=1)
+        return F.layer_norm(out + tokens, (dim,), self.norm_weight, self.norm_bias)
 
 
 def fuse(fusion: CrossModalFusion, image: torch.Tensor, text: torch.Tensor, prototypes: torch.Tensor, context: torch.Tensor,
@@ -125,9 +138,7 @@ def fuse(fusion: CrossModalFusion, image: torch.Tensor, text: torch.Tensor, prot
     [C, d] and [P, d] averaged over the batch when `batch_mean` (as Proof_Net.forward_transformer does, utils/inc_net.py),
     else [B, C, d] and [B, P, d], one set per image.
     """
-    shared = torch.cat([text, prototypes, context])
-    tokens = torch.cat([image.unsqueeze(1), shared.unsqueeze(0).expand(len(image), -1, -1)], dim=1)
-    out = fusion(tokens, generator)
+    out = fusion(image, torch.cat([text, prototypes, context]), generator)
     classes, protos = len(text), len(prototypes)
     fused_text = out[:, 1:1 + classes]
     fused_prototypes = out[:, 1 + classes:1 + classes + protos]

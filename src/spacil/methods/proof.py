@@ -116,9 +116,10 @@ class CrossModalFusion(nn.Module):
 
     def forward(self, image: torch.Tensor, shared: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         batch, num_shared, dim = len(image), len(shared), self.dim
-        value_out = self.out_weight @ self.value  # x -> x W_v^T W_o^T
-        q_image, k_image, v_image = image @ self.query.T, image @ self.key.T, image @ value_out.T  # [B, d]
-        q_shared, k_shared, v_shared = shared @ self.query.T, shared @ self.key.T, shared @ value_out.T  # [S, d]
+        q_image, k_image = image @ self.query.T, image @ self.key.T  # [B, d]
+        q_shared, k_shared = shared @ self.query.T, shared @ self.key.T  # [S, d]
+        v_image = (image @ self.value.T) @ self.out_weight.T  # values already through the output map, [B, d]
+        v_shared = (shared @ self.value.T) @ self.out_weight.T  # [S, d]
         image_row = torch.cat([(q_image * k_image).sum(dim=1, keepdim=True), q_image @ k_shared.T], dim=1)  # [B, 1 + S]
         shared_rows = torch.cat([(k_image @ q_shared.T).unsqueeze(2),
                                  (q_shared @ k_shared.T).expand(batch, num_shared, num_shared)], dim=2)  # [B, S, 1 + S]

@@ -150,8 +150,12 @@ def test_prediction_is_the_three_way_ensemble_fused_per_chunk():
     batch = F.normalize(torch.randn(5, 6, generator=g), dim=-1)
     logits = learner.logits(FeatureBatch(batch, None))
     assert logits.shape == (5, 6)
-    project_text = lambda t: sum(t @ w.T + b for w, b in zip(learner.text_projections.weights, learner.text_projections.biases))  # noqa: E731
-    project_image = lambda x: sum(x @ w.T + b for w, b in zip(learner.image_projections.weights, learner.image_projections.biases))  # noqa: E731
+    def project_text(t):
+        return sum(t @ w.T + b for w, b in zip(learner.text_projections.weights, learner.text_projections.biases))
+
+    def project_image(x):
+        return sum(x @ w.T + b for w, b in zip(learner.image_projections.weights, learner.image_projections.biases))
+
     # per template: project, normalise; then average over templates and normalise (the official test-time text feature)
     text = F.normalize(F.normalize(project_text(learner.test_text), dim=-1).mean(1), dim=-1)
     protos = F.normalize(project_image(learner.prototypes), dim=-1)
@@ -228,7 +232,8 @@ def test_shared_memory_shrinks_to_the_herding_prefix(random_store, tmp_path):
     state = torch.load(tmp_path / "shared" / "checkpoints" / "last.pt", weights_only=True)["learner"]
     assert torch.bincount(state["memory_targets"]).tolist() == [2] * 12  # 24 // 12
     meta = json.loads((tmp_path / "shared" / "class_order.json").read_text())
-    rows = np.load(random_store / "train" / "global.npy").astype(np.float32)[np.load(random_store / "train" / "labels.npy") == meta["order"][0]]
+    labels = np.load(random_store / "train" / "labels.npy")
+    rows = np.load(random_store / "train" / "global.npy").astype(np.float32)[labels == meta["order"][0]]
     torch.testing.assert_close(state["memory_features"][:2], torch.from_numpy(rows)[herding_selection(torch.from_numpy(rows), 8)[:2]])
     assert json.loads((tmp_path / "prompts" / "summary.json").read_text())["complete"]
 

@@ -280,7 +280,8 @@ class Proof(Learner):
         features = F.normalize(global_, dim=-1)
         column = self.columns_of_positions().to(targets.device)[targets]
         sums = torch.zeros_like(self.prototypes).index_add_(0, column, features)
-        counts = torch.zeros(len(self.prototypes), device=features.device).index_add_(0, column, torch.ones_like(column, dtype=features.dtype))
+        ones = torch.ones_like(column, dtype=features.dtype)
+        counts = torch.zeros(len(self.prototypes), device=features.device).index_add_(0, column, ones)
         present = counts > 0
         self.prototypes[present] = sums[present] / counts[present].unsqueeze(1)
 

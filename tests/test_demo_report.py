@@ -17,7 +17,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     chance = 100 / 10  # the first task has 10 classes; later ones more
     spa = summaries["spa"]["avg_acc"]
     # what docs/demo.md says the world rewards: SPA leads, global-only methods are well above chance but behind
-    for baseline in ("zeroshot", "simplecil", "finetune", "rapf", "spa_global_only", "spa_random_patches", "spa_template_tokens"):
+    for baseline in ("zeroshot", "simplecil", "finetune", "rapf", "spa_global_only", "spa_random_patches", "spa_template_tokens",
+                     "proof_20_exemplars_per_class"):
         assert spa > summaries[baseline]["avg_acc"], baseline
     assert summaries["simplecil"]["avg_acc"] > 3 * chance
     image = json.loads((out / "image_path" / "runs" / "image_spa" / "summary.json").read_text())

@@ -81,6 +81,33 @@ class TrainConfig(_Section):
     device_memory_budget: Optional[float] = Field(None, ge=0)
 
 
+class ProofConfig(_Section):
+    """PROOF (methods/proof.py). Training defaults are the values every official exps/*.json sets (lr 0.001, batch 64, weight
+    decay 0.05, min_lr 0), not the code's fallbacks (lr 0.01, batch 48, weight decay 0.0005, min_lr 1e-8), which no official
+    run uses and under which training is unstable (docs/method.md, "PROOF"); the packaged configs set each data set's values.
+    PROOF trains with these, not with the `train:` section (its keys have other names so that bare `--set` names of `train:`
+    stay unique)."""
+
+    tuned_epoch: int = Field(5, ge=0)  # epochs per task
+    init_lr: float = Field(0.001, gt=0)
+    min_lr: float = Field(0.0, ge=0)  # eta_min of the per-epoch cosine schedule
+    tuned_batch_size: int = Field(64, ge=1)  # training batches, and the chunks prediction fuses together (official test loader)
+    tuned_weight_decay: float = Field(0.05, ge=0)
+    tuned_optimizer: Literal["sgd", "adam"] = "sgd"  # adam = AdamW, as in the official code
+    tuned_momentum: float = Field(0.9, ge=0, lt=1)  # SGD only
+    projection_type: Literal["pure_mlp"] = "pure_mlp"  # one Linear(d, d) per task and modality (the only type implemented)
+    context_prompt_length_per_task: int = Field(3, ge=0)
+    attention_dropout: float = Field(0.1, ge=0, lt=1)  # on the attention weights and the fusion output, training only
+    memory_per_class: int = Field(20, ge=0)  # exemplars per class when fixed_memory
+    memory_size: int = Field(2000, ge=0)  # total exemplars when not fixed_memory: memory_size // seen classes per class
+    fixed_memory: bool = True
+    text_features: Literal["templates", "prompts"] = "templates"  # templates: template 0 in training, per-template at test
+    fusion_batch_mean: bool = True  # official: fused text/prototypes are averaged over the batch; false: per image
+    normalize_eval_image: bool = False  # official: the projected image feature enters prediction unnormalised
+    train_old_text_projections: bool = True  # official: every task's text projection keeps training
+    train_logit_scale: bool = True  # official: CLIP's logit scale (in the contrastive loss) trains
+
+
 class LLMConfig(_Section):
     """The multimodal LLM of SPEC.md section 2 (used by `spacil describe`)."""
 
@@ -124,12 +151,13 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     llm: LLMConfig = LLMConfig()
     rapf: RAPFConfig = RAPFConfig()
+    proof: ProofConfig = ProofConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-_SECTIONS = ("data", "spa", "ablation", "train", "llm", "rapf")
+_SECTIONS = ("data", "spa", "ablation", "train", "llm", "rapf", "proof")
 
 
 def _leaf_paths() -> dict[str, list[str]]:

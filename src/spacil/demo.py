@@ -1,7 +1,8 @@
 """`spacil demo`: the embedded default. Offline, no download, a few minutes on 2 CPU cores.
 
-1. Writes the demo world (`demo_world.py`) as a feature store and runs zero-shot, SimpleCIL, fine-tune, RAPF, SPA and SPA's six
-   ablations on it through the same runner as any benchmark; prints one table and writes the report with its pictures.
+1. Writes the demo world (`demo_world.py`) as a feature store and runs zero-shot, SimpleCIL, fine-tune, RAPF, SPA, SPA's
+   six ablations and PROOF (which keeps 20 exemplar feature rows per class: the one method here that stores old data) on
+   it, through the same runner as any benchmark; prints one table and writes the report with its pictures.
 2. Draws which patches SPA picks for a few test images (for the true class and for a sibling class).
 3. Proves the image-level plumbing: a tiny random-weight open_clip model encodes a few generated images (extract -> store ->
    run). Its accuracy is not the point: the weights are random.
@@ -41,6 +42,7 @@ RUNS = (
     ("simplecil", "simplecil", {}),
     ("finetune", "finetune", {}),
     ("rapf", "rapf", RAPF_DEMO_SCHEDULE),
+    ("proof_20_exemplars_per_class", "proof", {"proof": {"fixed_memory": True, "memory_per_class": 20}}),
     ("spa", "spa", {}),
     ("spa_global_only", "spa", {"ablation": {"patch_branch": False}}),
     ("spa_no_ot", "spa", {"ablation": {"optimal_transport": False}}),
@@ -64,6 +66,8 @@ def _merge(base: dict, extra: dict) -> dict:
 def _run_one(name: str, method: str, extra: dict, store: Path, runs: Path, epochs: int, device: str = "auto") -> Path:
     tree = _merge(_merge(DEMO_OVERRIDES, {"train": {"epochs": epochs}, "method": method, "device": device,
                                           "data": {"features": str(store)}}), extra)
+    if method == "proof":  # PROOF trains with its own section (official hyper-parameter names); same epochs as the others
+        tree = _merge(tree, {"proof": {"tuned_epoch": epochs}})
     config = build_config(tree, source="demo")
     folder = runs / name
     if (folder / "summary.json").exists():

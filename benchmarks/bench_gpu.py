@@ -19,7 +19,6 @@ Results are written after every part, so a run cut short keeps what it finished.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import re
 import shutil
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from _common import device_description, synchronize, write_result
-from spacil.devices import autocast, device_name, resolve_device
+from spacil.devices import autocast, device_name, resolve_device, resolve_precision
 
 HERE = Path(__file__).resolve().parent
 
@@ -149,14 +148,12 @@ def bench_extraction(results: Results, work: Path, images_per_class: int, batch_
         forward(precision)  # warm-up
         bare[precision] = max(images / _timed(device, forward, precision)[1] for _ in range(passes))
     del model
-    supports_precision = "precision" in inspect.signature(extract_store).parameters
-    extract_precision = "bf16" if device.type == "cuda" else "fp32"
-    options = {"precision": extract_precision} if supports_precision else {}
+    extract_precision = resolve_precision(None, device)  # extract's own default: bf16 on CUDA, fp32 on the CPU
     extract_rates = []
     for index in range(passes):
         out = work / f"store{index}"
         _, seconds = _timed(device, extract_store, "shapes", work / "data", out, model="ViT-B-16", pretrained=None,
-                            device=device_name(device), batch_size=batch_size, workers=workers, progress=False, **options)
+                            device=device_name(device), batch_size=batch_size, workers=workers, progress=False, precision=extract_precision)
         extract_rates.append(images / seconds)
         shutil.rmtree(out, ignore_errors=True)
     extract_rate = max(extract_rates)
@@ -164,11 +161,11 @@ def bench_extraction(results: Results, work: Path, images_per_class: int, batch_
     results.add("images", f"{images} generated PNGs, 224 px, batch {batch_size}, {workers} loader workers, best of {passes}")
     results.add("loader alone (decode + resize), images/s", f"{loader_rate:.1f}")
     results.add("bare open_clip ViT-B-16 forward, fp32 / bf16 autocast, images/s", f"{bare['fp32']:.1f} / {bare['bf16']:.1f}")
-    results.add(f"`spacil extract` ({extract_precision if supports_precision else 'fp32: this checkout has no precision argument'}),"
+    results.add(f"`spacil extract` ({extract_precision}),"
                 " images/s", f"{extract_rate:.1f} = {extract_rate / bound:.2f}x min(loader, bare bf16) "
                              f"(target >= 0.8x: {_verdict(extract_rate >= 0.8 * bound)})")
     results.data["extraction"] = {"images": images, "loader_images_per_second": loader_rate, "bare_images_per_second": bare,
-                                  "extract_images_per_second": extract_rates, "extract_precision": options.get("precision"),
+                                  "extract_images_per_second": extract_rates, "extract_precision": extract_precision,
                                   "ratio_to_bound": extract_rate / bound}
     results.write()
 

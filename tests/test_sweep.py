@@ -58,9 +58,13 @@ def test_local_sweep_with_two_workers_equals_runs_one_by_one_and_reports(tmp_pat
     assert table.splitlines()[0].startswith("| method | alpha (random B0 Inc3) Ā | A_B | beta (random B0 Inc3) Ā | A_B |")
     spa = [_summary(out / "alpha" / "spa" / f"seed{s}")["avg_acc"] for s in (1, 2)]
     spa_line = next(line for line in table.splitlines() if line.startswith("| spa |")).replace("**", "")
-    assert spa_line.startswith(f"| spa | {sum(spa) / 2:.2f} ± ")
+    spread = abs(spa[0] - spa[1]) / 2 ** 0.5  # the sample standard deviation of two values
+    assert spa_line.startswith(f"| spa | {sum(spa) / 2:.2f} ± {spread:.2f} |")
     csv_lines = (out / "report.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 4 and csv_lines[1].startswith("alpha,")
+    import csv
+    rows = {(r["entry"], r["method"]): r for r in csv.DictReader(csv_lines)}
+    assert abs(float(rows[("alpha", "spa")]["avg_acc_std"]) - spread) < 1e-6
     tex = (out / "report.tex").read_text()
     assert "\\multicolumn{2}{c}{alpha (random B0 Inc3)}" in tex and "$\\pm$" in tex and tex.count("\\\\") == 4
     assert (out / "curves_alpha.png").stat().st_size > 5_000 and (out / "curves_beta.png").is_file()
@@ -198,7 +202,11 @@ def test_changed_settings_are_refused_unless_forced(tmp_path, capsys):
     ("features: [S]\nvariants: {x: {methods: [spa, nope], top_k_patches: 2}}\n", "variants.x.methods: unknown method 'nope'"),
     ("features: [S]\nset: {train.epochz: 1}\n", "unknown config key"),
     ("features: [S]\nvariants: {no_ot: {ablation.optimal_transprt: false}}\n", "variants.no_ot"),
-    ("features: [S]\nvariants: {a: {}, b: {}}\n", "appears twice"),
+    ("features: [S]\nvariants: {a: {}, b: {}}\n", "is the same run as"),
+    ("features: [S]\nvariants: {a: {top_k_patches: 4}, b: {top_k_patches: 4}}\n", "is the same run as"),
+    ("features: [S]\nseeds: [true]\n", "for 'seeds.0'"),
+    ("features: [S]\nseeds: [1, 1]\n", "is the same run as"),
+    ("features: [S/missing]\n", "no feature store there"),
     ("features: [S]\nset: {seed: 3}\n", "set.seed: the grid's seeds are given by 'seeds:'"),
     ("features: [S]\nslurm: {partitionn: gpu}\n", "slurm.partitionn"),
     ("configs: [no_such_config]\n", "no such config file"),

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, StrictInt
 
 from spacil.config import (Config, build_config, differing_keys, dump_config, load_config, read_yaml_mapping,
                            resolve_config_path, resolve_packaged)
@@ -49,7 +49,7 @@ class SweepSpec(BaseModel):
     configs: list[str] = Field(default_factory=list)
     features: list[str] = Field(default_factory=list)
     methods: Optional[list[str]] = None
-    seeds: Optional[list[int]] = None
+    seeds: Optional[list[StrictInt]] = None  # strict: `true` or "1" is a typo, not seed 1
     variants: Optional[dict[str, dict[str, Any]]] = None
     overrides: dict[str, Any] = Field(default_factory=dict, alias="set")
     slurm: dict[str, Any] = Field(default_factory=dict)
@@ -149,6 +149,9 @@ def _entries(spec: SweepSpec) -> list[tuple[str, Optional[Path], list[str], str]
     for store in spec.features:
         meta = Path(store) / "meta.json"
         dataset = Path(store).name
+        if not meta.is_file() and "data.data_root" not in spec.overrides:
+            raise InputError(f"features: {store}: no feature store there (meta.json missing), and no data.data_root under "
+                             f"`set` to extract one")
         if meta.is_file():
             try:
                 dataset = json.loads(meta.read_text()).get("dataset") or dataset
@@ -165,6 +168,7 @@ def build_grid(spec: SweepSpec, out: str | Path, source: str | Path = "sweep") -
     out = Path(out)
     cells: list[Cell] = []
     seen: dict[Path, str] = {}
+    same_settings: dict[str, str] = {}  # resolved config.yaml -> the first cell with it
     variants = spec.variants if spec.variants else {None: {}}
     try:
         entries = _entries(spec)
@@ -202,6 +206,11 @@ def build_grid(spec: SweepSpec, out: str | Path, source: str | Path = "sweep") -
                         raise InputError(f"{where}: {err}") from None
                     folder = out / entry / row / f"seed{seed}"
                     cell = Cell(entry, row, method, variant if settings else None, seed, config, folder)
+                    settings_key = dump_config(config)
+                    if settings_key in same_settings:
+                        raise InputError(f"{where}: cell {cell.name} is the same run as {same_settings[settings_key]} "
+                                         f"(identical settings); drop one")
+                    same_settings[settings_key] = cell.name
                     if folder in seen:
                         raise InputError(f"{where}: cell {cell.name} appears twice (variants {seen[folder]} and "
                                          f"{variant} give the same run)")
@@ -328,6 +337,9 @@ def run_sweep(sweep: str | Path, out: str | Path, executor: str = "local", jobs:
         raise InputError(f"{first.cell.folder}: settings changed since it ran ({first.detail}){more}; "
                          f"pass --force to redo, or use another --out")
     for state in changed:
+        if state.cell.name in pending_jobs:  # its job still writes the folder: deleting it under the job helps nobody
+            raise InputError(f"{state.cell.folder}: settings changed, but its SLURM job {pending_jobs[state.cell.name]} "
+                             f"is queued or running; cancel it (scancel) before --force")
         shutil.rmtree(state.cell.folder)
     write_manifest(spec, cells, out, source)
     done = [s for s in states if s.action == "done"]

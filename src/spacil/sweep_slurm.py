@@ -99,9 +99,11 @@ def live_submissions(out: Path, states: list[CellState], make_executor: Optional
     for name in sorted(wanted):
         job_id = str(submitted[name])
         try:
-            state = engine.job_class(folder=engine.folder, job_id=job_id).state
-        except Exception:  # noqa: BLE001 - sacct unreachable or an id of another engine: treat the job as gone
-            continue
-        if state.split()[0].upper() in LIVE_STATES:
+            state = engine.job_class(folder=engine.folder, job_id=job_id).state.split()[0].upper()
+        except Exception:  # noqa: BLE001 - sacct unreachable: the job may still run, so it is not submitted twice
+            state = "UNKNOWN"
+        if state in LIVE_STATES:
             live[name] = job_id
+        elif state == "UNKNOWN":  # no accounting (sacct) to ask: never risk two jobs writing one run folder
+            live[name] = f"{job_id} (state unknown; once it is gone, delete its entry in {out / '.submitit' / 'submitted.json'})"
     return live

@@ -81,8 +81,11 @@ def main() -> None:
             ("same summaries with --jobs 1 and --jobs 2", "yes" if same else "NO"),
             ("1-minute load average after each measurement", f"--jobs 1: {', '.join(f'{v:.1f}' for v in load[1])}; "
                                                               f"--jobs 2: {', '.join(f'{v:.1f}' for v in load[2])} (2 cores)")]
-    notes = ("Measured on this project's 2-core machine while other work shared it (load from other processes), so the "
-             "speed-up is what two workers got out of whatever CPU was left, not the machine's ceiling. Each worker is a "
+    busy = max(load[1] + load[2]) > 2.5  # above the two workers' own load: other processes shared the cores
+    notes = (("Measured on this project's 2-core machine while other work shared it (load average up to "
+              f"{max(load[1] + load[2]):.1f}), so the speed-up is what two workers got out of whatever CPU was left, not the "
+              "machine's ceiling. " if busy else "Measured on this project's 2-core machine with nothing else running. ") +
+             "Each worker is a "
              "fresh `python -m spacil run` process (about 2 s of start-up, mostly importing torch), with cores // N "
              "threads: 2 with --jobs 1, 1 each with --jobs 2.")
     write_result("sweep", "`spacil sweep`: 8 demo-world runs, --jobs 1 vs --jobs 2", rows,

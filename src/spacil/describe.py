@@ -240,12 +240,14 @@ def describe_dataset(
             result.save(out)
             bar.update(1)
 
-    def recorded(job: ClassJob, future: Future) -> None:
+    def recorded(job: ClassJob, future: Future, probe: bool = False) -> None:
         if future.cancelled():
             return  # never sent (Ctrl-C): not a failure, the next run asks for it
         try:
             answer = future.result()
         except Exception as err:  # noqa: BLE001 - an API failure is reported by class, the others go on
+            if probe and _unreachable(err):
+                return  # the main thread stops the run with one line naming the URL; nothing is written
             answer = {"error": f"{type(err).__name__}: {err}", "attempts": 0, "usage": {}}
         record(job, answer)
 
@@ -272,21 +274,17 @@ def describe_dataset(
             buffer = io.BytesIO()
             grid.save(buffer, format="PNG")
             job = ClassJob(index, name, sample_ids, buffer.getvalue(), str(grid_path), key)
-            if probe:
-                probe = False
-                try:
-                    answer = ask(job, len(chosen))
-                except Exception as err:  # noqa: BLE001
-                    if _unreachable(err):
-                        bar.close()
-                        raise InputError(f"--base-url {url}: cannot connect to the LLM server ({type(err).__name__}: "
-                                         f"{err}) after {llm.max_retries} retries; no class was described") from None
-                    answer = {"error": f"{type(err).__name__}: {err}", "attempts": 0, "usage": {}}
-                record(job, answer)
-                continue
             future = executor.submit(ask, job, len(chosen))
-            future.add_done_callback(lambda f, job=job: recorded(job, f))
+            # the callback records the answer even when Ctrl-C stops the main thread while the request is in flight
+            future.add_done_callback(lambda f, job=job, first=probe: recorded(job, f, probe=first))
             futures.append(future)
+            if probe:  # wait for the first class alone
+                probe = False
+                error = future.exception()
+                if error is not None and _unreachable(error):
+                    bar.close()
+                    raise InputError(f"--base-url {url}: cannot connect to the LLM server ({type(error).__name__}: "
+                                     f"{error}) after {llm.max_retries} retries; no class was described")
         for future in futures:
             future.exception()  # wait
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ stopped and ends byte-identical to an uninterrupted one (spacil.extract has the 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,8 @@ def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
     expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if size < expected:
         raise InputError(f"{path}: truncated ({size} bytes, its header {list(shape)} {dtype} needs {expected})")
+    if size > expected:  # numpy writes exactly what the header says: anything after it is damage, not data
+        raise InputError(f"{path}: {size - expected} bytes after the array its header describes ({list(shape)} {dtype})")
     return tuple(int(n) for n in shape), dtype, offset
 
 
@@ -123,8 +126,9 @@ def read_meta(meta_path: str | Path) -> dict:
         raise InputError(f"{meta_path}: 'classes' must be a non-empty list of class names (strings)")
     if not isinstance(meta.get("backbone", {}), dict):
         raise InputError(f"{meta_path}: 'backbone' must be an object")
-    if not isinstance(meta.get("backbone", {}).get("logit_scale", 100.0), (int, float)):
-        raise InputError(f"{meta_path}: 'backbone.logit_scale' must be a number")
+    scale = meta.get("backbone", {}).get("logit_scale", 100.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise InputError(f"{meta_path}: 'backbone.logit_scale' is {scale!r}; expected a finite number above 0")
     return meta
 
 

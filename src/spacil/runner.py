@@ -103,7 +103,7 @@ class Run:
             # tensors come back on this run's device, whichever device wrote them
             state = torch.load(path, map_location=self.device, weights_only=True)
         except pickle.UnpicklingError as err:
-            if "weights only" in str(err).lower() or "weights_only" in str(err):
+            if "unsupported global" in str(err).lower():  # a pickled class or function: the one way a pickle runs code
                 raise InputError(f"{path}: refused: it holds Python objects other than tensors, numbers, strings, lists "
                                  f"and dicts (loading it could run code)") from None
             raise InputError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:200]})") from None
@@ -115,7 +115,7 @@ class Run:
         try:
             self.learner.load_state_dict(state["learner"])
             evaluations = [TaskEvaluation(**e) for e in state["evaluations"]]
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
             raise InputError(f"{path}: does not hold a '{self.config.method}' learner of this config "
                              f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
         if len(evaluations) > len(self.sizes):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -259,3 +260,28 @@ def test_a_store_without_prompts_is_refused(random_store, tmp_path, capsys):
 @pytest.mark.parametrize("knob", ["proof.tuned_epoch=-1", "proof.tuned_optimizer=rmsprop", "proof.attention_dropout=1"])
 def test_bad_knobs_exit_2(random_store, tmp_path, knob):
     assert _run(random_store, tmp_path / "r", "--set", knob) == 2
+
+
+def test_a_later_task_trains_only_what_proof_trains(random_store, tmp_path, monkeypatch):
+    """After task 1, its image projection and context prompts stay as they were (frozen); its text projection trains
+    (official: every text projection does); the prototypes are the mean of the normalised training features."""
+    from spacil.runner import Run
+
+    real_checkpoint = Run._checkpoint
+
+    def keep_every_checkpoint(self):
+        real_checkpoint(self)
+        shutil.copyfile(self.out / "checkpoints" / "last.pt", self.out / "checkpoints" / f"task_{len(self.evaluations)}.pt")
+
+    monkeypatch.setattr(Run, "_checkpoint", keep_every_checkpoint)
+    assert _run(random_store, tmp_path / "run", "--set", "proof.memory_per_class=5") == 0
+    first, second = (torch.load(tmp_path / "run" / "checkpoints" / f"task_{t}.pt", weights_only=True)["learner"] for t in (1, 2))
+    torch.testing.assert_close(second["image_projection_weights"][0], first["image_projection_weights"][0], rtol=0, atol=0)
+    torch.testing.assert_close(second["context_prompts"][0], first["context_prompts"][0], rtol=0, atol=0)
+    assert not torch.equal(second["text_projection_weights"][0], first["text_projection_weights"][0])
+    assert not torch.equal(second["image_projection_weights"][1], torch.zeros_like(second["image_projection_weights"][1]))
+    order = json.loads((tmp_path / "run" / "class_order.json").read_text())["order"]
+    train_global = torch.from_numpy(np.load(random_store / "train" / "global.npy").astype(np.float32))
+    labels = np.load(random_store / "train" / "labels.npy")
+    expected = torch.nn.functional.normalize(train_global[labels == order[0]], dim=-1).mean(dim=0)
+    torch.testing.assert_close(first["prototypes"][0], expected, rtol=1e-5, atol=1e-6)

@@ -82,8 +82,8 @@ class TrainConfig(_Section):
 
 
 class ProofConfig(_Section):
-    """PROOF (methods/proof.py). Training defaults are the values every official exps/*.json sets (lr 0.001, batch 64, weight
-    decay 0.05, min_lr 0), not the code's fallbacks (lr 0.01, batch 48, weight decay 0.0005, min_lr 1e-8), which no official
+    """PROOF (methods/proof.py). Training defaults are the values the official exps/*.json set (lr 0.001, weight decay 0.05,
+    min_lr 0: all of them; batch 64: all but two), not the code's fallbacks (lr 0.01, batch 48, weight decay 0.0005, min_lr 1e-8), which no official
     run uses and under which training is unstable (docs/method.md, "PROOF"); the packaged configs set each data set's values.
     PROOF trains with these, not with the `train:` section (its keys have other names so that bare `--set` names of `train:`
     stay unique)."""

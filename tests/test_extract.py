@@ -126,8 +126,9 @@ class _Kill(BaseException):
     """Stands for a SIGKILL: nothing in spacil catches it."""
 
 
-def _kill_at(mp, at: int) -> dict:
-    """Make the `at`-th file operation of an extraction leave what a kill in its middle would, then raise _Kill."""
+def _kill_at(mp, at: int, map_file_created: bool = True) -> dict:
+    """Make the `at`-th file operation of an extraction leave what a kill in its middle would, then raise _Kill. A kill
+    while a memory map is created leaves an empty file (`map_file_created`) or none (killed just before)."""
     import spacil.extract as extract
     import spacil.features as features
 
@@ -142,7 +143,8 @@ def _kill_at(mp, at: int) -> dict:
 
     def open_memmap(path, *args, **kwargs):
         if strikes():
-            Path(path).write_bytes(b"")  # created, nothing in it yet
+            if map_file_created:
+                Path(path).write_bytes(b"")  # created, nothing in it yet
             raise _Kill
         return real_open_memmap(path, *args, **kwargs)
 
@@ -181,7 +183,8 @@ def _kill_at(mp, at: int) -> dict:
     return calls
 
 
-def test_a_kill_at_any_file_operation_resumes_byte_identical(tiny_model, tmp_path):
+@pytest.mark.parametrize("map_file_created", [True, False], ids=["map-file-empty", "map-file-absent"])
+def test_a_kill_at_any_file_operation_resumes_byte_identical(tiny_model, tmp_path, map_file_created):
     from spacil.shapes import write_shapes_dataset
 
     write_shapes_dataset(tmp_path / "data", train_per_class=2, test_per_class=1, seed=3, size=32)
@@ -196,7 +199,7 @@ def test_a_kill_at_any_file_operation_resumes_byte_identical(tiny_model, tmp_pat
     while True:
         out = tmp_path / f"killed{kills + 1}"
         with pytest.MonkeyPatch.context() as mp:
-            calls = _kill_at(mp, kills + 1)
+            calls = _kill_at(mp, kills + 1, map_file_created)
             try:
                 extract(out)
             except _Kill:

@@ -77,3 +77,19 @@ def test_unrolled_gradients_flow_and_match_finite_differences():
     log_b = torch.full((2, 3), -np.log(3), dtype=torch.float64)
     value = lambda c: (sinkhorn_log(c, log_a, log_b, 0.5, 30) * c).sum()  # noqa: E731
     assert torch.autograd.gradcheck(value, (cost,), eps=1e-6, atol=1e-5)
+
+
+def test_problems_split_into_chunks_give_the_plans_of_one_block(monkeypatch):
+    """Chunk boundaries (a last chunk shorter than the others included) change nothing: every problem is solved once, alone."""
+    import spacil.ot as ot_module
+
+    rng = torch.Generator().manual_seed(3)
+    cost = torch.rand(23, 5, 4, generator=rng)
+    mask = torch.rand(23, 4, generator=rng) > 0.3
+    mask[:, 0] = True
+    log_a = torch.full((23, 5), -np.log(5))
+    whole = sinkhorn_log(cost, log_a, uniform_log_weights(mask))
+    monkeypatch.setattr(ot_module, "CHUNK_PROBLEMS", 7)
+    assert ot_module.chunk_problems(torch.device("cpu"), 5, 4, 23) == 7
+    chunked = sinkhorn_log(cost, log_a, uniform_log_weights(mask))
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)

@@ -53,3 +53,10 @@ def test_missing_config_file_names_it(tmp_path):
     bad.write_text("spa: {top_k_patches: many}\n")
     with pytest.raises(InputError, match="bad.yaml.*top_k_patches"):
         load_config(bad)
+
+
+def test_a_knob_outside_its_section_names_where_it_belongs(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("top_k_patches: 8\n")
+    with pytest.raises(InputError, match=r"unknown config key 'top_k_patches' \(did you mean spa.top_k_patches\?\)"):
+        load_config(path)

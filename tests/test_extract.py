@@ -223,6 +223,19 @@ def test_meta_json_not_json_is_one_line(tiny_model, shapes_root, tmp_path, capsy
     assert "meta.json: not valid JSON" in err and err.count("\n") == 1
 
 
+def test_a_complete_store_refuses_another_dtype_and_a_local_dir_model_refuses_a_weights_file(tiny_model, shapes_root,
+                                                                                             tmp_path, capsys):
+    out = extract_store("shapes", shapes_root, tmp_path / "store", model=tiny_model, pretrained=None, batch_size=8, progress=False)
+    base = ["extract", "--dataset", "shapes", "--data-root", str(shapes_root), "--model", tiny_model, "--quiet"]
+    assert main([*base, "--pretrained", "", "--dtype", "float32", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype float32" in err and "float16" in err and err.count("\n") == 1
+    assert main([*base, "--pretrained", str(tmp_path / "weights.bin"), "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "weights.bin" in err and "local-dir" in err and err.count("\n") == 1
+    assert not (tmp_path / "other").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Devices and precision (issue 8)
 

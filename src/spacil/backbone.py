@@ -73,6 +73,9 @@ def create_open_clip(model: str, pretrained: Optional[str], device: str = "cpu")
         folder = Path(model[len("local-dir:"):])
         if not (folder / "open_clip_config.json").is_file():
             raise InputError(f"{folder}: not an open_clip model folder (expected open_clip_config.json inside)")
+        if pretrained and (Path(pretrained).suffix or "/" in pretrained):  # a weights file that would be ignored
+            raise InputError(f"--pretrained {pretrained}: a local-dir: model loads the weights in its own folder ({folder}); "
+                             f"put them there or use --model ARCH --pretrained FILE")
         ckpt = _local_dir_checkpoint(model)
         checkpoint_hash = file_sha256(ckpt) if ckpt else None
         pretrained = None

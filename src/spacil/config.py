@@ -178,7 +178,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown config key '{key}'"
+        places = _leaf_paths().get(str(first["loc"][-1]), [])
+        hint = f" (did you mean {' or '.join(places)}?)" if places and key not in places else ""
+        return f"{source}: unknown config key '{key}'{hint}"
     value = first.get("input")
     return f"{source}: bad value {value!r} for '{key}': {first['msg']}"
 

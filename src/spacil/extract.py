@@ -50,7 +50,7 @@ from spacil.data import CLIP_MEAN, CLIP_STD, DatasetSpec, SplitIndex, dataset_sp
 from spacil.devices import resolve_device, resolve_precision
 from spacil.errors import InputError
 from spacil.features import (FORMAT, PROGRESS_FILE, SPLITS, VERSION, atomic_save_npy, atomic_write_text, pad_token_sets,
-                             read_json, write_text_features)
+                             read_json, read_npy_header, write_text_features)
 
 log = logging.getLogger(__name__)
 
@@ -507,6 +507,10 @@ def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_siz
         if stored_backbone != backbone.info.to_dict():
             raise InputError(f"{meta_path}: the store was encoded with another model ({stored_backbone.get('model')}, "
                              f"{stored_backbone.get('pretrained')}); its text features must come from the same one")
+        stored_dtype = read_npy_header(out / "train" / "global.npy")[1]
+        if stored_dtype != np.dtype(dtype):  # only text features are refreshed: the rows would keep their old dtype
+            raise InputError(f"--dtype {dtype}: {out} is a complete store of {stored_dtype} rows; a complete store only has its "
+                             f"text features refreshed, so extract into another --out")
     elif recorded is not None:
         if recorded_fingerprint != fingerprint:
             raise InputError(

@@ -194,3 +194,34 @@ def test_short_run_is_reproducible_and_resumes_to_the_same_summary(random_store,
     assert run(tmp_path / "cut", "--resume") == 0
     assert json.loads((tmp_path / "cut" / "summary.json").read_text()) == whole
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+
+
+def test_replayed_pseudo_features_carry_their_own_classes_labels(random_store, monkeypatch):
+    """In a later task every replayed block of draws is labelled with the class whose Gaussian it was drawn from."""
+    import spacil.methods.rapf as rapf
+
+    batches = []
+    real_draw, real_cross_entropy = rapf.draw_features, rapf.F.cross_entropy
+
+    def draw(means, factors, classes, count, generator):
+        features = real_draw(means, factors, classes, count, generator)
+        batches.append({"means": means.clone(), "classes": list(classes), "count": count, "features": features.clone()})
+        return features
+
+    def cross_entropy(logits, targets, *args, **kwargs):
+        if batches and "targets" not in batches[-1]:
+            batches[-1]["targets"] = targets.clone()
+        return real_cross_entropy(logits, targets, *args, **kwargs)
+
+    monkeypatch.setattr(rapf, "draw_features", draw)
+    monkeypatch.setattr(rapf.F, "cross_entropy", cross_entropy)
+    assert main(["run", "--features", str(random_store), "--out", str(random_store.parent / "run"), *RUN]) == 0
+    replays = [batch for batch in batches if "targets" in batch]  # the others are edge samples (drawn after the loss)
+    assert replays
+    for batch in replays:
+        replayed = len(batch["classes"]) * batch["count"]
+        labels = batch["targets"][-replayed:].view(len(batch["classes"]), batch["count"])
+        blocks = batch["features"].view(len(batch["classes"]), batch["count"], -1).mean(dim=1)  # each block's mean
+        nearest = torch.cdist(blocks, batch["means"]).argmin(dim=1)  # the stored class it was drawn from
+        assert (labels == labels[:, :1]).all()
+        assert labels[:, 0].tolist() == nearest.tolist() == batch["classes"]

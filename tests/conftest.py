@@ -81,3 +81,17 @@ def make_random_store(path: Path, num_classes: int = 12, dim: int = 16, num_patc
 @pytest.fixture()
 def random_store(tmp_path) -> Path:
     return make_random_store(tmp_path / "store")
+
+
+def interrupt_at_task(monkeypatch, learner_class, task: int):
+    """Make `learner_class.fit_task` raise KeyboardInterrupt (what Ctrl-C raises) when task `task` (0-based) starts
+    training; returns the original method, to put back for the resume."""
+    original = learner_class.fit_task
+
+    def interrupted(self, data):
+        if data.task == task:
+            raise KeyboardInterrupt
+        return original(self, data)
+
+    monkeypatch.setattr(learner_class, "fit_task", interrupted)
+    return original

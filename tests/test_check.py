@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_random_store
+from conftest import interrupt_at_task, make_random_store
 from spacil.cli import main
 
 ARRAYS = ["train/global.npy", "train/patches.npy", "train/labels.npy", "test/global.npy", "test/patches.npy",
@@ -186,14 +186,7 @@ def interrupted_run(pristine, tmp_path, monkeypatch):
     """A run folder whose run stopped after its first task (of two)."""
     from spacil.methods.spa import SPA
 
-    original = SPA.fit_task
-
-    def interrupted(self, data):
-        if data.task == 1:
-            raise KeyboardInterrupt
-        return original(self, data)
-
-    monkeypatch.setattr(SPA, "fit_task", interrupted)
+    original = interrupt_at_task(monkeypatch, SPA, 1)
     out = tmp_path / "run"
     assert main(["run", "--features", str(pristine), "--out", str(out), *RUN]) == 130
     monkeypatch.setattr(SPA, "fit_task", original)

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from spacil import runner as runner_module
+from conftest import interrupt_at_task
 from spacil.cli import main
 from spacil.config import build_config
 from spacil.gaussian import GaussianBank
@@ -67,14 +68,7 @@ def test_resume_on_another_device(random_store, tmp_path, monkeypatch):
     assert _run(random_store, tmp_path / "whole", "spa", "epochs=2") == 0
     from spacil.methods.spa import SPA
 
-    original = SPA.fit_task
-
-    def interrupted(self, data):
-        if data.task == 2:
-            raise KeyboardInterrupt
-        return original(self, data)
-
-    monkeypatch.setattr(SPA, "fit_task", interrupted)
+    original = interrupt_at_task(monkeypatch, SPA, 2)
     assert _run(random_store, tmp_path / "cut", "spa", "epochs=2") == 130
     monkeypatch.setattr(SPA, "fit_task", original)
     config_path = tmp_path / "cut" / "config.yaml"

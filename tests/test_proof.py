@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import interrupt_at_task
 from spacil.cli import main
 from spacil.config import build_config, load_config
 from spacil.learner import FeatureBatch, LearnerContext, TaskInfo
@@ -205,14 +206,7 @@ def test_full_run_keeps_herded_exemplars_and_resumes_identically(random_store, t
         picked = herding_selection(torch.from_numpy(rows), 5)
         torch.testing.assert_close(state["memory_features"][state["memory_targets"] == position], torch.from_numpy(rows)[picked])
 
-    original = Proof.fit_task
-
-    def interrupted(self, data):
-        if data.task == 2:
-            raise KeyboardInterrupt
-        return original(self, data)
-
-    monkeypatch.setattr(Proof, "fit_task", interrupted)
+    original = interrupt_at_task(monkeypatch, Proof, 2)
     assert _run(random_store, tmp_path / "cut", "--set", "proof.memory_per_class=5") == 130
     monkeypatch.setattr(Proof, "fit_task", original)
     assert _run(random_store, tmp_path / "cut", "--set", "proof.memory_per_class=5", "--resume") == 0

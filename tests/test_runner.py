@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_random_store
+from conftest import interrupt_at_task, make_random_store
 from spacil.cli import main
 from spacil.config import AblationConfig
 from spacil.data import class_order, task_boundaries, task_sizes
@@ -73,14 +73,7 @@ def test_resume_after_interruption_gives_the_same_run(rich_store, tmp_path, meth
     args = ("--method", method, *SMALL_BATCHES, *extra)
     assert _run(rich_store, tmp_path / "whole", *args) == 0
     learner = METHODS[method]
-    original = learner.fit_task
-
-    def interrupted(self, data):
-        if data.task == 2:
-            raise KeyboardInterrupt
-        return original(self, data)
-
-    monkeypatch.setattr(learner, "fit_task", interrupted)
+    original = interrupt_at_task(monkeypatch, learner, 2)
     assert _run(rich_store, tmp_path / "cut", *args) == 130
     partial = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert len(partial["curve"]) == 2 and partial["complete"] is False

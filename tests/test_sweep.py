@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_random_store
+from conftest import interrupt_at_task, make_random_store
 from spacil.cli import main
 from spacil.methods import METHODS
 
@@ -76,14 +76,7 @@ def test_local_sweep_with_two_workers_equals_runs_one_by_one_and_reports(tmp_pat
 def _interrupt_cell(store: Path, folder: Path, monkeypatch) -> None:
     """Leave `folder` as an interrupted run: spa, seed 2, stopped during task 3 (checkpoint after task 2)."""
     learner = METHODS["spa"]
-    original = learner.fit_task
-
-    def interrupted(self, data):
-        if data.task == 2:
-            raise KeyboardInterrupt
-        return original(self, data)
-
-    monkeypatch.setattr(learner, "fit_task", interrupted)
+    original = interrupt_at_task(monkeypatch, learner, 2)
     assert main(["run", "--features", str(store), "--method", "spa", "--seed", "2", "--init-cls", "3", "--increment", "3",
                  "--set", "epochs=1", "--out", str(folder), "--quiet"]) == 130
     monkeypatch.setattr(learner, "fit_task", original)

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.features import PROGRESS_FILE, SPLITS, FeatureStore, read_meta, read_npy_header
+from spacil.features import PROGRESS_FILE, SPLITS, FeatureStore, open_npy, read_meta
 
 # Largest chunk read at once by the streaming pass (bytes of the stored array).
 CHUNK_BYTES = 32 << 20
@@ -100,14 +100,11 @@ def _open_checked(path: Path, spec: ArraySpec, sizes: dict[str, int], findings: 
             findings.append(f"{file}: missing array")
         return None
     try:
-        shape, dtype, _ = read_npy_header(file)
-        array = np.load(file, mmap_mode="r", allow_pickle=False)
+        array = open_npy(file)
     except InputError as err:
         findings.append(str(err))
         return None
-    except (ValueError, OSError) as err:
-        findings.append(f"{file}: not a readable .npy array ({' '.join(str(err).split())})")
-        return None
+    shape, dtype = array.shape, array.dtype
     sound = True
     if dtype.name not in spec.dtypes and not ("any integer" in spec.dtypes and dtype.kind in "iu"):
         findings.append(f"{file}: dtype {dtype}, expected {' or '.join(spec.dtypes)}")

@@ -41,7 +41,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from numpy.lib import format as npy_format
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
@@ -312,17 +311,10 @@ class _Staging:
 
 def _data_offset(path: Path, shape: tuple, dtype: str) -> int:
     """Where the rows of the `.npy` file `path` begin; InputError when its header is not the expected array's."""
-    try:
-        with open(path, "rb") as handle:
-            version = npy_format.read_magic(handle)
-            read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-            found_shape, fortran, found_dtype = read(handle)
-            offset = handle.tell()
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: not a readable .npy array of this extraction ({err}); use another --out") from None
-    if tuple(found_shape) != tuple(shape) or found_dtype != np.dtype(dtype) or fortran:
-        raise InputError(f"{path}: shape {list(found_shape)} {found_dtype}, expected {list(shape)} {dtype}; use another --out")
-    return offset
+    header = read_npy_header(path)
+    if header.shape != tuple(shape) or header.dtype != np.dtype(dtype) or header.fortran_order:
+        raise InputError(f"{path}: shape {list(header.shape)} {header.dtype}, expected {list(shape)} {dtype}; use another --out")
+    return header.offset
 
 
 @dataclass
@@ -507,7 +499,7 @@ def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_siz
         if stored_backbone != backbone.info.to_dict():
             raise InputError(f"{meta_path}: the store was encoded with another model ({stored_backbone.get('model')}, "
                              f"{stored_backbone.get('pretrained')}); its text features must come from the same one")
-        stored_dtype = read_npy_header(out / "train" / "global.npy")[1]
+        stored_dtype = read_npy_header(out / "train" / "global.npy").dtype
         if stored_dtype != np.dtype(dtype):  # only text features are refreshed: the rows would keep their old dtype
             raise InputError(f"--dtype {dtype}: {out} is a complete store of {stored_dtype} rows; a complete store only has its "
                              f"text features refreshed, so extract into another --out")

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -65,9 +65,16 @@ def read_json(path: str | Path) -> dict:
     return value
 
 
-def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, data offset) of a `.npy` file, read from its header alone (cheap at any size). An empty file, a
-    broken header, an object dtype (a pickle: code could run) or a file shorter than its header says (truncated) is an
+class NpyHeader(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int  # where the rows begin
+    fortran_order: bool
+
+
+def read_npy_header(path: str | Path) -> NpyHeader:
+    """The header of a `.npy` file, read alone (cheap at any size). An empty file, a broken header, an object dtype (a
+    pickle: code could run) or a file whose size is not what its header says (truncated, or bytes after the array) is an
     InputError naming the file."""
     path = Path(path)
     try:
@@ -94,7 +101,7 @@ def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
         raise InputError(f"{path}: truncated ({size} bytes, its header {list(shape)} {dtype} needs {expected})")
     if size > expected:  # numpy writes exactly what the header says: anything after it is damage, not data
         raise InputError(f"{path}: {size - expected} bytes after the array its header describes ({list(shape)} {dtype})")
-    return tuple(int(n) for n in shape), dtype, offset
+    return NpyHeader(tuple(int(n) for n in shape), dtype, offset, bool(fortran))
 
 
 def open_npy(path: str | Path) -> np.ndarray:

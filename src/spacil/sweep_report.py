@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -18,7 +17,8 @@ from typing import Optional
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.features import atomic_write_text
+from spacil.features import atomic_write_text, read_json
+from spacil.report import load_run
 from spacil.sweep import MANIFEST
 
 
@@ -50,8 +50,6 @@ def is_sweep_folder(path: str | Path) -> bool:
 def _cells(folder: Path) -> list[dict]:
     manifest = folder / MANIFEST
     if manifest.is_file():
-        from spacil.features import read_json
-
         cells = read_json(manifest).get("cells")
         if not isinstance(cells, list):
             raise InputError(f"{manifest}: key 'cells' missing or not a list")
@@ -75,13 +73,9 @@ def collect(folder: str | Path) -> tuple[list[str], list[str], dict[tuple[str, s
     for cell in cells:
         group = groups.setdefault((cell["entry"], cell["row"]), Group(cell["entry"], cell["row"]))
         group.expected += 1
-        path = folder / cell["folder"] / "summary.json"
-        if not path.is_file():
+        if not (folder / cell["folder"] / "summary.json").is_file():
             continue
-        try:
-            summary = json.loads(path.read_text())
-        except ValueError as err:
-            raise InputError(f"{path}: not valid JSON ({err})") from None
+        summary = load_run(folder / cell["folder"])  # the same checks as `spacil report RUN_DIR`
         if summary.get("complete"):
             group.summaries.append(summary)
         else:

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from spacil.devices import PRECISIONS, autocast
+from spacil.devices import autocast, check_precision
 from spacil.errors import InputError
 
 
@@ -116,10 +116,8 @@ class FrozenCLIP:
                  precision: str = "fp32"):
         import open_clip
 
-        if precision not in PRECISIONS:
-            raise InputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
         self.device = torch.device(device)
-        self.precision = precision  # the encoders' forward passes run under autocast in this precision
+        self.precision = check_precision(precision)  # the encoders' forward passes run under autocast in this precision
         self.model, checkpoint_hash = create_open_clip(model, pretrained, device)
         visual = self.model.visual
         if not hasattr(visual, "ln_post") or not hasattr(visual, "proj") or getattr(visual, "attn_pool", None) is not None:
@@ -209,9 +207,7 @@ class FrozenCLIP:
 
     def with_precision(self, precision: str) -> "FrozenCLIP":
         """The same frozen model (shared, not copied) whose encoders run in `precision`."""
-        if precision not in PRECISIONS:
-            raise InputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-        if precision == self.precision:
+        if check_precision(precision) == self.precision:
             return self
         other = copy.copy(self)
         other.precision = precision

@@ -46,6 +46,11 @@ def resolve_precision(precision: Optional[str], device: torch.device) -> str:
     """None or 'auto' -> bf16 on CUDA, fp32 on the CPU; otherwise one of PRECISIONS (InputError when unknown)."""
     if precision is None or precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
+    return check_precision(precision)
+
+
+def check_precision(precision: str) -> str:
+    """`precision` when it is one of PRECISIONS, else an InputError naming it."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     return precision

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from _common import write_result
+from _common import add_device_argument, write_result
 from spacil.backbone import FrozenCLIP
 from spacil.devices import autocast, resolve_device, resolve_precision
 from spacil.extract import extract_store
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: extract's own default)")
-    parser.add_argument("--device", default="auto")
+    add_device_argument(parser)
     parser.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on the CPU)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="spacil_bench_extract_"))

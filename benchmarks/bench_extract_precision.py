@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from _common import write_result
+from _common import add_device_argument, write_result
 from spacil.backbone import FrozenCLIP
 from spacil.data import image_transform, open_dataset
 from spacil.devices import resolve_device
@@ -31,7 +31,7 @@ def _cosines(a: torch.Tensor, b: torch.Tensor) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images-per-class", type=int, default=2, help="images per class (4 classes)")
-    parser.add_argument("--device", default="auto")
+    add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     args = parser.parse_args()
     device = resolve_device(args.device)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import device_description, synchronize, write_result
+from _common import add_device_argument, device_description, synchronize, write_result
 from spacil.devices import autocast, device_name, resolve_device, resolve_precision
 
 HERE = Path(__file__).resolve().parent
@@ -245,7 +245,7 @@ def bench_demo_world(results: Results, work: Path, quick: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the script, not a measurement")
     parser.add_argument("--store", default="/tmp/spacil_cifar_shape", help="where the CIFAR-shaped store is (made if missing)")
     parser.add_argument("--workers", type=int, default=8, help="image loader workers for part (b)")

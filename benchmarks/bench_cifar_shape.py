@@ -21,7 +21,7 @@ from numpy.lib.format import open_memmap
 
 from _common import DOCS, add_device_argument, write_result
 from spacil.config import build_config
-from spacil.features import FeatureStore, write_text_features
+from spacil.store.format import FeatureStore, write_text_features
 from spacil.runner import run_from_store
 
 

@@ -32,7 +32,7 @@ def measure_ot(rounds: int) -> dict:
     import numpy as np
     import torch
 
-    from spacil.ot import sinkhorn_log
+    from spacil.ops.ot import sinkhorn_log
 
     g = torch.Generator().manual_seed(0)
     problems, k, m = 64 * 300, 16, 8
@@ -96,7 +96,7 @@ def measure_run(store: str, tasks: int) -> dict:
     import re
 
     from spacil.config import build_config
-    from spacil.features import FeatureStore
+    from spacil.store.format import FeatureStore
     from spacil.runner import Run
 
     config = build_config({"method": "spa", "device": "cpu", "train": {"epochs": 1}, "data": {"init_cls": 10, "increment": 10}})

@@ -20,8 +20,8 @@ import torch
 from _common import add_device_argument, write_result
 from spacil.backbone import FrozenCLIP
 from spacil.devices import autocast, resolve_device, resolve_precision
-from spacil.extract import extract_store
-from spacil.shapes import write_shapes_dataset
+from spacil.store.extract import extract_store
+from spacil.demo.shapes import write_shapes_dataset
 
 
 def main() -> None:

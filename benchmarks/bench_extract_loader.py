@@ -16,8 +16,8 @@ import torch
 
 from _common import write_result
 from spacil.data import image_transform, open_dataset
-from spacil.extract import _ImageRows, _Normalise
-from spacil.shapes import write_shapes_dataset
+from spacil.store.extract import _ImageRows, _Normalise
+from spacil.demo.shapes import write_shapes_dataset
 
 
 def _per_image_ms(dataset, count: int) -> float:

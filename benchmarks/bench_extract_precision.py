@@ -20,7 +20,7 @@ from _common import add_device_argument, write_result
 from spacil.backbone import FrozenCLIP
 from spacil.data import image_transform, open_dataset
 from spacil.devices import resolve_device
-from spacil.shapes import write_shapes_dataset
+from spacil.demo.shapes import write_shapes_dataset
 
 
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> dict:

@@ -73,7 +73,7 @@ def _verdict(ok: bool) -> str:
 def bench_ot(results: Results, sizes: list[int], rounds: int) -> None:
     from ot.batch import solve_batch
 
-    from spacil.ot import sinkhorn_log
+    from spacil.ops.ot import sinkhorn_log
 
     device = results.device
     g = torch.Generator().manual_seed(0)
@@ -112,8 +112,8 @@ def bench_extraction(results: Results, work: Path, images_per_class: int, batch_
     import open_clip
 
     from spacil.data import image_transform, open_dataset
-    from spacil.extract import extract_store
-    from spacil.shapes import write_shapes_dataset
+    from spacil.store.extract import extract_store
+    from spacil.demo.shapes import write_shapes_dataset
 
     device = results.device
     write_shapes_dataset(work / "data", train_per_class=images_per_class, test_per_class=0, seed=0, size=224)
@@ -220,8 +220,8 @@ def bench_demo_world(results: Results, work: Path, quick: bool) -> None:
     from dataclasses import replace
 
     from spacil.config import build_config
-    from spacil.demo import DEMO_OVERRIDES
-    from spacil.demo_world import WorldSpec, make_world
+    from spacil.demo.run import DEMO_OVERRIDES
+    from spacil.demo.world import WorldSpec, make_world
     from spacil.runner import run_from_store
 
     spec = WorldSpec() if not quick else replace(WorldSpec(), num_classes=30, train_per_class=16, test_per_class=8)

@@ -17,7 +17,7 @@ from ot.batch import solve_batch
 
 from _common import add_device_argument, device_description, synchronize, write_result
 from spacil.devices import resolve_device
-from spacil.ot import sinkhorn_log
+from spacil.ops.ot import sinkhorn_log
 
 
 def main() -> None:

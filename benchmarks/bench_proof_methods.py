@@ -16,9 +16,9 @@ from pathlib import Path
 
 from _common import write_result
 from spacil.config import build_config, load_config
-from spacil.demo import DEMO_OVERRIDES
-from spacil.demo_world import WorldSpec, make_world
-from spacil.features import FeatureStore
+from spacil.demo.run import DEMO_OVERRIDES
+from spacil.demo.world import WorldSpec, make_world
+from spacil.store.format import FeatureStore
 from spacil.runner import Run
 
 EPOCHS = DEMO_OVERRIDES["train"]["epochs"]

@@ -28,9 +28,9 @@ import torch
 from _common import write_result
 from spacil.config import load_config
 from spacil.data import class_order, task_boundaries, task_sizes
-from spacil.demo import DEMO_OVERRIDES, RAPF_DEMO_SCHEDULE, _run_one
-from spacil.demo_world import WorldSpec, make_world
-from spacil.features import FeatureStore
+from spacil.demo.run import DEMO_OVERRIDES, RAPF_DEMO_SCHEDULE, _run_one
+from spacil.demo.world import WorldSpec, make_world
+from spacil.store.format import FeatureStore
 from spacil.methods.rapf import hard_class_pairs
 from spacil.runner import run_from_store
 

@@ -21,8 +21,8 @@ from _common import write_result
 
 from dataclasses import replace
 
-from spacil.demo import DEMO_OVERRIDES
-from spacil.demo_world import WorldSpec, make_world
+from spacil.demo.run import DEMO_OVERRIDES
+from spacil.demo.world import WorldSpec, make_world
 
 METHODS = ["zeroshot", "simplecil", "finetune", "spa"]
 SEEDS = [1993, 1994]

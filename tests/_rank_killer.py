@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-import spacil.extract as extract
+import spacil.store.extract as extract
 from spacil.cli import main
 
 if os.environ.get("RANK") == os.environ.get("SPACIL_TEST_KILL_RANK"):

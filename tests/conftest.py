@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory) -> Path:
-    from spacil.shapes import write_shapes_dataset
+    from spacil.demo.shapes import write_shapes_dataset
 
     root = tmp_path_factory.mktemp("data")
     write_shapes_dataset(root, train_per_class=6, test_per_class=3, seed=1)

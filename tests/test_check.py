@@ -153,9 +153,9 @@ def test_every_finding_is_printed(pristine, tmp_path, capsys):
 
 def test_a_large_array_is_read_in_chunks(pristine, tmp_path, capsys, monkeypatch):
     """The streaming pass reads bounded chunks: with a chunk of a few rows a fault deep in the file is still found."""
-    import spacil.check
+    import spacil.store.check
 
-    monkeypatch.setattr(spacil.check, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(spacil.store.check, "CHUNK_BYTES", 1000)
     store = tmp_path / "store"
     shutil.copytree(pristine, store)
     patches = np.load(store / "train" / "patches.npy")

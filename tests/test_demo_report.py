@@ -1,7 +1,7 @@
 import json
 
 from spacil.cli import main
-from spacil.demo import RUNS
+from spacil.demo.run import RUNS
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
@@ -71,7 +71,7 @@ def test_the_published_demo_table_has_a_row_for_every_demo_run():
     import torch
 
     from spacil.config import build_config
-    from spacil.demo import DEMO_OVERRIDES, _merge
+    from spacil.demo.run import DEMO_OVERRIDES, _merge
     from spacil.learner import LearnerContext
     from spacil.methods import create_learner
 

@@ -9,7 +9,7 @@ import pytest
 
 from llm_server import LLMServer
 from spacil.cli import main
-from spacil.descriptions import load_descriptions
+from spacil.describe.descriptions import load_descriptions
 
 CLASSES = ["red square", "green circle", "blue triangle", "yellow cross"]
 
@@ -221,7 +221,7 @@ def test_a_kill_at_any_write_of_the_file_ends_as_an_uninterrupted_run(shapes_roo
     """The file is only ever replaced whole: whichever write a kill stops (leaving a half-written temporary file behind),
     the rerun ends with the file an uninterrupted run writes. Only the total token usage may grow: an answer whose write
     was lost is asked (and paid) again."""
-    import spacil.descriptions as descriptions_module
+    import spacil.describe.descriptions as descriptions_module
 
     def normalised(path: Path) -> dict:
         data = json.loads(path.read_text().replace(str(path.parent), "DIR"))

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 
 from spacil.cli import main
-from spacil.descriptions import (default_token_counter, diverse_subset, import_descriptions, load_descriptions, parse_answer,
-                                 validate_descriptions)
+from spacil.describe.descriptions import (default_token_counter, diverse_subset, import_descriptions, load_descriptions, parse_answer, validate_descriptions)
 from spacil.errors import InputError
-from spacil.features import FeatureStore
+from spacil.store.format import FeatureStore
 
 
 def test_parse_and_validate():

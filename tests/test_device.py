@@ -13,9 +13,9 @@ from spacil import runner as runner_module
 from conftest import interrupt_at_task
 from spacil.cli import main
 from spacil.config import build_config
-from spacil.gaussian import GaussianBank
+from spacil.ops.gaussian import GaussianBank
 from spacil.learner import TaskData, task_generator
-from spacil.ot import CHUNK_PROBLEMS, chunk_problems, sinkhorn_log
+from spacil.ops.ot import CHUNK_PROBLEMS, chunk_problems, sinkhorn_log
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 RUN = ["--init-cls", "3", "--increment", "3", "--quiet"]

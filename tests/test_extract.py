@@ -14,8 +14,8 @@ from spacil.backbone import FrozenCLIP
 from spacil.cli import main
 from spacil.data import image_transform, open_dataset
 from spacil.errors import InputError
-from spacil.extract import extract_store
-from spacil.features import FeatureStore
+from spacil.store.extract import extract_store
+from spacil.store.format import FeatureStore
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
@@ -68,7 +68,7 @@ def test_interrupted_extraction_resumes_byte_identical(tiny_model, shapes_root, 
 
 def test_killed_extraction_resumes_byte_identical(tiny_model, tmp_path):
     """SIGKILL a real `spacil extract` process mid-run, run it again, compare with an uninterrupted store."""
-    from spacil.shapes import write_shapes_dataset
+    from spacil.demo.shapes import write_shapes_dataset
 
     root = tmp_path / "data"
     write_shapes_dataset(root, train_per_class=60, test_per_class=10, seed=2)
@@ -129,8 +129,8 @@ class _Kill(BaseException):
 def _kill_at(mp, at: int, map_file_created: bool = True) -> dict:
     """Make the `at`-th file operation of an extraction leave what a kill in its middle would, then raise _Kill. A kill
     while a memory map is created leaves an empty file (`map_file_created`) or none (killed just before)."""
-    import spacil.extract as extract
-    import spacil.features as features
+    import spacil.store.extract as extract
+    import spacil.store.format as features
 
     calls = {"count": 0}
 
@@ -185,7 +185,7 @@ def _kill_at(mp, at: int, map_file_created: bool = True) -> dict:
 
 @pytest.mark.parametrize("map_file_created", [True, False], ids=["map-file-empty", "map-file-absent"])
 def test_a_kill_at_any_file_operation_resumes_byte_identical(tiny_model, tmp_path, map_file_created):
-    from spacil.shapes import write_shapes_dataset
+    from spacil.demo.shapes import write_shapes_dataset
 
     write_shapes_dataset(tmp_path / "data", train_per_class=2, test_per_class=1, seed=3, size=32)
     clip = FrozenCLIP(tiny_model, None)
@@ -290,7 +290,7 @@ def test_an_unfinished_spacil_0_1_extraction_resumes(tiny_model, shapes_root, tm
 
 
 def test_images_normalised_on_the_device_equal_torchvision_s(shapes_root):
-    from spacil.extract import _ImageRows, _Normalise
+    from spacil.store.extract import _ImageRows, _Normalise
 
     split = open_dataset("shapes", shapes_root)[1]["test"]
     transform = image_transform(32)

@@ -58,7 +58,7 @@ def test_two_ranks_write_the_single_process_store(tiny_model, shapes_root, tmp_p
 
 def test_a_killed_rank_resumes_with_another_then_the_same_world_size(tiny_model, shapes_root, tmp_path):
     """Rank 1 dies after its first batch (torchrun then stops rank 0); one process does one more batch; two ranks finish."""
-    from spacil.extract import extract_store
+    from spacil.store.extract import extract_store
 
     whole = _single_process(tiny_model, shapes_root, tmp_path / "whole")
     out = tmp_path / "killed"

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from spacil.gaussian import GaussianBank, MomentAccumulator
-from spacil.projectors import ProjectorStack
+from spacil.ops.gaussian import GaussianBank, MomentAccumulator
+from spacil.ops.projectors import ProjectorStack
 
 
 @pytest.mark.parametrize("cov_type", ["full", "diag"])

@@ -3,7 +3,7 @@ import ot
 import pytest
 import torch
 
-from spacil.ot import sinkhorn_log, uniform_log_weights
+from spacil.ops.ot import sinkhorn_log, uniform_log_weights
 
 
 def _pot_plan(cost, cols, eps, iters):
@@ -81,7 +81,7 @@ def test_unrolled_gradients_flow_and_match_finite_differences():
 
 def test_problems_split_into_chunks_give_the_plans_of_one_block(monkeypatch):
     """Chunk boundaries (a last chunk shorter than the others included) change nothing: every problem is solved once, alone."""
-    import spacil.ot as ot_module
+    import spacil.ops.ot as ot_module
 
     rng = torch.Generator().manual_seed(3)
     cost = torch.rand(23, 5, 4, generator=rng)

@@ -1,6 +1,6 @@
 import torch
 
-from spacil.patch_selection import patch_relevance, random_patches, select_top_k, token_similarity
+from spacil.ops.patch_selection import patch_relevance, random_patches, select_top_k, token_similarity
 
 
 def test_relevance_max_and_mean_over_real_tokens_only():

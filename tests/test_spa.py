@@ -71,7 +71,7 @@ def test_scoring_300_classes_196_patches_8_descriptions():
     logits = learner.logits(batch)
     assert logits.shape == (4, classes) and torch.isfinite(logits).all()
     # a direct, unbatched computation for two (image, class) pairs
-    from spacil.ot import sinkhorn_log
+    from spacil.ops.ot import sinkhorn_log
 
     phi, psi = learner.image_projector, learner.text_projector
     for image, cls in ((0, 0), (3, 14)):

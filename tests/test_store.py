@@ -5,7 +5,7 @@ import pytest
 
 from spacil.cli import main
 from spacil.errors import InputError
-from spacil.features import FeatureStore
+from spacil.store.format import FeatureStore
 
 
 def test_store_written_by_another_program_runs_simplecil(random_store, tmp_path, capsys):

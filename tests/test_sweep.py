@@ -124,8 +124,8 @@ def test_killed_sweep_rerun_redoes_nothing_finished_and_resumes(tmp_path, capsys
 def test_submitit_local_executor_runs_the_slurm_path(tmp_path, capsys):
     import submitit
 
-    from spacil.sweep import run_sweep
-    from spacil.sweep_slurm import SweepCellJob
+    from spacil.sweep.grid import run_sweep
+    from spacil.sweep.slurm import SweepCellJob
 
     store = _store(tmp_path / "world", 0)
     sweep = _sweep_file(tmp_path, f"features: [{store}]\nmethods: [simplecil, zeroshot]\nseeds: [5]\n" + SET
@@ -230,7 +230,7 @@ def test_missing_sweep_file_and_packaged_grid(tmp_path, capsys):
 
 
 def test_each_local_worker_gets_one_gpu_or_a_share_of_the_cores():
-    from spacil.sweep_local import worker_env
+    from spacil.sweep.local import worker_env
 
     assert [worker_env(slot, 2, ["4", "7"], 16)["CUDA_VISIBLE_DEVICES"] for slot in range(3)] == ["4", "7", "4"]
     cpu = worker_env(1, 3, [], 8)
@@ -240,7 +240,7 @@ def test_each_local_worker_gets_one_gpu_or_a_share_of_the_cores():
 
 def test_runs_that_need_one_store_wait_for_a_single_extraction(tmp_path, monkeypatch):
     """Two processes (here threads) asking for a missing store: one extracts, the other waits and reuses it."""
-    import spacil.extract
+    import spacil.store.extract
     from spacil.config import build_config
     from spacil.pipeline import prepare_store
 
@@ -251,7 +251,7 @@ def test_runs_that_need_one_store_wait_for_a_single_extraction(tmp_path, monkeyp
         time.sleep(0.3)
         _store(Path(out), 0)
 
-    monkeypatch.setattr(spacil.extract, "extract_store", slow_extract)
+    monkeypatch.setattr(spacil.store.extract, "extract_store", slow_extract)
     config = build_config({"data": {"features": str(tmp_path / "stores" / "world"), "data_root": str(tmp_path)}})
     results = []
     threads = [threading.Thread(target=lambda: results.append(prepare_store(config, progress=False))) for _ in range(2)]

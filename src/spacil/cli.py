@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_check(sub)
     _add_sweep(sub)
-    from spacil.describe import add_describe_parsers
+    from spacil.describe.client import add_describe_parsers
 
     add_describe_parsers(sub, _Parser)
     return parser
@@ -129,8 +129,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from spacil.descriptions import load_descriptions
-    from spacil.extract import extract_store
+    from spacil.describe.descriptions import load_descriptions
+    from spacil.store.extract import extract_store
 
     descriptions = load_descriptions(args.descriptions).sentences if args.descriptions else None
     extract_store(args.dataset, args.data_root, args.out, model=args.model, pretrained=args.pretrained, dtype=args.dtype,
@@ -144,7 +144,7 @@ def cmd_extract(args) -> int:
 
 def cmd_report(args) -> int:
     from spacil.report import write_report
-    from spacil.sweep_report import is_sweep_folder, write_sweep_report
+    from spacil.sweep.report import is_sweep_folder, write_sweep_report
 
     if len(args.runs) == 1 and is_sweep_folder(args.runs[0]):
         print(write_sweep_report(args.runs[0], args.out))
@@ -155,21 +155,21 @@ def cmd_report(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from spacil.sweep import run_sweep
+    from spacil.sweep.grid import run_sweep
 
     return run_sweep(args.sweep, args.out, executor=args.executor, jobs=args.jobs, dry_run=args.dry_run, force=args.force,
                      progress=not args.quiet)
 
 
 def cmd_demo(args) -> int:
-    from spacil.demo import run_demo
+    from spacil.demo.run import run_demo
 
     run_demo(args.out, quick=args.quick, device=args.device)
     return 0
 
 
 def cmd_check(args) -> int:
-    from spacil.check import main_check
+    from spacil.store.check import main_check
 
     return main_check(args.store, quiet=args.quiet)
 
@@ -182,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         handler = {"run": cmd_run, "extract": cmd_extract, "report": cmd_report, "demo": cmd_demo,
                    "check": cmd_check, "sweep": cmd_sweep}.get(args.command)
         if handler is None:
-            from spacil.describe import dispatch
+            from spacil.describe.client import dispatch
 
             return dispatch(args)
         return handler(args)

@@ -74,7 +74,7 @@ DATASETS: "MappingProxyType[str, DatasetSpec]" = MappingProxyType({
         DatasetSpec("food101", "Food-101", 100, 10, 50, "a type of food", ("a photo of {}, a type of food.",)),
         DatasetSpec("sun", "SUN397", 300, 30, 150, "a type of scene", ("a photo of a {}.", "a photo of the {}.")),
         DatasetSpec("ucf101", "UCF101", 100, 10, 50, "a human action", _ucf_templates()),
-        # generated at run time by spacil.shapes for the demo and the tests; not a benchmark
+        # generated at run time by spacil.demo.shapes for the demo and the tests; not a benchmark
         DatasetSpec("shapes", "generated shapes", 4, 2, 2, "a coloured geometric shape", ("a photo of a {}.", "a drawing of a {}.")),
     )
 })
@@ -90,6 +90,11 @@ def clean_class_name(folder: str) -> str:
     """Folder name -> class name: drop a leading index such as '001.' and turn underscores into spaces."""
     name = re.sub(r"^\d+[._-]", "", folder)
     return " ".join(name.replace("_", " ").split())
+
+
+def normalise_name(name: str) -> str:
+    """A class name as names are compared: case, underscores and runs of spaces aside."""
+    return " ".join(name.replace("_", " ").lower().split())
 
 
 def class_order(num_classes: int, seed: int, shuffle: bool = True) -> list[int]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from spacil.config import Config, TrainConfig
-from spacil.features import rows_as_tensor
+from spacil.store.format import rows_as_tensor
 
 
 @dataclass(frozen=True)

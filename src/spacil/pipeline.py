@@ -10,7 +10,7 @@ from pathlib import Path
 
 from spacil.config import Config
 from spacil.errors import InputError
-from spacil.features import read_meta
+from spacil.store.format import read_meta
 
 
 def store_lock_path(store: Path) -> Path:
@@ -28,8 +28,8 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
             raise InputError(f"{store}: no feature store there (meta.json missing) and data.data_root is not set to extract one")
         from filelock import FileLock
 
-        from spacil.descriptions import load_descriptions
-        from spacil.extract import extract_store
+        from spacil.describe.descriptions import load_descriptions
+        from spacil.store.extract import extract_store
 
         # Runs of a sweep that need the same store wait here for one extraction: never two writers on one store.
         store.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.features import atomic_write_text, read_json
+from spacil.fileio import atomic_write_text, read_json
 
 
 def load_run(folder: str | Path) -> dict:

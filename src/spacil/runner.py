@@ -24,7 +24,8 @@ from spacil.config import Config, differing_keys, dump_config, read_yaml_mapping
 from spacil.devices import device_name, memory_budget, resolve_device
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
-from spacil.features import FeatureStore, atomic_write_text, rows_as_tensor
+from spacil.store.format import FeatureStore, rows_as_tensor
+from spacil.fileio import atomic_write_text
 from spacil.learner import Learner, LearnerContext, TaskData, TaskInfo
 from spacil.methods import create_learner
 from spacil.metrics import TaskEvaluation, accuracy_matrix, evaluate_task, summarise

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from spacil.errors import InputError
-from spacil.gaussian import GaussianBank, MomentAccumulator
+from spacil.ops.gaussian import GaussianBank, MomentAccumulator
 from spacil.learner import FeatureBatch, Learner, TaskData, TaskInfo, step_bar, task_generator
 
 # Streams of task_generator used by RAPF (one seed drives everything).

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from spacil.errors import InputError
-from spacil.gaussian import GaussianBank, MomentAccumulator
+from spacil.ops.gaussian import GaussianBank, MomentAccumulator
 from spacil.learner import FeatureBatch, Learner, TaskData, TaskInfo, make_optimizer, step_bar, steps_per_task, task_generator
-from spacil.ot import sinkhorn_log, uniform_log_weights
-from spacil.patch_selection import patch_relevance, random_patches, relevance_from_similarity, select_top_k, token_similarity
-from spacil.projectors import ProjectorStack
+from spacil.ops.ot import sinkhorn_log, uniform_log_weights
+from spacil.ops.patch_selection import (patch_relevance, random_patches, relevance_from_similarity, select_top_k, token_similarity)
+from spacil.ops.projectors import ProjectorStack
 
 # Above this many patch-token similarities ([B, N, C, M] elements) prediction splits the batch, to bound memory.
 _PREDICT_SIMILARITY_BUDGET = 1 << 25

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spacil.features import write_store
+from spacil.store.format import write_store
 
 
 @dataclass(frozen=True)

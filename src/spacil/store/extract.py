@@ -45,11 +45,12 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from spacil.backbone import FrozenCLIP
-from spacil.data import CLIP_MEAN, CLIP_STD, DatasetSpec, SplitIndex, dataset_spec, image_transform, open_dataset
+from spacil.data import (CLIP_MEAN, CLIP_STD, DatasetSpec, SplitIndex, dataset_spec, image_transform, normalise_name,
+                         open_dataset)
 from spacil.devices import resolve_device, resolve_precision
 from spacil.errors import InputError
-from spacil.features import (FORMAT, PROGRESS_FILE, SPLITS, VERSION, atomic_save_npy, atomic_write_text, pad_token_sets,
-                             read_json, read_npy_header, write_text_features)
+from spacil.store.format import (FORMAT, PROGRESS_FILE, SPLITS, VERSION, pad_token_sets, read_npy_header, write_text_features)
+from spacil.fileio import atomic_save_npy, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,6 @@ def semantic_token_features(
 
     `sentence`: one token e(description) per description; `word`: every word token of every description.
     """
-    from spacil.descriptions import normalise_name
 
     by_name = {normalise_name(n): sentences for n, sentences in descriptions.items()}
     missing = [name for name in names if not by_name.get(normalise_name(name))]

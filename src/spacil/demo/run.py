@@ -22,8 +22,9 @@ import yaml
 from tqdm import tqdm
 
 from spacil.config import build_config, differing_keys
-from spacil.demo_world import WorldSpec, make_world
-from spacil.features import FeatureStore, atomic_write_text
+from spacil.demo.world import WorldSpec, make_world
+from spacil.store.format import FeatureStore
+from spacil.fileio import atomic_write_text
 from spacil.report import write_report
 from spacil.runner import Run
 
@@ -92,7 +93,7 @@ def plot_patch_selection(store: Path, world: dict, top_k: int, path: Path, image
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from spacil.patch_selection import patch_relevance, select_top_k
+    from spacil.ops.patch_selection import patch_relevance, select_top_k
 
     features = FeatureStore(store)
     test = features.split("test")
@@ -129,10 +130,10 @@ def plot_patch_selection(store: Path, world: dict, top_k: int, path: Path, image
 def image_level_path(out: Path, echo, device: str = "auto") -> dict:
     """Generated images -> tiny random-weight open_clip -> feature store -> SimpleCIL and SPA runs."""
     from spacil.backbone import write_tiny_model
-    from spacil.descriptions import template_descriptions
+    from spacil.describe.descriptions import template_descriptions
     from spacil.data import DATASETS
-    from spacil.extract import extract_store
-    from spacil.shapes import write_shapes_dataset
+    from spacil.store.extract import extract_store
+    from spacil.demo.shapes import write_shapes_dataset
 
     data_root = out / "data"
     names = write_shapes_dataset(data_root, train_per_class=8, test_per_class=4, seed=3)

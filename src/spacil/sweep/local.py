@@ -18,9 +18,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, TextIO
+from typing import Callable, TextIO
 
-from spacil.sweep import Cell, write_cell_config
+from spacil.sweep.cell import Cell, write_cell_config
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional
 import submitit
 
 from spacil.errors import InputError
-from spacil.features import atomic_write_text
-from spacil.sweep import Cell, CellState, run_cell
+from spacil.fileio import atomic_write_text
+from spacil.sweep.cell import Cell, CellState, run_cell
 
 SUBMITTED = "submitted.json"
 DEFAULT_TIMEOUT_MIN = 120

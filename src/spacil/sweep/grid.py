@@ -17,7 +17,7 @@ itself (folder `<method>`); a variant's optional `methods` list says which metho
 values of `set` and of variants, `{dataset}` and `{config}` stand for the entry's data set key and name.
 
 This module builds the grid, says what each cell needs (done, resume, run, changed) and hands the cells to an engine that
-already exists: local worker processes (`sweep_local`) or SLURM through submitit (`sweep_slurm`). It schedules nothing.
+already exists: local worker processes (`spacil.sweep.local`) or SLURM through submitit (`spacil.sweep.slurm`), both taking cells from `spacil.sweep.cell`. It schedules nothing.
 """
 
 from __future__ import annotations
@@ -25,19 +25,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, StrictInt
 
-from spacil.config import (Config, build_config, differing_keys, dump_config, load_config, read_yaml_mapping,
-                           resolve_config_path, resolve_packaged)
+from spacil.config import build_config, dump_config, load_config, read_yaml_mapping, resolve_config_path, resolve_packaged
 from spacil.errors import InputError
-from spacil.features import atomic_write_text
+from spacil.sweep.cell import MANIFEST, Cell, CellState, cell_state
+from spacil.fileio import atomic_write_text
 
-MANIFEST = "sweep.json"
 _NAME = re.compile(r"^[A-Za-z0-9_.+]+$")
 
 
@@ -55,34 +53,8 @@ class SweepSpec(BaseModel):
     slurm: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One run of the grid."""
-
-    entry: str  # the config's or store's name: the first folder level, one column group of the report
-    row: str  # <method> or <method>-<variant>: one row of the report
-    method: str
-    variant: Optional[str]
-    seed: int
-    config: Config
-    folder: Path
-
-    @property
-    def name(self) -> str:
-        return f"{self.entry}/{self.row}/seed{self.seed}"
-
-
-@dataclass(frozen=True)
-class CellState:
-    """What a cell needs: 'done' (skipped), 'resume' (from its checkpoint), 'run', or 'changed' (settings differ)."""
-
-    cell: Cell
-    action: str
-    detail: str = ""
-
-
 def packaged_sweep_dir() -> Path:
-    return Path(__file__).parent / "sweeps"
+    return Path(__file__).parent.parent / "sweeps"
 
 
 def resolve_sweep_path(name: str | Path) -> Path:
@@ -219,40 +191,6 @@ def build_grid(spec: SweepSpec, out: str | Path, source: str | Path = "sweep") -
     return cells
 
 
-def cell_state(cell: Cell) -> CellState:
-    """Compare the cell's folder with its config: a finished run with the same settings is done, one with a checkpoint is
-    resumed, one whose settings differ (placement keys such as the device aside) is 'changed'."""
-    folder = cell.folder
-    saved_path = folder / "config.yaml"
-    if not saved_path.is_file():
-        return CellState(cell, "run")
-    try:
-        saved = yaml.safe_load(saved_path.read_text())
-        if not isinstance(saved, dict):
-            raise ValueError("not a mapping")
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        return CellState(cell, "changed", f"config.yaml unreadable: {err}")
-    differ = differing_keys(saved, cell.config)
-    if differ:
-        return CellState(cell, "changed", ", ".join(differ))
-    summary = _read_summary(folder)
-    if summary is not None and summary.get("complete"):
-        return CellState(cell, "done", f"Ā {summary['avg_acc']:.2f}  A_B {summary['last_acc']:.2f}")
-    if (folder / "checkpoints" / "last.pt").is_file():
-        finished = len(summary.get("curve", [])) if summary else 0
-        total = len(summary.get("task_sizes", [])) if summary else 0
-        return CellState(cell, "resume", f"after task {finished}/{total}" if total else "from its checkpoint")
-    return CellState(cell, "run", "started, no task finished")
-
-
-def _read_summary(folder: Path) -> Optional[dict]:
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
-
-
 def plan_lines(states: list[CellState], out: Path, force: bool) -> list[str]:
     """One line per cell, then the counts: what a sweep would skip, resume, run or refuse."""
     words = {"done": "skip (done)", "resume": "resume", "run": "run", "changed": "redo (--force)" if force else "REFUSE (changed)"}
@@ -282,25 +220,6 @@ def write_manifest(spec: SweepSpec, cells: list[Cell], out: Path, source: Path) 
     atomic_write_text(out / MANIFEST, json.dumps(payload, indent=1))
 
 
-def run_cell(config_tree: dict, folder: str | Path) -> dict:
-    """Run (or resume) one cell in this process: the store is prepared (extracted once under a lock if missing), the run
-    continues from its checkpoint when it has one. What a SLURM job calls."""
-    from spacil.pipeline import prepare_store
-    from spacil.runner import run_from_store
-
-    config = build_config(config_tree, source=str(Path(folder) / "config.yaml"))
-    store = prepare_store(config, progress=False)
-    return run_from_store(config, store, folder, resume=True)
-
-
-def write_cell_config(cell: Cell, out: Path) -> Path:
-    """The cell's resolved config as a file a worker can be pointed at (`spacil run --config`)."""
-    path = out / ".sweep" / "configs" / cell.entry / cell.row / f"seed{cell.seed}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, dump_config(cell.config))
-    return path
-
-
 def run_sweep(sweep: str | Path, out: str | Path, executor: str = "local", jobs: int = 1, dry_run: bool = False,
               force: bool = False, echo: Callable[[str], None] = print, progress: bool = True,
               make_submitit_executor: Optional[Callable[[Path], Any]] = None) -> int:
@@ -317,13 +236,13 @@ def run_sweep(sweep: str | Path, out: str | Path, executor: str = "local", jobs:
     cells = build_grid(spec, out, source)
     slurm_parameters = None
     if executor == "slurm":
-        from spacil.sweep_slurm import slurm_parameters as convert
+        from spacil.sweep.slurm import slurm_parameters as convert
 
         slurm_parameters = convert(spec.slurm, source)
     states = [cell_state(c) for c in cells]
     pending_jobs = {}
     if executor == "slurm" and not dry_run:
-        from spacil.sweep_slurm import live_submissions
+        from spacil.sweep.slurm import live_submissions
 
         pending_jobs = live_submissions(out, [s for s in states if s.action != "done"], make_submitit_executor)
     if dry_run:
@@ -352,10 +271,10 @@ def run_sweep(sweep: str | Path, out: str | Path, executor: str = "local", jobs:
         echo(f"nothing to run: {len(done)} done, {len(pending_jobs)} queued or running; report: spacil report {out}")
         return 0
     if executor == "local":
-        from spacil.sweep_local import run_local
+        from spacil.sweep.local import run_local
 
         return run_local([s.cell for s in todo], out, jobs, echo=echo, progress=progress)
-    from spacil.sweep_slurm import submit
+    from spacil.sweep.slurm import submit
 
     submit([s.cell for s in todo], out, slurm_parameters, echo=echo, make_executor=make_submitit_executor)
     return 0

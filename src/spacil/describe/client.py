@@ -27,10 +27,9 @@ from tqdm import tqdm
 
 from spacil.config import LLMConfig
 from spacil.data import DatasetSpec, dataset_spec, open_dataset
-from spacil.descriptions import (DescriptionSet, default_token_counter, import_descriptions, load_descriptions, parse_answer,
-                                 template_descriptions, validate_descriptions)
+from spacil.describe.descriptions import (DescriptionSet, default_token_counter, import_descriptions, load_descriptions, parse_answer, template_descriptions, validate_descriptions)
 from spacil.errors import InputError
-from spacil.sampling import choose_samples, compose_grid
+from spacil.describe.sampling import choose_samples, compose_grid
 
 PROMPT_VERSION = "spa-describe-v1"
 SYSTEM_PROMPT = "You write short visual descriptions of categories for an image classifier."
@@ -102,7 +101,7 @@ def _feature_source(splits, store_path: Optional[str], clip_model: str, pretrain
                     device: str = "auto") -> Callable[[np.ndarray], torch.Tensor]:
     """-> a function: training rows of one class -> their g(x) [n, d], from a store when given, else from the CLIP."""
     if store_path is not None:
-        from spacil.features import FeatureStore, rows_as_tensor
+        from spacil.store.format import FeatureStore, rows_as_tensor
 
         global_ = FeatureStore(store_path).split("train").global_
         return lambda rows: rows_as_tensor(global_, rows)
@@ -188,7 +187,7 @@ def describe_dataset(
         return DescribeOutcome(result, {})
 
     if features is not None:
-        from spacil.features import FeatureStore
+        from spacil.store.format import FeatureStore
 
         store = FeatureStore(features)
         if len(store.split("train")) != len(splits["train"].items) or store.classes != names:

@@ -21,17 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from spacil.data import clean_class_name
+from spacil.data import clean_class_name, normalise_name
 from spacil.errors import InputError
-from spacil.features import atomic_write_text, read_json
+from spacil.fileio import atomic_write_text, read_json
 
 FORMAT = "spacil-descriptions"
 VERSION = 1
 CONTEXT_LENGTH = 77  # CLIP's text context, start and end tokens included
-
-
-def normalise_name(name: str) -> str:
-    return " ".join(name.replace("_", " ").lower().split())
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.features import PROGRESS_FILE, SPLITS, FeatureStore, open_npy, read_meta
+from spacil.store.format import PROGRESS_FILE, SPLITS, FeatureStore, open_npy, read_meta
 
 # Largest chunk read at once by the streaming pass (bytes of the stored array).
 CHUNK_BYTES = 32 << 20

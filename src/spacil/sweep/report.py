@@ -17,9 +17,9 @@ from typing import Optional
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.features import atomic_write_text, read_json
+from spacil.fileio import atomic_write_text, read_json
 from spacil.report import load_run
-from spacil.sweep import MANIFEST
+from spacil.sweep.cell import MANIFEST
 
 
 @dataclass

@@ -2,14 +2,13 @@
 
 `extract_store` encodes a data set once with the frozen CLIP. It is resumable: rows are written in fixed batches into
 pre-allocated memory maps and progress records name the rows safely on disk, so a killed extraction continues where it
-stopped and ends byte-identical to an uninterrupted one (spacil.extract has the order of writes). `meta.json` is written last: a store without it is unfinished.
+stopped and ends byte-identical to an uninterrupted one (spacil.store.extract has the order of writes). `meta.json` is written last: a store without it is unfinished.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -17,6 +16,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from spacil.errors import InputError
+from spacil.fileio import atomic_save_npy, atomic_write_text, read_json
 
 FORMAT = "spacil-features"
 VERSION = 1
@@ -25,44 +25,7 @@ PROGRESS_FILE = ".progress.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Small I/O helpers
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that a reader sees either the old or the new content, never a half-written one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Reading
-
-
-def read_json(path: str | Path) -> dict:
-    """A JSON object from `path`; anything else (unreadable, not JSON, not an object) is an InputError naming the file."""
-    path = Path(path)
-    try:
-        value = json.loads(path.read_text())
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err.strerror})") from None
-    except ValueError as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
 
 
 class NpyHeader(NamedTuple):

@@ -1,0 +1,1 @@
+"""`spacil demo`: the run (`run`), its generated world of features (`world`) and the generated image set (`shapes`)."""

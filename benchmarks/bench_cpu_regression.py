@@ -32,7 +32,10 @@ def measure_ot(rounds: int) -> dict:
     import numpy as np
     import torch
 
-    from spacil.ops.ot import sinkhorn_log
+    try:
+        from spacil.ops.ot import sinkhorn_log
+    except ModuleNotFoundError:  # an older checkout (before 0.3's layout by stage) measured as the baseline
+        from spacil.ot import sinkhorn_log
 
     g = torch.Generator().manual_seed(0)
     problems, k, m = 64 * 300, 16, 8
@@ -96,8 +99,12 @@ def measure_run(store: str, tasks: int) -> dict:
     import re
 
     from spacil.config import build_config
-    from spacil.store.format import FeatureStore
     from spacil.runner import Run
+
+    try:
+        from spacil.store.format import FeatureStore
+    except ModuleNotFoundError:  # an older checkout (before 0.3's layout by stage) measured as the baseline
+        from spacil.features import FeatureStore
 
     config = build_config({"method": "spa", "device": "cpu", "train": {"epochs": 1}, "data": {"init_cls": 10, "increment": 10}})
     with tempfile.TemporaryDirectory() as out:

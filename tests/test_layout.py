@@ -16,7 +16,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "src" / "spacil"
 # The stages in the order data flows; a module may import from its own stage and from earlier ones only.
 # Prefixes name a module or a whole sub-package; the longest matching prefix decides.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("spacil", "spacil.errors", "spacil.devices", "spacil.fileio", "spacil.config", "spacil.metrics")),
+    ("base", ("spacil.__init__", "spacil.errors", "spacil.devices", "spacil.fileio", "spacil.config", "spacil.metrics")),
     ("ops", ("spacil.ops",)),  # SPA's building blocks: torch only
     ("data", ("spacil.data", "spacil.backbone")),
     ("store", ("spacil.store",)),
@@ -97,6 +97,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def stage_of(module: str) -> int:
+    if module == "spacil":  # the root package: its __init__ holds the version only
+        module = "spacil.__init__"
     best, best_len = None, -1
     for index, (_, prefixes) in enumerate(STAGES):
         for prefix in prefixes:
@@ -129,6 +131,33 @@ def test_no_module_imports_a_later_stage():
                 wrong.append(f"{module} (line {lines[(module, target)]}, stage {STAGES[stage_of(module)][0]}) imports "
                              f"{target} (stage {STAGES[stage_of(target)][0]})")
     assert not wrong, "\n".join(sorted(wrong))
+
+
+# Within a stage, imports that the layout forbids all the same (the README says why).
+FORBIDDEN_WITHIN = [
+    ("spacil.sweep.local", "spacil.sweep.slurm"), ("spacil.sweep.slurm", "spacil.sweep.local"),  # two engines, one cell
+    ("spacil.sweep.local", "spacil.sweep.grid"), ("spacil.sweep.slurm", "spacil.sweep.grid"),
+    ("spacil.sweep.cell", "spacil.sweep.local"), ("spacil.sweep.cell", "spacil.sweep.slurm"),
+]
+
+
+def test_the_sweep_engines_share_only_the_cell():
+    graph, lines = import_graph()
+    wrong = [f"{a} (line {lines[(a, b)]}) imports {b}" for a, b in FORBIDDEN_WITHIN if b in graph.get(a, ())]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_ops_import_nothing_from_spacil_but_ops():
+    graph, lines = import_graph()
+    wrong = [f"{a} (line {lines[(a, b)]}) imports {b}" for a, targets in graph.items() if a.startswith("spacil.ops")
+             for b in targets if not b.startswith("spacil.ops")]
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_a_module_in_no_stage_is_named():
+    with pytest.raises(AssertionError, match="spacil.stray belongs to no stage"):
+        stage_of("spacil.stray")
+    assert STAGES[stage_of("spacil")][0] == "base"
 
 
 def test_every_module_is_in_a_stage_and_the_stages_are_sub_packages():

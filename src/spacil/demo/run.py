@@ -1,6 +1,6 @@
 """`spacil demo`: the embedded default. Offline, no download, a few minutes on 2 CPU cores.
 
-1. Writes the demo world (`demo_world.py`) as a feature store and runs zero-shot, SimpleCIL, fine-tune, RAPF, SPA, SPA's
+1. Writes the demo world (`spacil.demo.world`) as a feature store and runs zero-shot, SimpleCIL, fine-tune, RAPF, SPA, SPA's
    six ablations and PROOF (which keeps 20 exemplar feature rows per class: the one method here that stores old data) on
    it, through the same runner as any benchmark; prints one table and writes the report with its pictures.
 2. Draws which patches SPA picks for a few test images (for the true class and for a sibling class).

@@ -1,6 +1,6 @@
 """The SLURM engine of `spacil sweep`, through submitit: one job array, logs per job in OUT/.submitit/.
 
-Each array task runs one cell in its own process (`sweep.run_cell`). The callable is checkpointable: when SLURM preempts the
+Each array task runs one cell in its own process (`spacil.sweep.cell.run_cell`). The callable is checkpointable: when SLURM preempts the
 job or its time runs out, submitit calls `checkpoint()`, which resubmits the same cell; the requeued job resumes the run from
 its last finished task (the run's own checkpoint), so at most one task's work is lost.
 """

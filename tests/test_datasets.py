@@ -222,3 +222,28 @@ def test_a_benchmark_with_another_class_count_is_a_fault(tmp_path, capsys):
     write_tree(tmp_path, "cub", ["001.Black_footed_Albatross", "002.Laysan_Albatross"])
     assert main(["data", "check", "--dataset", "cub", "--data-root", str(tmp_path), "--quiet"]) == 2
     assert "2 class folders, the protocol's CUB-200-2011 has 200" in capsys.readouterr().err
+
+
+def test_a_user_tree_in_a_config_and_in_describe(tiny_model, tmp_path, capsys):
+    """`folder:NAME` and a templates file: the same spelling for a config (extraction through `spacil run`'s pipeline)
+    and for `spacil describe`."""
+    from spacil.config import build_config
+    from spacil.pipeline import prepare_store
+    from spacil.store.format import FeatureStore
+
+    write_tree(tmp_path, "mini", ["ApplyEyeMakeup", "Archery"])
+    (tmp_path / "t.json").write_text(json.dumps(["a photo of {}.", "a video of {}."]))
+    (tmp_path / "names.txt").write_text("applying eye make-up\narchery\n")
+    config = build_config({}, ["data.dataset=folder:mini", f"data.data_root={tmp_path}", f"data.features={tmp_path / 's'}",
+                               f"data.model={tiny_model}", "data.pretrained=", f"data.templates={tmp_path / 't.json'}",
+                               f"data.class_names={tmp_path / 'names.txt'}"], source="--set")
+    store = FeatureStore(prepare_store(config, progress=False))
+    assert store.classes == ["applying eye make-up", "archery"] and store.templates.shape[:2] == (2, 2)
+    assert store.meta["dataset"] == "folder:mini" and store.meta["text"]["templates"] == ["a photo of {}.", "a video of {}."]
+    assert store.meta["class_names_source"].startswith("class-names file")
+    out = tmp_path / "d.json"
+    assert main(["describe", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--llm", "none", "--out", str(out),
+                 "--templates", str(tmp_path / "t.json"), "--num-descriptions", "2"]) == 0
+    described = json.loads(out.read_text())
+    assert set(described["classes"]) == {"Apply Eye Makeup", "Archery"}
+    assert "a photo of Archery." in json.dumps(described)

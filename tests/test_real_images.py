@@ -14,7 +14,6 @@ from spacil.backbone import FrozenCLIP
 from spacil.cli import main
 from spacil.data import image_transform, open_store_image
 from spacil.store.check import check_store
-from spacil.store.extract import extract_store
 from spacil.store.format import FeatureStore
 
 skimage_data = pytest.importorskip("skimage.data")

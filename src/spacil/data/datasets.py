@@ -103,19 +103,24 @@ def dataset_spec(key: str, templates_file: Optional[str | Path] = None) -> Datas
     return spec
 
 
-def load_templates(path: str | Path) -> tuple[str, ...]:
-    """Prompt templates from a JSON list of strings or one template per line, each with one `{}` for the class name."""
+def read_json_or_lines(path: str | Path, what: str, json_openers: str = "[") -> object:
+    """A file that is JSON (when it starts with one of `json_openers`) or a list with one entry per non-empty line (names
+    and templates files); `what` names it in the one-line error."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
-        raise InputError(f"--templates {path}: cannot read ({err.strerror})") from None
-    if text.lstrip().startswith("["):
+        raise InputError(f"{what} {path}: cannot read ({err.strerror})") from None
+    if text.lstrip()[:1] and text.lstrip()[0] in json_openers:
         try:
-            templates = json.loads(text)
+            return json.loads(text)
         except ValueError as err:
-            raise InputError(f"--templates {path}: not valid JSON ({err})") from None
-    else:
-        templates = [line.strip() for line in text.splitlines() if line.strip()]
+            raise InputError(f"{what} {path}: not valid JSON ({err})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_templates(path: str | Path) -> tuple[str, ...]:
+    """Prompt templates from a JSON list of strings or one template per line, each with one `{}` for the class name."""
+    templates = read_json_or_lines(path, "--templates")
     if not templates or not all(isinstance(t, str) for t in templates):
         raise InputError(f"--templates {path}: expected a JSON list of strings or one template per line")
     bad = next((t for t in templates if t.count("{}") != 1), None)

@@ -10,13 +10,13 @@ A names file (`--class-names`) replaces all of it: names by folder index.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from spacil.data.datasets import read_json_or_lines
 from spacil.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -102,17 +102,7 @@ def derive_names(folders: Sequence[str], dataset: str = "") -> ClassNames:
 def load_names_file(path: str | Path, key: str) -> list[str]:
     """Class names from a JSON list, a JSON object {data set key: [names]} (the layout PROOF's and ENGINE's labels.json
     have), or a text file with one name per line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise InputError(f"{path}: cannot read names file ({err.strerror})") from None
-    if text.lstrip()[:1] in ("[", "{"):
-        try:
-            data = json.loads(text)
-        except ValueError as err:
-            raise InputError(f"{path}: cannot read names file (not valid JSON: {err})") from None
-    else:
-        data = [line.strip() for line in text.splitlines() if line.strip()]
+    data = read_json_or_lines(path, "names file", json_openers="[{")
     if isinstance(data, dict):
         if key not in data:
             raise InputError(f"{path}: no names for data set '{key}' (it has: {', '.join(map(str, data))})")

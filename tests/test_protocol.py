@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from spacil.data import DATASETS, check_names, class_order, clean_class_name, open_dataset, task_boundaries, task_sizes
+from spacil.data import (DATASETS, check_names, class_order, clean_class_name, open_dataset, open_store_image, task_boundaries,
+                         task_sizes)
 from spacil.errors import InputError
 
 BENCHMARKS = [k for k in DATASETS if k != "shapes"]
@@ -116,3 +117,14 @@ def test_cifar100_through_torchvision(tmp_path, monkeypatch):
     names, splits = open_dataset("cifar224", tmp_path)
     assert names[1] == "aquarium fish" and splits["train"].labels.tolist() == [1, 5]
     assert splits["test"].loader(0).size == (32, 32)
+    # a stored row's image comes back through torchvision from its `<split>/<index>` entry
+    assert splits["train"].paths == ("train/0", "train/1")
+
+    class Store:  # what open_store_image needs of a FeatureStore
+        meta = {"dataset": "cifar224", "image_root": str(tmp_path)}
+
+        def image_paths(self, split):
+            return list(splits[split].paths)
+
+    image = open_store_image(Store(), "test", 1)
+    assert image.mode == "RGB" and image.size == (32, 32)

@@ -1,0 +1,249 @@
+"""The nine data sets as their downloads and the field's released subsets name their class folders, and user trees.
+
+Trees are generated: one tiny image per class folder, folder names in each data set's real convention. Where
+../shared/reference/proof/labels.json is present, the folders are made from its names by that convention and every derived
+name must equal the protocol's (case, spaces, `_` and `/` aside); without it, a few real folder names of each set stand
+for the rest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+from conftest import REFERENCE
+
+from spacil.cli import main
+from spacil.data import DATASETS, index_dataset
+from spacil.data.names import SOURCE_WORDNET, clean_class_name, derive_names, split_camel_case
+from spacil.errors import InputError
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (120, 30, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+PNG = _png()
+
+
+def comparable(name: str) -> str:
+    """Names as the protocol's list is compared with: case, spaces, `_` and `/` aside."""
+    return " ".join(re.sub(r"[_/]", " ", name).lower().split())
+
+
+def imagenet_r_wnids() -> list[str]:
+    import timm
+
+    return (Path(timm.__file__).parent / "data" / "_info" / "imagenet_r_synsets.txt").read_text().split()
+
+
+# Each set's folder convention, from a protocol name (and its index) to the folder the download or released subset has.
+CONVENTIONS = {
+    "cub": lambda i, n: f"{i + 1:03d}." + n.replace(" ", "_"),  # CUB_200_2011/images/001.Black_footed_Albatross
+    "objectnet": lambda i, n: n.replace(" ", "_"),  # objectnet-1.0/images/air_freshener
+    "aircraft": lambda i, n: n.replace("/", "_"),  # variant names; `/` has no place in a folder name: F-16A_B, F_A-18
+    "cars": lambda i, n: n.replace(" ", "_"),  # AM_General_Hummer_SUV_2000 (this form sorts in the protocol's order)
+    "food101": lambda i, n: n.replace(" ", "_"),  # food-101/images/apple_pie
+    "sun": lambda i, n: n.replace(" ", "_"),  # SUN397's category, its sub-categories (indoor/outdoor) as sub-folders
+    "ucf101": lambda i, n: n.replace(" ", ""),  # UCF-101/ApplyEyeMakeup
+}
+
+# Without the reference list: real folder names of each set, and the name the protocol gives them.
+SAMPLES = {
+    "cub": {"001.Black_footed_Albatross": "Black footed Albatross", "022.Chuck_will_Widow": "Chuck will Widow",
+            "141.Artic_Tern": "Artic Tern"},
+    "objectnet": {"air_freshener": "air freshener", "bills_money": "bills money", "dress_shoe_men": "dress shoe men"},
+    "aircraft": {"707-320": "707-320", "727-200": "727-200", "737-200": "737-200", "A330-200": "A330-200",
+                 "F-16A_B": "F-16A/B", "F_A-18": "F/A-18", "BAE_146-200": "BAE 146-200", "Tu-134": "Tu-134"},
+    "cars": {"AM_General_Hummer_SUV_2000": "AM General Hummer SUV 2000", "Audi_TTS_Coupe_2012": "Audi TTS Coupe 2012",
+             "BMW_ActiveHybrid_5_Sedan_2012": "BMW ActiveHybrid 5 Sedan 2012",
+             "Bugatti_Veyron_16.4_Coupe_2009": "Bugatti Veyron 16.4 Coupe 2009"},
+    "food101": {"apple_pie": "apple pie", "hot_and_sour_soup": "hot and sour soup"},
+    "sun": {"abbey": "abbey", "batters_box": "batters box", "mountain_snowy": "mountain snowy", "balcony": "balcony"},
+    "ucf101": {"ApplyEyeMakeup": "Apply Eye Makeup", "HandStandPushups": "Hand Stand Pushups", "Skijet": "Skijet",
+               "TaiChi": "Tai Chi", "PushUps": "Push Ups", "WritingOnBoard": "Writing On Board"},
+}
+
+
+def protocol_names(reference_labels, key) -> dict[str, str]:
+    """folder -> the protocol's name, for a whole data set (the reference list) or the samples filled up to its count."""
+    spec = DATASETS[key]
+    if reference_labels is not None:
+        names = reference_labels[key][: spec.num_classes]  # cars: its list has two names too many (PROTOCOL.md)
+        return {CONVENTIONS[key](i, n): n for i, n in enumerate(names)}
+    wanted = dict(SAMPLES[key])
+    index = len(wanted)
+    while len(wanted) < spec.num_classes:  # filler classes in the same convention
+        name = "Filler " + "".join("abcdefghij"[int(d)] for d in f"{index:03d}").capitalize()  # no digit: CamelCase
+        wanted[CONVENTIONS[key](index, name) if key != "cub" else f"{index + 300:03d}." + name.replace(" ", "_")] = name
+        index += 1
+    return wanted
+
+
+def write_tree(root: Path, key: str, folders, nested: dict | None = None) -> Path:
+    """<root>/<key>/{train,test}/<folder>/x.png; `nested` folders get their images in sub-folders instead."""
+    for split in ("train", "test"):
+        for folder in folders:
+            subs = (nested or {}).get(folder, [""])
+            for sub in subs:
+                target = root / key / split / folder / sub
+                target.mkdir(parents=True, exist_ok=True)
+                (target / "x.png").write_bytes(PNG)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_labels():
+    file = REFERENCE / "proof" / "labels.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+@pytest.mark.parametrize("key", sorted(CONVENTIONS))
+def test_each_data_set_s_folders_give_the_protocol_s_names(key, reference_labels, tmp_path):
+    wanted = protocol_names(reference_labels, key)
+    nested = {"balcony": ["exterior", "interior"]} if key == "sun" else None  # SUN397's /b/balcony/{exterior,interior}
+    write_tree(tmp_path, key, wanted, nested)
+    index = index_dataset(key, tmp_path)
+    assert index.faults == []
+    assert len(index.names) == DATASETS[key].num_classes
+    got = dict(zip(index.folders, index.names))
+    wrong = {f: (got[f], n) for f, n in wanted.items() if comparable(got[f]) != comparable(n)}
+    assert not wrong, wrong
+    if reference_labels is not None:
+        assert [comparable(n) for n in index.names] == [comparable(n) for n in reference_labels[key][: len(index.names)]]
+    if key == "sun":
+        balcony = index.folders.index("balcony")
+        assert int((index.splits["train"].labels == balcony).sum()) == 2  # both sub-folders read, as ImageFolder does
+
+
+def test_aircraft_names_keep_their_numbers():
+    folders = ["707-320", "727-200", "737-200", "A330-200", "A340-200", "Cessna_172"]
+    names = derive_names(folders).names
+    assert names == ("707-320", "727-200", "737-200", "A330-200", "A340-200", "Cessna 172")
+    assert clean_class_name("001.Black_footed_Albatross") == "Black footed Albatross"
+    assert clean_class_name("707-320") == "707-320" and clean_class_name("Bugatti_Veyron_16.4_Coupe_2009").endswith("2009")
+    assert split_camel_case("BlowDryHair") == "Blow Dry Hair" and split_camel_case("A300B4") == "A300B4"
+
+
+def test_imagenet_r_wordnet_folders(reference_labels, tmp_path, caplog):
+    wnids = imagenet_r_wnids()
+    assert len(wnids) == 200
+    write_tree(tmp_path, "imagenetr", wnids)
+    with caplog.at_level(logging.WARNING, logger="spacil.data.names"):
+        index = index_dataset("imagenetr", tmp_path)
+    warning = [r.getMessage() for r in caplog.records]
+    assert len(warning) == 1 and "WordNet" in warning[0] and "--class-names" in warning[0] and "\n" not in warning[0]
+    assert index.names_source == SOURCE_WORDNET and index.faults == []
+    assert index.names[:3] == ["goldfish", "great white shark", "hammerhead"]
+    if reference_labels is None:
+        return
+    labels = REFERENCE / "proof" / "labels.json"
+    with pytest.warns(UserWarning, match="names differ"):  # --names-file compares only
+        assert index_dataset("imagenetr", tmp_path, names_file=labels).names == index.names
+    named = index_dataset("imagenetr", tmp_path, class_names=labels)
+    assert [comparable(n) for n in named.names] == [comparable(n) for n in reference_labels["imagenetr"]]
+    assert named.names_source.startswith("class-names file") and str(labels.resolve()) in named.names_source
+    # cars: the reference list has 102 names for the 100 folders: exit 2 naming both counts
+    write_tree(tmp_path, "cars", protocol_names(reference_labels, "cars"))
+    assert main(["data", "check", "--dataset", "cars", "--data-root", str(tmp_path), "--class-names", str(labels),
+                 "--quiet"]) == 2
+
+
+def test_class_names_files(tmp_path, capsys):
+    write_tree(tmp_path, "mini", ["b_class", "a_class"])
+    forms = {"list.json": json.dumps(["Alpha", "Beta"]), "keyed.json": json.dumps({"folder:mini": ["Alpha", "Beta"]}),
+             "lines.txt": "Alpha\n\nBeta\n"}
+    for file, text in forms.items():
+        (tmp_path / file).write_text(text)
+        index = index_dataset("folder:mini", tmp_path, class_names=tmp_path / file)
+        assert index.folders == ["a_class", "b_class"] and index.names == ["Alpha", "Beta"], file
+    (tmp_path / "three.json").write_text(json.dumps(["A", "B", "C"]))
+    assert main(["data", "check", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--class-names",
+                 str(tmp_path / "three.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "3 names for the 2 class folders" in err
+
+
+def test_two_classes_with_one_name_is_exit_2(tmp_path, capsys):
+    write_tree(tmp_path, "mini", ["Black_Tern", "Black Tern", "Gull"])
+    code = main(["data", "check", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 2 and "'Black Tern' and 'Black_Tern' both get the name 'Black Tern'" in captured.err
+    assert "1 fault:" in captured.out and "classes: 3" in captured.out
+
+
+def test_torchvision_s_walk_hidden_files_and_empty_folders(tmp_path, capsys):
+    write_tree(tmp_path, "mini", ["cat", "dog"])
+    cat = tmp_path / "mini" / "train" / "cat"
+    (cat / "deeper" / "deepest").mkdir(parents=True)
+    (cat / "deeper" / "deepest" / "y.PNG").write_bytes(PNG)  # nested, upper-case extension: torchvision reads both
+    (cat / ".hidden.png").write_bytes(PNG)
+    (cat / "notes.txt").write_text("not an image")
+    (cat / ".ipynb_checkpoints").mkdir()
+    (cat / ".ipynb_checkpoints" / "x-checkpoint.png").write_bytes(PNG)
+    (tmp_path / "mini" / "train" / ".cache").mkdir()  # ImageFolder would take it for a class; hidden: skipped here
+    index = index_dataset("folder:mini", tmp_path)
+    assert index.folders == ["cat", "dog"] and index.faults == []
+    assert list(index.splits["train"].paths) == ["train/cat/x.png", "train/cat/deeper/deepest/y.PNG", "train/dog/x.png"]
+    from torchvision.datasets import ImageFolder
+
+    assert [p for p, _ in ImageFolder(str(tmp_path / "mini" / "test")).samples] == list(index.splits["test"].items)
+    (tmp_path / "mini" / "test" / "dog" / "x.png").unlink()
+    assert main(["data", "check", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'mini' / 'test' / 'dog'}: empty class folder" in err and err.count("\n") == 1
+
+
+def test_data_check_screen_and_the_next_command(tmp_path, capsys):
+    write_tree(tmp_path, "mini", ["ApplyEyeMakeup", "Archery"])
+    (tmp_path / "t.txt").write_text("a photo of a person doing {}.\n")
+    assert main(["data", "check", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--templates",
+                 str(tmp_path / "t.txt"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "classes: 2" in out and "train: 2 images, 1 to 1 per class" in out
+    assert "ApplyEyeMakeup -> Apply Eye Makeup" in out and "folders (CamelCase split)" in out
+    assert "spacil extract --dataset folder:mini" in out and "--templates" in out
+    assert main(["data", "check", "--dataset", "mini", "--data-root", str(tmp_path), "--quiet"]) == 2
+    assert "unknown data set" in capsys.readouterr().err
+    (tmp_path / "bad.txt").write_text("no placeholder\n")
+    with pytest.raises(InputError, match="exactly one"):
+        index_dataset("folder:mini", tmp_path, templates=tmp_path / "bad.txt")
+
+
+def test_a_benchmark_with_another_class_count_is_a_fault(tmp_path, capsys):
+    write_tree(tmp_path, "cub", ["001.Black_footed_Albatross", "002.Laysan_Albatross"])
+    assert main(["data", "check", "--dataset", "cub", "--data-root", str(tmp_path), "--quiet"]) == 2
+    assert "2 class folders, the protocol's CUB-200-2011 has 200" in capsys.readouterr().err
+
+
+def test_a_user_tree_in_a_config_and_in_describe(tiny_model, tmp_path, capsys):
+    """`folder:NAME` and a templates file: the same spelling for a config (extraction through `spacil run`'s pipeline)
+    and for `spacil describe`."""
+    from spacil.config import build_config
+    from spacil.pipeline import prepare_store
+    from spacil.store.format import FeatureStore
+
+    write_tree(tmp_path, "mini", ["ApplyEyeMakeup", "Archery"])
+    (tmp_path / "t.json").write_text(json.dumps(["a photo of {}.", "a video of {}."]))
+    (tmp_path / "names.txt").write_text("applying eye make-up\narchery\n")
+    config = build_config({}, ["data.dataset=folder:mini", f"data.data_root={tmp_path}", f"data.features={tmp_path / 's'}",
+                               f"data.model={tiny_model}", "data.pretrained=", f"data.templates={tmp_path / 't.json'}",
+                               f"data.class_names={tmp_path / 'names.txt'}"], source="--set")
+    store = FeatureStore(prepare_store(config, progress=False))
+    assert store.classes == ["applying eye make-up", "archery"] and store.templates.shape[:2] == (2, 2)
+    assert store.meta["dataset"] == "folder:mini" and store.meta["text"]["templates"] == ["a photo of {}.", "a video of {}."]
+    assert store.meta["class_names_source"].startswith("class-names file")
+    out = tmp_path / "d.json"
+    assert main(["describe", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--llm", "none", "--out", str(out),
+                 "--templates", str(tmp_path / "t.json"), "--num-descriptions", "2"]) == 0
+    described = json.loads(out.read_text())
+    assert set(described["classes"]) == {"Apply Eye Makeup", "Archery"}
+    assert "a photo of Archery." in json.dumps(described)

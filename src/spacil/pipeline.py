@@ -10,6 +10,7 @@ from pathlib import Path
 
 from spacil.config import Config
 from spacil.errors import InputError
+from spacil.fileio import make_dirs
 from spacil.store.format import read_meta
 
 
@@ -32,7 +33,7 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
         from spacil.store.extract import extract_store
 
         # Runs of a sweep that need the same store wait here for one extraction: never two writers on one store.
-        store.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(store.parent)
         with FileLock(store_lock_path(store)):
             if not (store / "meta.json").is_file():  # another process may have finished it while this one waited
                 descriptions = load_descriptions(data.descriptions).sentences if data.descriptions else None

@@ -4,29 +4,62 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.fileio import atomic_write_text, read_json
+from spacil.fileio import atomic_write_text, make_dirs, read_json
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_summary(summary: dict, path: Path) -> None:
+    """Every field sweep and report read, typed; Ā and A_B must agree with the curve they summarise."""
+    for key in ("method", "avg_acc", "last_acc", "curve", "forgetting"):
+        if key not in summary:
+            raise InputError(f"{path}: key '{key}' missing")
+    for key in ("avg_acc", "last_acc", "forgetting"):
+        if not _number(summary[key]):
+            raise InputError(f"{path}: '{key}' is {summary[key]!r}, expected a number")
+    curve = summary["curve"]
+    if not isinstance(curve, list) or not curve or not all(_number(v) and math.isfinite(v) for v in curve):
+        raise InputError(f"{path}: 'curve' must be a non-empty list of finite numbers (accuracy after each task)")
+    for key, kind, check in (("method", "a string", lambda v: isinstance(v, str) and v),
+                             ("label", "a string", lambda v: isinstance(v, str) and v),
+                             ("dataset", "a string", lambda v: isinstance(v, str)),
+                             ("seed", "an integer in 0..2**32-1", lambda v: isinstance(v, int) and not isinstance(v, bool)
+                              and 0 <= v < 2**32),
+                             ("complete", "true or false", lambda v: isinstance(v, bool)),
+                             ("task_sizes", "a list of positive integers", lambda v: isinstance(v, list) and v and all(
+                                 isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v))):
+        if key in summary and not check(summary[key]):
+            raise InputError(f"{path}: '{key}' is {summary[key]!r}, expected {kind}")
+    sizes = summary.get("task_sizes")
+    if sizes is not None and len(curve) > len(sizes):
+        raise InputError(f"{path}: 'curve' has {len(curve)} tasks, 'task_sizes' only {len(sizes)}")
+    if sizes is not None and summary.get("complete") and len(curve) != len(sizes):
+        raise InputError(f"{path}: 'complete' is true but 'curve' has {len(curve)} of {len(sizes)} tasks")
+    # half of the last digit a report shows: a hand-rounded summary passes, a contradicting one does not
+    mean = sum(curve) / len(curve)
+    for key, expected in (("avg_acc", mean), ("last_acc", curve[-1])):
+        if not math.isclose(summary[key], expected, abs_tol=0.005):
+            raise InputError(f"{path}: '{key}' is {summary[key]!r} but its 'curve' gives {expected:.4f}; "
+                             f"the summary contradicts itself")
 
 
 def load_run(folder: str | Path) -> dict:
+    """A run folder's summary.json, every field checked (InputError naming the file otherwise)."""
     folder = Path(folder)
     path = folder / "summary.json"
     if not path.is_file():
         raise InputError(f"{path}: missing; not a run folder (or a run that finished no task)")
     summary = read_json(path)
-    for key in ("method", "avg_acc", "last_acc", "curve", "forgetting"):
-        if key not in summary:
-            raise InputError(f"{path}: key '{key}' missing")
-    for key in ("avg_acc", "last_acc", "forgetting"):
-        if isinstance(summary[key], bool) or not isinstance(summary[key], (int, float)):
-            raise InputError(f"{path}: '{key}' is {summary[key]!r}, expected a number")
-    if not isinstance(summary["curve"], list) or not all(isinstance(v, (int, float)) for v in summary["curve"]):
-        raise InputError(f"{path}: 'curve' must be a list of numbers")
+    _check_summary(summary, path)
     summary.setdefault("label", summary["method"])
     summary["folder"] = str(folder)
     return summary
@@ -112,7 +145,7 @@ def write_report(runs: Sequence[str | Path], out: Optional[str | Path] = None) -
     """Write report.md, report.csv and curves.png (and one matrix PNG per run) to `out`; return the Markdown table."""
     summaries = [load_run(r) for r in runs]
     out = Path(out) if out else Path(runs[0]).resolve().parent
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     table = markdown_table(summaries)
     buffer = io.StringIO()
     writer = csv.writer(buffer)

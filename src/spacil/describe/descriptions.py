@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from spacil.data import clean_class_name, normalise_name
 from spacil.errors import InputError
-from spacil.fileio import atomic_write_text, read_json
+from spacil.fileio import atomic_write_text, make_dirs, read_json
 
 FORMAT = "spacil-descriptions"
 VERSION = 1
@@ -67,7 +67,7 @@ class DescriptionSet:
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(Path(path).parent)
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
 
 

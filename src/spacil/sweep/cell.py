@@ -13,7 +13,7 @@ from typing import Optional
 import yaml
 
 from spacil.config import Config, build_config, differing_keys, dump_config
-from spacil.fileio import atomic_write_text
+from spacil.fileio import atomic_write_text, make_dirs
 
 MANIFEST = "sweep.json"
 
@@ -92,6 +92,6 @@ def run_cell(config_tree: dict, folder: str | Path) -> dict:
 def write_cell_config(cell: Cell, out: Path) -> Path:
     """The cell's resolved config as a file a worker can be pointed at (`spacil run --config`)."""
     path = out / ".sweep" / "configs" / cell.entry / cell.row / f"seed{cell.seed}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     atomic_write_text(path, dump_config(cell.config))
     return path

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, StrictInt
 from spacil.config import build_config, dump_config, load_config, read_yaml_mapping, resolve_config_path, resolve_packaged
 from spacil.errors import InputError
 from spacil.sweep.cell import MANIFEST, Cell, CellState, cell_state
-from spacil.fileio import atomic_write_text
+from spacil.fileio import atomic_write_text, make_dirs
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+]+$")
 
@@ -216,7 +216,7 @@ def write_manifest(spec: SweepSpec, cells: list[Cell], out: Path, source: Path) 
                "rows": list(dict.fromkeys(c.row for c in cells)),
                "cells": [{"entry": c.entry, "row": c.row, "method": c.method, "variant": c.variant, "seed": c.seed,
                           "dataset": c.config.data.dataset, "folder": str(c.folder.relative_to(out))} for c in cells]}
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     atomic_write_text(out / MANIFEST, json.dumps(payload, indent=1))
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.fileio import atomic_write_text, read_json
+from spacil.fileio import atomic_write_text, make_dirs, read_json
 from spacil.report import load_run
 from spacil.sweep.cell import MANIFEST
 
@@ -220,7 +220,7 @@ def write_sweep_report(folder: str | Path, out: Optional[str | Path] = None) -> 
     folder = Path(folder)
     entries, rows, groups = collect(folder)
     out = Path(out) if out else folder
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     titles = column_titles(entries, groups)
     table = markdown(entries, rows, groups, titles)
     atomic_write_text(out / "report.csv", csv_text(entries, rows, groups, titles))

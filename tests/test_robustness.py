@@ -29,8 +29,13 @@ def _one_line(capsys) -> str:
     return err
 
 
+def _world(tmp_path: Path) -> Path:
+    """A small store of 6 classes for sweeps."""
+    return make_random_store(tmp_path / "world", num_classes=6, dim=8, num_patches=4, train=4, test=2, seed=0)
+
+
 def _holder_script(folder: Path) -> str:
-    return (f"import sys, time; from spacil.runlock import RunFolderLock; RunFolderLock({str(folder)!r}).acquire(); "
+    return (f"import sys, time; from spacil.runlock import RunFolderLock; lock = RunFolderLock({str(folder)!r}).acquire(); "
             f"print('held', flush=True); time.sleep(600)")
 
 
@@ -109,14 +114,15 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_sweep_never_starts_a_cell_whose_folder_is_locked(tmp_path, capsys):
-    store = make_random_store(tmp_path / "world", num_classes=6, dim=8, num_patches=4, train=4, test=2, seed=0)
+    store = _world(tmp_path)
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"features: [{store}]\nmethods: [simplecil]\nseeds: [1, 2]\n"
                      "set: {data.init_cls: 3, data.increment: 3}\n")
     out = tmp_path / "out"
     with RunFolderLock(out / "world" / "simplecil" / "seed1"):
         assert main(["sweep", str(sweep), "--out", str(out), "--dry-run"]) == 0
-        assert "skip (running)  world/simplecil/seed1  [written by process" in capsys.readouterr().out
+        plan = capsys.readouterr().out.splitlines()
+        assert plan[0].startswith("skip (running)") and plan[0].endswith(f"world/simplecil/seed1  [written by process {os.getpid()}]")
         assert main(["sweep", str(sweep), "--out", str(out), "--quiet"]) == 0
         printed = capsys.readouterr().out
         assert f"not started, its folder is written by process {os.getpid()}: world/simplecil/seed1" in printed
@@ -154,7 +160,7 @@ def _full_disk(monkeypatch, module, name: str, when=lambda *a: True):
 def test_atomic_writers_turn_a_full_disk_into_one_line_and_leave_no_temporary_file(tmp_path, monkeypatch):
     import spacil.fileio as fileio
 
-    _full_disk(monkeypatch, fileio.os, "fsync")
+    _full_disk(monkeypatch, fileio.os, "replace")  # the last step of every atomic write
     for write in (lambda p: fileio.atomic_write_text(p, "x"), lambda p: fileio.atomic_save_npy(p, np.zeros(3)),
                   lambda p: fileio.atomic_write_bytes(p, b"x")):
         path = tmp_path / "file"
@@ -188,7 +194,7 @@ def test_descriptions_and_sweep_files_on_a_full_disk(tmp_path, monkeypatch, caps
     _full_disk(monkeypatch, fileio.os, "fsync")
     with pytest.raises(InputError, match="descriptions.json: cannot write"):
         DescriptionSet(source="json", classes={"a": {"descriptions": ["x."]}}).save(tmp_path / "descriptions.json")
-    store = make_random_store(tmp_path / "world", num_classes=6, dim=8, num_patches=4, train=4, test=2, seed=0)
+    store = _world(tmp_path)
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"features: [{store}]\nmethods: [simplecil]\nset: {{data.init_cls: 3, data.increment: 3}}\n")
     assert main(["sweep", str(sweep), "--out", str(tmp_path / "out"), "--quiet"]) == 2
@@ -279,7 +285,7 @@ def _sweep(tmp_path: Path, text: str) -> Path:
     ("set: {data.init_cls: 9, data.increment: 3}\n", "init_cls=9: more than the 6 classes"),
 ])
 def test_a_sweep_checks_seeds_and_every_split_before_it_launches(tmp_path, capsys, text, message):
-    store = make_random_store(tmp_path / "world", num_classes=6, dim=8, num_patches=4, train=4, test=2, seed=0)
+    store = _world(tmp_path)
     sweep = _sweep(tmp_path, f"features: [{store}]\nmethods: [simplecil]\n" + text)
     assert main(["sweep", str(sweep), "--out", str(tmp_path / "out")]) == 2
     assert message in _one_line(capsys)
@@ -291,7 +297,7 @@ def test_a_sweep_checks_seeds_and_every_split_before_it_launches(tmp_path, capsy
                                             ("{mem_gb: lots}", "slurm.mem_gb")])
 def test_slurm_without_slurm_or_with_bad_values_writes_nothing(tmp_path, capsys, monkeypatch, slurm, message):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch, srun, squeue
-    store = make_random_store(tmp_path / "world", num_classes=6, dim=8, num_patches=4, train=4, test=2, seed=0)
+    store = _world(tmp_path)
     sweep = _sweep(tmp_path, f"features: [{store}]\nmethods: [simplecil]\nset: {{data.init_cls: 3, data.increment: 3}}\n"
                    f"slurm: {slurm}\n")
     assert main(["sweep", str(sweep), "--out", str(tmp_path / "out"), "--executor", "slurm"]) == 2

@@ -37,9 +37,10 @@ def test_report_over_runs(random_store, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", *runs, "--out", str(tmp_path / "report")]) == 0
     table = capsys.readouterr().out
-    assert "| simplecil | random |" in table and "| spa | random |" in table
+    assert "| simplecil | random | B6 Inc3 |" in table and "| spa | random | B6 Inc3 |" in table
+    assert "seeds" not in table  # one seed for all: no seed columns
     csv = (tmp_path / "report" / "report.csv").read_text().splitlines()
-    assert csv[0].startswith("method,data,avg acc,last acc,forgetting") and len(csv) == 3
+    assert csv[0].startswith("method,data,split,seed,avg acc,last acc,forgetting") and len(csv) == 3
     assert (tmp_path / "report" / "curves.png").is_file() and (tmp_path / "report" / "matrix_spa.png").is_file()
     assert main(["report", str(tmp_path / "nothing")]) == 2
 

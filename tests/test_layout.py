@@ -23,7 +23,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("describe", ("spacil.describe",)),
     ("learner", ("spacil.learner",)),
     ("methods", ("spacil.methods",)),
-    ("runner", ("spacil.runner", "spacil.pipeline")),
+    ("runner", ("spacil.runner", "spacil.runlock", "spacil.pipeline")),
     ("report", ("spacil.report",)),
     ("sweep", ("spacil.sweep",)),
     ("demo", ("spacil.demo",)),

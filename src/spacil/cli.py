@@ -126,7 +126,9 @@ def _run_config(args):
 def cmd_run(args) -> int:
     from spacil.pipeline import prepare_store
     from spacil.runner import run_from_store
+    from spacil.sweep.lifeline import follow_parent
 
+    follow_parent()  # a sweep's worker ends with its sweep
     config = _run_config(args)
     store = prepare_store(config, progress=not args.quiet)
     echo = None if args.quiet else print

@@ -145,7 +145,7 @@ class RAPFConfig(_Section):
 
 class Config(_Section):
     method: str = "spa"
-    seed: int = 1993
+    seed: int = Field(1993, ge=0, le=2**32 - 1)  # numpy.random.seed takes 0..2**32-1
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N; the resolved device is written to config.yaml
     data: DataConfig = DataConfig()
     spa: SPAConfig = SPAConfig()

@@ -1,36 +1,109 @@
 """Writing files so that an interrupted process never leaves a half-written one, and reading JSON with one-line errors.
 
-Every stage writes through these: the store, descriptions, run folders, reports and sweeps.
+Every stage writes through these: the store, descriptions, run folders, reports and sweeps. A write that fails (a full
+disk, a read-only folder, a quota) is one InputError naming the path and the free space there, and leaves no temporary
+file behind: after room is made, the same command resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 
 from spacil.errors import InputError
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def _free_space(path: Path) -> str:
+    """'12.3 MiB free' on the filesystem holding `path` (or its nearest existing parent)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return "free space unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit} free" if unit == "B" else f"{free:.1f} {unit} free"
+        free /= 1024
+    return ""  # unreachable
+
+
+# errors that room on the disk cures
+_FULL = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, name)}
+
+
+def write_error(path: str | Path, err: OSError) -> InputError:
+    """The one-line error of a failed write to `path`: what the system said and the free space there."""
+    path = Path(path)
+    reason = err.strerror or type(err).__name__
+    return InputError(f"{path}: cannot write ({reason}; {_free_space(path)})"
+                      + ("; make room and run the same command again" if err.errno in _FULL else ""))
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, tmp: Optional[Path] = None) -> Iterator[None]:
+    """Turn an OSError raised while writing `path` into write_error's InputError; remove `tmp` (a temporary file of the
+    write) when that happens."""
+    try:
+        yield
+    except OSError as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise write_error(path, err) from None
+
+
+def _tmp_of(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file so that a reader sees either the old or the new content, never a half-written one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_of(path)
+    with writing(path, tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """atomic_write_bytes of `text` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-    os.replace(tmp, path)
+    tmp = _tmp_of(path)
+    with writing(path, tmp):
+        with open(tmp, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+        os.replace(tmp, path)
+
+
+def make_dirs(path: str | Path) -> Path:
+    """mkdir -p, with write_error's one line when it fails."""
+    path = Path(path)
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append `text` to a log file, with write_error's one line when it fails."""
+    with writing(path):
+        with open(path, "a") as handle:
+            handle.write(text)
 
 
 def read_json(path: str | Path) -> dict:

@@ -6,10 +6,12 @@ This is what makes a real benchmark one command: `spacil run --config cifar224_b
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from spacil.config import Config
 from spacil.errors import InputError
+from spacil.fileio import make_dirs
 from spacil.store.format import read_meta
 
 
@@ -26,14 +28,21 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
     if not (store / "meta.json").is_file():
         if data.data_root is None:
             raise InputError(f"{store}: no feature store there (meta.json missing) and data.data_root is not set to extract one")
-        from filelock import FileLock
+        from filelock import FileLock, Timeout
 
         from spacil.describe.descriptions import load_descriptions
         from spacil.store.extract import extract_store
 
         # Runs of a sweep that need the same store wait here for one extraction: never two writers on one store.
-        store.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(store_lock_path(store)):
+        make_dirs(store.parent)
+        lock = FileLock(store_lock_path(store))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # said once, so a waiting process does not look hung
+            print(f"waiting for {store}: another process is extracting it (lock {store_lock_path(store)})",
+                  file=sys.stderr, flush=True)
+            lock.acquire()
+        try:
             if not (store / "meta.json").is_file():  # another process may have finished it while this one waited
                 descriptions = load_descriptions(data.descriptions).sentences if data.descriptions else None
                 extract_store(data.dataset, data.data_root, store, model=data.model, pretrained=data.pretrained,
@@ -41,6 +50,8 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
                               templates=data.templates, descriptions=descriptions,
                               descriptions_source=data.descriptions, semantic_tokens=config.spa.semantic_tokens,
                               progress=progress)
+        finally:
+            lock.release()
     meta = read_meta(store / "meta.json")
     text = meta.get("text") or {}
     recorded = text.get("semantic_tokens") if isinstance(text, dict) else None

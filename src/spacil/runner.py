@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import logging
-import os
 import pickle
 import time
 from pathlib import Path
@@ -25,9 +24,10 @@ from spacil.devices import device_name, memory_budget, resolve_device
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
 from spacil.store.format import FeatureStore, rows_as_tensor
-from spacil.fileio import atomic_write_text
+from spacil.fileio import append_text, atomic_write_bytes, atomic_write_text, make_dirs
 from spacil.learner import Learner, LearnerContext, TaskData, TaskInfo
 from spacil.methods import create_learner
+from spacil.runlock import RunFolderLock
 from spacil.metrics import TaskEvaluation, accuracy_matrix, evaluate_task, summarise
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class Run:
     """One class-incremental run of one method over one store."""
 
     def __init__(self, config: Config, store: FeatureStore, out: str | Path, resume: bool = False,
-                 echo: Optional[Callable[[str], None]] = None, progress: bool = False):
+                 echo: Optional[Callable[[str], None]] = None, progress: bool = False, check_finite: bool = True):
         self.device = resolve_device(config.device)
         # the resolved device is what config.yaml records ('auto' says nothing about where a run computed)
         config = config.model_copy(update={"device": device_name(self.device)})
@@ -60,9 +60,21 @@ class Run:
         self.position_of[self.order] = np.arange(store.num_classes)
         if self.learner.needs_patches and store.split("train").patches is None:
             raise InputError(f"{store.path}: method '{config.method}' needs patch tokens but the store has no train/patches.npy")
+        top_k = config.spa.top_k_patches
+        # the default (16) is min(16, patches) on stores with fewer patch tokens (tiny models); any other value must fit
+        if self.learner.needs_patches and store.num_patches < top_k != type(config.spa).model_fields["top_k_patches"].default:
+            raise InputError(f"top_k_patches={config.spa.top_k_patches}: the store {store.path} has {store.num_patches} "
+                             f"patch tokens per image; expected at most {store.num_patches}")
+        # rows of each array already found finite (a NaN in a store would otherwise give a silent, wrong accuracy)
+        self.finite_rows: Optional[dict[str, np.ndarray]] = {} if check_finite else None
         self.evaluations: list[TaskEvaluation] = []
         self.first_task = 0
-        self._prepare_folder(resume)
+        self.lock = RunFolderLock(self.out).acquire()  # one writer per run folder, until run() returns
+        try:
+            self._prepare_folder(resume)
+        except BaseException:
+            self.lock.release()
+            raise
 
     # run folder --------------------------------------------------------------------------------------------------------
     def _prepare_folder(self, resume: bool) -> None:
@@ -80,7 +92,7 @@ class Run:
         if not resume:
             if not starting_over and ((self.out / "summary.json").exists() or (self.out / "checkpoints").exists()):
                 raise InputError(f"--out {self.out}: holds a run already; use --resume or another folder")
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.out)
             atomic_write_text(self.out / "config.yaml", dump_config(self.config))
             atomic_write_text(self.out / "class_order.json", json.dumps(
                 {"seed": self.config.seed, "order": self.order, "task_sizes": self.sizes,
@@ -125,8 +137,7 @@ class Run:
         self.first_task = len(self.evaluations)
 
     def _log(self, line: str) -> None:
-        with open(self.out / "log.txt", "a") as handle:
-            handle.write(line + "\n")
+        append_text(self.out / "log.txt", line + "\n")
         log.info(line)
         self.echo(line)
 
@@ -146,13 +157,14 @@ class Run:
         return summary
 
     def _checkpoint(self) -> None:
-        folder = self.out / "checkpoints"
-        folder.mkdir(exist_ok=True)
-        tmp = folder / ".last.pt.tmp"
+        folder = make_dirs(self.out / "checkpoints")
         state = {"learner": self.learner.state_dict(), "evaluations": [e.to_dict() for e in self.evaluations]}
         _check_plain(state, "checkpoint")
-        torch.save(state, tmp)
-        os.replace(tmp, folder / "last.pt")
+        # serialised in memory, written by fileio: a full disk is then one line naming the file (torch's own file writer
+        # reports it as an 'unexpected pos' RuntimeError) and no temporary file is left
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(folder / "last.pt", buffer.getbuffer())
 
     # data views ----------------------------------------------------------------------------------------------------------
     def _rows_of(self, split: str, positions: list[int]) -> np.ndarray:
@@ -176,9 +188,16 @@ class Run:
         split = self.store.split(split_name)
         rows = self._rows_of(split_name, positions)
         patches = split.patches if self.learner.needs_patches else None
-        return TaskData(task, _RowView(split.global_, rows), None if patches is None else _RowView(patches, rows),
+        global_ = self._row_view(split_name, "global.npy", split.global_, rows)
+        return TaskData(task, global_, None if patches is None else self._row_view(split_name, "patches.npy", patches, rows),
                         self.position_of[split.labels[rows]], self.device,
                         memory_budget=memory_budget(self.device, self.config.train.device_memory_budget))
+
+    def _row_view(self, split_name: str, file: str, array: np.ndarray, rows: np.ndarray) -> "_RowView":
+        finite = None
+        if self.finite_rows is not None:
+            finite = self.finite_rows.setdefault(f"{split_name}/{file}", np.zeros(len(array), dtype=bool))
+        return _RowView(array, rows, self.store.path / split_name / file, finite)
 
     def _task_data(self, task: int) -> TaskData:
         start, end = self.bounds[task]
@@ -203,6 +222,13 @@ class Run:
 
     # the loop ----------------------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Run the remaining tasks; the run folder's lock is released when this returns, however it returns."""
+        try:
+            return self._run_tasks()
+        finally:
+            self.lock.release()
+
+    def _run_tasks(self) -> dict:
         config = self.config
         if self.first_task == 0:
             self._log(f"method: {self.learner.label}  data: {self.store.dataset} ({self.store.num_classes} classes)  "
@@ -249,12 +275,35 @@ def _check_plain(value, where: str) -> None:
                         f"strings, bools, None, lists and dicts (checkpoints load with weights_only=True)")
 
 
-class _RowView:
-    """A lazy view of some rows of a memory-mapped array: indexing reads only the rows asked for."""
+def first_nonfinite_row(data: np.ndarray) -> Optional[int]:
+    """The index of the first row of `data` [N, ...] holding a NaN or an infinity, or None.
 
-    def __init__(self, array: np.ndarray, rows: np.ndarray):
+    float16 and float32 rows are tested on their bits (exponent all ones), about 8 times faster than np.isfinite on
+    float16; the row is then located with np.isfinite only when there is one."""
+    bits = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}.get(data.dtype)
+    if bits is not None and data.size:
+        view = np.ascontiguousarray(data).view(bits[0])
+        if (view & bits[0](bits[1])).max() != bits[1]:
+            return None
+    elif data.size == 0 or np.isfinite(data).all():
+        return None
+    bad = ~np.isfinite(data.reshape(len(data), -1)).all(axis=1)
+    return int(np.flatnonzero(bad)[0]) if bad.any() else None
+
+
+class _RowView:
+    """A lazy view of some rows of a memory-mapped array: indexing reads only the rows asked for.
+
+    With `finite` (a mask over the array's rows, shared by the views of one run), each row is checked for NaN and
+    infinity the first time it is read: a non-finite feature is an InputError naming `path` and the row, not a silent
+    wrong accuracy."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray, path: Optional[Path] = None,
+                 finite: Optional[np.ndarray] = None):
         self.array = array
         self.rows = rows
+        self.path = path
+        self.finite = finite
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -268,7 +317,16 @@ class _RowView:
         return self.array.dtype
 
     def __getitem__(self, index):
-        return self.array[self.rows[index]]
+        rows = self.rows[index]
+        data = self.array[rows]
+        if self.finite is not None and not self.finite[rows].all():
+            bad = first_nonfinite_row(data if np.ndim(rows) else data[None])
+            if bad is not None:
+                row = int(np.atleast_1d(rows)[bad])
+                raise InputError(f"{self.path}: row {row} holds NaN or infinite values; re-extract the store "
+                                 f"(`spacil check` lists every damaged file)")
+            self.finite[rows] = True
+        return data
 
 
 def run_from_store(config: Config, store_path: str | Path, out: str | Path, resume: bool = False,

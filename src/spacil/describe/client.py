@@ -30,6 +30,7 @@ from spacil.data import DatasetSpec, dataset_spec, open_dataset
 from spacil.data.check import add_names_and_templates
 from spacil.describe.descriptions import (DescriptionSet, default_token_counter, import_descriptions, load_descriptions, parse_answer, template_descriptions, validate_descriptions)
 from spacil.errors import InputError
+from spacil.fileio import make_dirs
 from spacil.describe.sampling import choose_samples, compose_grid
 
 PROMPT_VERSION = "spa-describe-v1"
@@ -203,7 +204,7 @@ def describe_dataset(
     result.dataset, result.source, result.model = dataset, "llm", llm.model
     result.prompt_version, result.num_descriptions = PROMPT_VERSION, num_descriptions
     grid_dir = out.with_name(out.stem + "_grids")
-    grid_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(grid_dir)
     count_tokens = default_token_counter()
     describer = LLMDescriber(llm, api_key, num_descriptions, spec.domain, count_tokens)
     url = str(describer.client.base_url).rstrip("/")

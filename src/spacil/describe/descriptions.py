@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from spacil.data import clean_class_name, normalise_name
 from spacil.errors import InputError
-from spacil.fileio import atomic_write_text, read_json
+from spacil.fileio import atomic_write_text, make_dirs, read_json
 
 FORMAT = "spacil-descriptions"
 VERSION = 1
@@ -67,7 +67,7 @@ class DescriptionSet:
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(Path(path).parent)
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
 
 
@@ -85,6 +85,7 @@ def load_descriptions(path: str | Path) -> DescriptionSet:
         for name, entry in classes.items():
             if not isinstance(entry, dict) or not _strings(entry.get("descriptions")):
                 raise InputError(f"{path}: classes.{name}: expected an object whose 'descriptions' is a list of strings")
+            _refuse_blank(entry["descriptions"], path, f"classes.{name}.descriptions")
         failed = data.get("failed") or {}
         if not isinstance(failed, dict) or not all(isinstance(v, str) for v in failed.values()):
             raise InputError(f"{path}: 'failed' must be an object {{class name: reason}}")
@@ -103,12 +104,21 @@ def load_descriptions(path: str | Path) -> DescriptionSet:
             failed=dict(failed), usage=dict(usage),
         )
     if all(_strings(v) for v in data.values()):
+        for name, sentences in data.items():
+            _refuse_blank(sentences, path, name)
         return DescriptionSet(source="json", classes={n: {"descriptions": list(v)} for n, v in data.items()})
     raise InputError(f"{path}: neither a spacil descriptions file nor a JSON object {{class: [sentences]}}")
 
 
 def _strings(value) -> bool:
     return isinstance(value, list) and all(isinstance(s, str) for s in value)
+
+
+def _refuse_blank(sentences: Sequence[str], path: Path, where: str) -> None:
+    """A blank description would be embedded as a 'real' one (CLIP encodes the empty text too): refused, not dropped."""
+    for index, sentence in enumerate(sentences):
+        if not sentence.strip():
+            raise InputError(f"{path}: {where}[{index}]: a blank description ({sentence!r}); remove it or write one")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

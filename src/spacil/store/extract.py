@@ -51,7 +51,7 @@ from spacil.devices import resolve_device, resolve_precision
 from spacil.errors import InputError
 from spacil.store.format import (FORMAT, IMAGE_PATHS_FILE, PROGRESS_FILE, SPLITS, VERSION, pad_token_sets, read_image_paths,
                                  read_npy_header, write_text_features)
-from spacil.fileio import atomic_save_npy, atomic_write_text, read_json
+from spacil.fileio import atomic_save_npy, atomic_write_text, make_dirs, read_json, writing
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +335,9 @@ class _SplitFiles:
 
     def create(self) -> None:
         for path, shape in zip((self.global_path, self.patches_path), self.shapes()):
-            array = open_memmap(path, mode="w+", dtype=self.dtype, shape=shape)
-            del array  # allocated at its final size; rows are written with pwrite
+            with writing(path):
+                array = open_memmap(path, mode="w+", dtype=self.dtype, shape=shape)
+                del array  # allocated at its final size; rows are written with pwrite
 
     def read_offsets(self) -> None:
         for path, shape in zip((self.global_path, self.patches_path), self.shapes()):
@@ -399,10 +400,12 @@ class _RowWriter:
         for path, tensor in ((split_files.global_path, staged.global_), (split_files.patches_path, staged.patches)):
             array = tensor.numpy()
             offset = split_files.offsets[path] + start * array[0].nbytes
-            _write_rows(self.fds[path], offset, memoryview(array.reshape(-1).view(np.uint8)))
-            written.append(self.fds[path])
-        for fd in written:
-            _flush(fd)
+            with writing(path):  # a full disk: one line naming the file, raised in the caller's thread
+                _write_rows(self.fds[path], offset, memoryview(array.reshape(-1).view(np.uint8)))
+            written.append(path)
+        for path in written:
+            with writing(path):
+                _flush(self.fds[path])
         self.done[split] = _add_range(self.done[split], start, end)
         atomic_write_text(self.record, json.dumps({"done": self.done}))
         if self.bar is not None:
@@ -560,7 +563,7 @@ def _prepare(out: Path, recorded: Optional[dict], fingerprint: dict, device: tor
              splits: dict) -> None:
     """Rank 0, before any rank encodes: the store record first, then the maps and labels of every split with no row
     recorded done."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     if recorded is not None and isinstance((recorded.get("done") or {}).get("train"), int):
         # a spacil 0.1 record: its row counts become rank 0's ranges before the record is rewritten without them
         legacy = {split: [[0, int(recorded["done"].get(split, 0))]] if recorded["done"].get(split) else [] for split in SPLITS}
@@ -579,7 +582,7 @@ def _prepare(out: Path, recorded: Optional[dict], fingerprint: dict, device: tor
     for split in SPLITS:
         if done[split]:
             continue
-        (out / split).mkdir(exist_ok=True)
+        make_dirs(out / split)
         files[split].create()
         atomic_save_npy(out / split / "labels.npy", splits[split].labels)
         atomic_write_text(out / split / IMAGE_PATHS_FILE, json.dumps(list(splits[split].paths)))

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.fileio import atomic_save_npy, atomic_write_text, read_json
+from spacil.fileio import atomic_save_npy, atomic_write_text, make_dirs, read_json
 
 FORMAT = "spacil-features"
 VERSION = 1
@@ -244,7 +244,7 @@ def write_store(
     dim = int(any_global.shape[1])
     num_patches = next((int(p.shape[1]) for _, p, _ in splits.values() if p is not None), 0)
     for split, (global_, patches, labels) in splits.items():
-        (path / split).mkdir(parents=True, exist_ok=True)
+        make_dirs(path / split)
         atomic_save_npy(path / split / "global.npy", global_)
         if patches is not None:
             atomic_save_npy(path / split / "patches.npy", patches)
@@ -274,14 +274,14 @@ def write_text_features(
     no-LLM ablation), text/descriptions.npy [C, M, d] with text/description_mask.npy [C, M]."""
     text = Path(path) / "text"
     if prompts is not None:
-        text.mkdir(parents=True, exist_ok=True)
+        make_dirs(text)
         atomic_save_npy(text / "prompts.npy", np.asarray(prompts, dtype=np.float32))
     if templates is not None:
-        text.mkdir(parents=True, exist_ok=True)
+        make_dirs(text)
         atomic_save_npy(text / "templates.npy", np.asarray(templates, dtype=np.float32))
     if descriptions is not None:
         tokens, mask = descriptions
-        text.mkdir(parents=True, exist_ok=True)
+        make_dirs(text)
         atomic_save_npy(text / "descriptions.npy", np.asarray(tokens, dtype=np.float32))
         atomic_save_npy(text / "description_mask.npy", np.asarray(mask, dtype=bool))
 

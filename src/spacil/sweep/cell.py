@@ -5,7 +5,7 @@ Both engines (`spacil.sweep.local`, `spacil.sweep.slurm`) take cells from here; 
 
 from __future__ import annotations
 
-import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -13,7 +13,9 @@ from typing import Optional
 import yaml
 
 from spacil.config import Config, build_config, differing_keys, dump_config
-from spacil.fileio import atomic_write_text
+from spacil.fileio import atomic_write_text, make_dirs
+from spacil.report import load_run
+from spacil.runlock import folder_writer
 
 MANIFEST = "sweep.json"
 
@@ -37,7 +39,8 @@ class Cell:
 
 @dataclass(frozen=True)
 class CellState:
-    """What a cell needs: 'done' (skipped), 'resume' (from its checkpoint), 'run', or 'changed' (settings differ)."""
+    """What a cell needs: 'done' (skipped), 'resume' (from its checkpoint), 'run', 'changed' (settings differ, or its
+    checkpoint is damaged: redone under --force) or 'busy' (another process writes its folder: never started twice)."""
 
     cell: Cell
     action: str
@@ -48,6 +51,9 @@ def cell_state(cell: Cell) -> CellState:
     """Compare the cell's folder with its config: a finished run with the same settings is done, one with a checkpoint is
     resumed, one whose settings differ (placement keys such as the device aside) is 'changed'."""
     folder = cell.folder
+    writer = folder_writer(folder)
+    if writer is not None:
+        return CellState(cell, "busy", f"written by {writer}")
     saved_path = folder / "config.yaml"
     if not saved_path.is_file():
         return CellState(cell, "run")
@@ -60,22 +66,17 @@ def cell_state(cell: Cell) -> CellState:
     differ = differing_keys(saved, cell.config)
     if differ:
         return CellState(cell, "changed", ", ".join(differ))
-    summary = _read_summary(folder)
+    summary = load_run(folder) if (folder / "summary.json").is_file() else None  # every field checked
     if summary is not None and summary.get("complete"):
         return CellState(cell, "done", f"Ā {summary['avg_acc']:.2f}  A_B {summary['last_acc']:.2f}")
-    if (folder / "checkpoints" / "last.pt").is_file():
+    checkpoint = folder / "checkpoints" / "last.pt"
+    if checkpoint.is_file() and not zipfile.is_zipfile(checkpoint):  # torch's format is a zip: its end is readable
+        return CellState(cell, "changed", "checkpoints/last.pt truncated or damaged")
+    if checkpoint.is_file():
         finished = len(summary.get("curve", [])) if summary else 0
         total = len(summary.get("task_sizes", [])) if summary else 0
         return CellState(cell, "resume", f"after task {finished}/{total}" if total else "from its checkpoint")
     return CellState(cell, "run", "started, no task finished")
-
-
-def _read_summary(folder: Path) -> Optional[dict]:
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
 
 
 def run_cell(config_tree: dict, folder: str | Path) -> dict:
@@ -92,6 +93,6 @@ def run_cell(config_tree: dict, folder: str | Path) -> dict:
 def write_cell_config(cell: Cell, out: Path) -> Path:
     """The cell's resolved config as a file a worker can be pointed at (`spacil run --config`)."""
     path = out / ".sweep" / "configs" / cell.entry / cell.row / f"seed{cell.seed}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     atomic_write_text(path, dump_config(cell.config))
     return path

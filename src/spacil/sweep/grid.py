@@ -26,7 +26,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, StrictInt
@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, StrictInt
 from spacil.config import build_config, dump_config, load_config, read_yaml_mapping, resolve_config_path, resolve_packaged
 from spacil.errors import InputError
 from spacil.sweep.cell import MANIFEST, Cell, CellState, cell_state
-from spacil.fileio import atomic_write_text
+from spacil.fileio import atomic_write_text, make_dirs
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+]+$")
 
@@ -47,7 +47,7 @@ class SweepSpec(BaseModel):
     configs: list[str] = Field(default_factory=list)
     features: list[str] = Field(default_factory=list)
     methods: Optional[list[str]] = None
-    seeds: Optional[list[StrictInt]] = None  # strict: `true` or "1" is a typo, not seed 1
+    seeds: Optional[list[Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]]] = None  # strict: `true` or "1" is a typo
     variants: Optional[dict[str, dict[str, Any]]] = None
     overrides: dict[str, Any] = Field(default_factory=dict, alias="set")
     slurm: dict[str, Any] = Field(default_factory=dict)
@@ -191,19 +191,42 @@ def build_grid(spec: SweepSpec, out: str | Path, source: str | Path = "sweep") -
     return cells
 
 
+def check_splits(cells: list[Cell], source: str | Path) -> None:
+    """Every cell's split (data.init_cls, data.increment) against its data set's classes, before anything is launched:
+    the store's meta.json when it exists, else the data set's known class count."""
+    from spacil.data import DATASETS, task_sizes
+    from spacil.store.format import read_meta
+
+    for cell in cells:
+        data = cell.config.data
+        meta = Path(data.features) / "meta.json" if data.features else None
+        if meta is not None and meta.is_file():
+            num_classes, where = len(read_meta(meta)["classes"]), str(meta)
+        elif data.dataset in DATASETS:
+            num_classes, where = DATASETS[data.dataset].num_classes, f"data set {data.dataset}"
+        else:
+            continue  # the run names what is missing
+        try:
+            task_sizes(num_classes, data.init_cls, data.increment)
+        except InputError as err:
+            raise InputError(f"{source}: {cell.name}: {err} ({where})") from None
+
+
 def plan_lines(states: list[CellState], out: Path, force: bool) -> list[str]:
     """One line per cell, then the counts: what a sweep would skip, resume, run or refuse."""
-    words = {"done": "skip (done)", "resume": "resume", "run": "run", "changed": "redo (--force)" if force else "REFUSE (changed)"}
+    words = {"done": "skip (done)", "resume": "resume", "run": "run",
+             "changed": "redo (--force)" if force else "REFUSE (changed)", "busy": "skip (running)"}
     width = max(len(w) for w in words.values())
     lines = []
     for state in states:
         detail = f"  [{state.detail}]" if state.detail else ""
-        if state.action == "changed" and not force:
+        if state.action == "changed" and not force and not state.detail.startswith("checkpoints/"):
             detail = f"  [settings changed: {state.detail}]"
         lines.append(f"{words[state.action]:<{width}}  {state.cell.name}{detail}")
     counts = {a: sum(s.action == a for s in states) for a in words}
     lines.append(f"{len(states)} cells under {out}: {counts['done']} done, {counts['resume']} to resume, "
                  f"{counts['run']} to run, {counts['changed']} with changed settings"
+                 + (f", {counts['busy']} running in another process" if counts["busy"] else "")
                  + (" (redone under --force)" if force and counts["changed"] else ""))
     return lines
 
@@ -216,7 +239,7 @@ def write_manifest(spec: SweepSpec, cells: list[Cell], out: Path, source: Path) 
                "rows": list(dict.fromkeys(c.row for c in cells)),
                "cells": [{"entry": c.entry, "row": c.row, "method": c.method, "variant": c.variant, "seed": c.seed,
                           "dataset": c.config.data.dataset, "folder": str(c.folder.relative_to(out))} for c in cells]}
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     atomic_write_text(out / MANIFEST, json.dumps(payload, indent=1))
 
 
@@ -236,9 +259,14 @@ def run_sweep(sweep: str | Path, out: str | Path, executor: str = "local", jobs:
     cells = build_grid(spec, out, source)
     slurm_parameters = None
     if executor == "slurm":
-        from spacil.sweep.slurm import slurm_parameters as convert
+        from spacil.sweep.slurm import missing_slurm_commands, slurm_parameters as convert
 
         slurm_parameters = convert(spec.slurm, source)
+        missing = missing_slurm_commands() if make_submitit_executor is None and not dry_run else []
+        if missing:
+            raise InputError(f"--executor slurm: SLURM is not on this machine ({', '.join(missing)} not on PATH); "
+                             f"run the sweep on a SLURM login node, or use --executor local")
+    check_splits(cells, source)
     states = [cell_state(c) for c in cells]
     pending_jobs = {}
     if executor == "slurm" and not dry_run:
@@ -253,8 +281,8 @@ def run_sweep(sweep: str | Path, out: str | Path, executor: str = "local", jobs:
     if changed and not force:
         first = changed[0]
         more = f" (and {len(changed) - 1} more cells)" if len(changed) > 1 else ""
-        raise InputError(f"{first.cell.folder}: settings changed since it ran ({first.detail}){more}; "
-                         f"pass --force to redo, or use another --out")
+        what = first.detail if first.detail.startswith("checkpoints/") else f"settings changed since it ran ({first.detail})"
+        raise InputError(f"{first.cell.folder}: {what}{more}; pass --force to redo, or use another --out")
     for state in changed:
         if state.cell.name in pending_jobs:  # its job still writes the folder: deleting it under the job helps nobody
             raise InputError(f"{state.cell.folder}: settings changed, but its SLURM job {pending_jobs[state.cell.name]} "
@@ -262,13 +290,17 @@ def run_sweep(sweep: str | Path, out: str | Path, executor: str = "local", jobs:
         shutil.rmtree(state.cell.folder)
     write_manifest(spec, cells, out, source)
     done = [s for s in states if s.action == "done"]
-    todo = [s for s in states if s.action != "done" and s.cell.name not in pending_jobs]
+    busy = [s for s in states if s.action == "busy"]
+    todo = [s for s in states if s.action not in ("done", "busy") and s.cell.name not in pending_jobs]
     for name, job_id in pending_jobs.items():
         echo(f"queued or running as SLURM job {job_id}: {name}")
+    for state in busy:  # never a second writer on one run folder
+        echo(f"not started, its folder is {state.detail}: {state.cell.name}")
     if done:
         echo(f"{len(done)} of {len(cells)} cells already done (skipped)")
     if not todo:
-        echo(f"nothing to run: {len(done)} done, {len(pending_jobs)} queued or running; report: spacil report {out}")
+        echo(f"nothing to run: {len(done)} done, {len(pending_jobs) + len(busy)} queued or running; "
+             f"report: spacil report {out}")
         return 0
     if executor == "local":
         from spacil.sweep.local import run_local

@@ -3,7 +3,8 @@
 Each cell runs as its own `python -m spacil run --config CELL.yaml --out FOLDER --resume` process, so an interrupted worker
 leaves what the runner leaves: a run folder with every finished task and a checkpoint, resumed by the next sweep. A worker
 slot owns one GPU (CUDA_VISIBLE_DEVICES) when there are GPUs, else an equal share of the CPU threads (cores // N).
-Ctrl-C reaches the workers (they are in the terminal's process group; a SIGINT sent to this process alone is forwarded),
+A worker ends when the sweep process ends, however it ends (`spacil.sweep.lifeline`): a killed sweep leaves no worker
+writing a run folder. Ctrl-C reaches the workers (they are in the terminal's process group; a SIGINT sent to this process alone is forwarded),
 they stop after writing what they finished, and the sweep exits 130.
 """
 
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
+from spacil.fileio import make_dirs
 from spacil.sweep.cell import Cell, write_cell_config
+from spacil.sweep.lifeline import SWEEP_PARENT_ENV
 
 
 @dataclass
@@ -54,6 +57,7 @@ def worker_env(slot: int, jobs: int, gpus: list[str], cpus: int) -> dict[str, st
     env = dict(os.environ)
     threads = str(max(1, cpus // jobs))
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    env[SWEEP_PARENT_ENV] = str(os.getpid())  # the worker ends when this process ends (spacil.sweep.lifeline)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     return env
@@ -88,7 +92,7 @@ def run_local(cells: list[Cell], out: Path, jobs: int, echo: Callable[[str], Non
     where = f"one GPU each ({', '.join(gpus)})" if gpus else f"{max(1, cpus // jobs)} CPU threads each"
     echo(f"running {len(cells)} runs on {jobs} local workers, {where}")
     logs = out / ".sweep" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    make_dirs(logs)
     pending = deque(cells)
     running: dict[int, _Worker] = {}
     failures = 0

@@ -17,8 +17,8 @@ from typing import Optional
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.fileio import atomic_write_text, read_json
-from spacil.report import load_run
+from spacil.fileio import atomic_write_text, make_dirs, read_json
+from spacil.report import dataset_title, load_run, split_label
 from spacil.sweep.cell import MANIFEST
 
 
@@ -83,24 +83,30 @@ def collect(folder: str | Path) -> tuple[list[str], list[str], dict[tuple[str, s
     return entries, rows, groups
 
 
-def split_label(summary: dict) -> str:
-    """'B0 Inc10' (all tasks equal) or 'B50 Inc10' (a larger first task), from the run's task sizes."""
-    sizes = summary.get("task_sizes") or []
-    if not sizes:
-        return ""
-    increment = sizes[1] if len(sizes) > 1 else sizes[0]
-    base = 0 if sizes[0] == increment else sizes[0]
-    return f"B{base} Inc{increment}"
-
-
-def column_titles(entries: list[str], groups: dict[tuple[str, str], Group]) -> dict[str, str]:
-    """Each entry's column title: '<data set> <split>' from its runs, prefixed by the entry's name when two would read alike."""
+def column_titles(entries: list[str], groups: dict[tuple[str, str], Group], cells: list[dict]) -> dict[str, str]:
+    """Each entry's column title: '<data set name> <split>' from its runs (the grid's data set when none finished),
+    prefixed by the entry's name when two would read alike."""
     titles = {}
     for entry in entries:
         sample = next((s for (e, _), g in groups.items() if e == entry for s in g.summaries), None)
-        titles[entry] = f"{sample.get('dataset', entry)} {split_label(sample)}".strip() if sample else entry
+        if sample is not None:
+            titles[entry] = f"{dataset_title(sample.get('dataset', entry))} {split_label(sample)}".strip()
+        else:
+            dataset = next((c.get("dataset") for c in cells if c["entry"] == entry and c.get("dataset")), None)
+            titles[entry] = dataset_title(dataset) if dataset else entry
     counts = list(titles.values())
     return {e: (t if counts.count(t) == 1 or t == e else f"{e} ({t})") for e, t in titles.items()}
+
+
+def row_titles(rows: list[str], groups: dict[tuple[str, str], Group]) -> dict[str, str]:
+    """Each row's title: the label its runs carry ('spa (no OT)'), the row's id when none finished or two would read
+    alike."""
+    titles = {}
+    for row in rows:
+        sample = next((s for (_, r), g in groups.items() if r == row for s in g.summaries), None)
+        titles[row] = sample["label"] if sample is not None else row
+    counts = list(titles.values())
+    return {r: (t if counts.count(t) == 1 else f"{t} [{r}]") for r, t in titles.items()}
 
 
 def _format(mean: float, std: Optional[float], group: Group, latex: bool = False, bold: bool = False) -> str:
@@ -139,12 +145,12 @@ def _row_cells(entries, row, groups, best, latex: bool = False) -> list[str]:
     return cells
 
 
-def markdown(entries, rows, groups, titles) -> str:
+def markdown(entries, rows, groups, titles, row_names) -> str:
     header = ["method"] + [part for e in entries for part in (f"{titles[e]} Ā", "A_B")]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
     best = {key: _best(entries, rows, groups, key) for key in ("avg_acc", "last_acc")}
     for row in rows:
-        lines.append("| " + " | ".join([row] + _row_cells(entries, row, groups, best)) + " |")
+        lines.append("| " + " | ".join([row_names[row]] + _row_cells(entries, row, groups, best)) + " |")
     return "\n".join(lines)
 
 
@@ -152,7 +158,7 @@ def _tex(text: str) -> str:
     return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("&", "\\&").replace("%", "\\%").replace("#", "\\#")
 
 
-def latex(entries, rows, groups, titles) -> str:
+def latex(entries, rows, groups, titles, row_names) -> str:
     best = {key: _best(entries, rows, groups, key) for key in ("avg_acc", "last_acc")}
     lines = ["% spacil report: mean +- sample std over seeds; needs \\usepackage{booktabs}",
              "\\begin{tabular}{l" + "cc" * len(entries) + "}", "\\toprule",
@@ -160,15 +166,15 @@ def latex(entries, rows, groups, titles) -> str:
              " ".join(f"\\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(entries))),
              "Method & " + " & ".join("$\\bar{A}$ & $A_B$" for _ in entries) + " \\\\", "\\midrule"]
     for row in rows:
-        lines.append(" & ".join([_tex(row)] + _row_cells(entries, row, groups, best, latex=True)) + " \\\\")
+        lines.append(" & ".join([_tex(row_names[row])] + _row_cells(entries, row, groups, best, latex=True)) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 
-def csv_text(entries, rows, groups, titles) -> str:
+def csv_text(entries, rows, groups, titles, row_names) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["entry", "data", "method", "seeds_done", "seeds_in_grid", "incomplete", "avg_acc_mean", "avg_acc_std",
+    writer.writerow(["entry", "data", "method", "label", "seeds_done", "seeds_in_grid", "incomplete", "avg_acc_mean", "avg_acc_std",
                      "last_acc_mean", "last_acc_std", "forgetting_mean", "seeds", "avg_acc_per_seed", "last_acc_per_seed"])
     for entry in entries:
         for row in rows:
@@ -180,7 +186,7 @@ def csv_text(entries, rows, groups, titles) -> str:
                 mean, std = group.mean_std(key)
                 numbers += ["" if np.isnan(mean) else f"{mean:.4f}", "" if std is None else f"{std:.4f}"]
             forgetting = group.mean_std("forgetting")[0] if group.summaries else float("nan")
-            writer.writerow([entry, titles[entry], row, len(group.summaries), group.expected, group.incomplete, *numbers,
+            writer.writerow([entry, titles[entry], row, row_names[row], len(group.summaries), group.expected, group.incomplete, *numbers,
                              "" if np.isnan(forgetting) else f"{forgetting:.4f}",
                              " ".join(str(s.get("seed", "")) for s in group.summaries),
                              " ".join(f"{v:.4f}" for v in group.values("avg_acc")),
@@ -188,7 +194,8 @@ def csv_text(entries, rows, groups, titles) -> str:
     return buffer.getvalue()
 
 
-def plot_entry(entry: str, title: str, rows: list[str], groups: dict[tuple[str, str], Group], path: Path) -> None:
+def plot_entry(entry: str, title: str, rows: list[str], groups: dict[tuple[str, str], Group], path: Path,
+               row_names: Optional[dict[str, str]] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,7 +210,7 @@ def plot_entry(entry: str, title: str, rows: list[str], groups: dict[tuple[str, 
         seen = np.cumsum(group.summaries[0].get("task_sizes") or [1] * curves.shape[1])[: curves.shape[1]]
         mean, std = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(curves.shape[1])
         style = "-" if row == "spa" else "--"
-        line, = ax.plot(seen, mean, style, marker="o", markersize=3, label=f"{row} ({mean.mean():.1f})")
+        line, = ax.plot(seen, mean, style, marker="o", markersize=3, label=f"{(row_names or {}).get(row, row)} ({mean.mean():.1f})")
         ax.fill_between(seen, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("classes seen")
     ax.set_ylabel("top-1 accuracy (%)")
@@ -220,16 +227,17 @@ def write_sweep_report(folder: str | Path, out: Optional[str | Path] = None) -> 
     folder = Path(folder)
     entries, rows, groups = collect(folder)
     out = Path(out) if out else folder
-    out.mkdir(parents=True, exist_ok=True)
-    titles = column_titles(entries, groups)
-    table = markdown(entries, rows, groups, titles)
-    atomic_write_text(out / "report.csv", csv_text(entries, rows, groups, titles))
-    atomic_write_text(out / "report.tex", latex(entries, rows, groups, titles))
+    make_dirs(out)
+    titles = column_titles(entries, groups, _cells(folder))
+    row_names = row_titles(rows, groups)
+    table = markdown(entries, rows, groups, titles, row_names)
+    atomic_write_text(out / "report.csv", csv_text(entries, rows, groups, titles, row_names))
+    atomic_write_text(out / "report.tex", latex(entries, rows, groups, titles, row_names))
     pictures = []
     for entry in entries:
         name = "curves_" + "".join(ch if ch.isalnum() else "_" for ch in entry) + ".png"
         if any(groups.get((entry, r)) and groups[(entry, r)].summaries for r in rows):
-            plot_entry(entry, titles[entry], rows, groups, out / name)
+            plot_entry(entry, titles[entry], rows, groups, out / name, row_names)
             pictures.append(f"![{titles[entry]}]({name})")
     done = sum(len(g.summaries) for g in groups.values())
     total = sum(g.expected for g in groups.values())

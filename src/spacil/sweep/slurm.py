@@ -8,6 +8,7 @@ its last finished task (the run's own checkpoint), so at most one task's work is
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,10 +39,34 @@ class SweepCellJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(SweepCellJob(), config_tree, folder)
 
 
+# the generic keys' values: (test, what is expected)
+_GENERIC_VALUES = {
+    "name": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+    "timeout_min": (lambda v: _positive_int(v), "a positive integer (minutes)"),
+    "mem_gb": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number (GB)"),
+    "nodes": (lambda v: _positive_int(v), "a positive integer"),
+    "cpus_per_task": (lambda v: _positive_int(v), "a positive integer"),
+    "gpus_per_node": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "tasks_per_node": (lambda v: _positive_int(v), "a positive integer"),
+    "stderr_to_stdout": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def missing_slurm_commands() -> list[str]:
+    """The SLURM commands a submission needs (submitit calls sbatch, srun, and sacct/squeue to watch) not on PATH."""
+    return [name for name in ("sbatch", "srun", "squeue") if shutil.which(name) is None]
+
+
 def slurm_parameters(mapping: dict[str, Any], source: Path | str) -> dict[str, Any]:
     """The sweep's `slurm:` mapping as AutoExecutor parameters: generic keys as they are, the others prefixed `slurm_`."""
     parameters = {}
     for key, value in mapping.items():
+        if key in _GENERIC_VALUES and not _GENERIC_VALUES[key][0](value):
+            raise InputError(f"{source}: slurm.{key}: {value!r}, expected {_GENERIC_VALUES[key][1]}")
         name = key if key in GENERIC or key.startswith("slurm_") else f"slurm_{key}"
         parameters[name] = value
     probe = submitit.AutoExecutor(folder=Path(tempfile.gettempdir()) / "spacil-slurm-probe", cluster="debug")

@@ -151,6 +151,9 @@ def step_lr(base: float, epoch: int, milestones: list[int], gamma: float) -> flo
 class RAPF(Learner):
     name = "rapf"
     needs_patches = False
+    # Class statistics are factorised on the CPU in float64 (the same factors on every device) and go to the device once
+    # per task, with the hard pairs, in fit_task.
+    kept_on_host = ("bank", "hard_pairs")
 
     def __init__(self, config, context):
         super().__init__(config, context)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that would download fails at once instead of reaching out
 
@@ -96,3 +97,20 @@ def interrupt_at_task(monkeypatch, learner_class, task: int):
 
     monkeypatch.setattr(learner_class, "fit_task", interrupted)
     return original
+
+
+def assert_same_state(a, b, where: str = "state") -> None:
+    """Exactly equal: every tensor bit for bit (dtype too), every other value by ==."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{index}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    else:
+        assert a == b, where

@@ -62,3 +62,24 @@ def test_cli_offline_tag_is_one_line(shapes_root, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--pretrained PATH" in err
     assert not (tmp_path / "s").exists()
+
+
+def test_the_text_head_runs_in_fp32_under_a_reduced_precision(tiny_model):
+    """bf16: the text transformer runs under autocast, ln_final, the projection and the normalisation in fp32 (as the
+    image side's ln_post and projection), so the reduced precision rounds the tokens, not the embedding."""
+    clip = FrozenCLIP(tiny_model, None, precision="bf16")
+    texts = ["a photo of a red square.", "a bird", "a small blue circle on grass"]
+    embedded = clip.encode_texts(texts)
+    model, ids = clip.model, clip.tokenizer(texts)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = model.transformer(model.token_embedding(ids) + model.positional_embedding, attn_mask=model.attn_mask)
+        pooled = model.ln_final(tokens.float())[torch.arange(len(texts)), ids.argmax(dim=-1)]
+        assert torch.equal(embedded, F.normalize(pooled @ model.text_projection, dim=-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the whole tower under autocast, as before: bf16 embeddings
+            everything = model.encode_text(ids, normalize=True)
+    assert everything.dtype == torch.bfloat16 and not torch.equal(embedded, everything.float())
+    torch.testing.assert_close(embedded.norm(dim=-1), torch.ones(len(texts)), rtol=0, atol=1e-6)
+    words = clip.encode_text_tokens(texts[:1])[0]
+    assert words.dtype == torch.float32 and len(words) == len(clip.tokenizer.encode(texts[0]))
+    torch.testing.assert_close(words.norm(dim=-1), torch.ones(len(words)), rtol=0, atol=1e-6)

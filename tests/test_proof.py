@@ -256,9 +256,8 @@ def test_bad_knobs_exit_2(random_store, tmp_path, knob):
     assert _run(random_store, tmp_path / "r", "--set", knob) == 2
 
 
-def test_a_later_task_trains_only_what_proof_trains(random_store, tmp_path, monkeypatch):
-    """After task 1, its image projection and context prompts stay as they were (frozen); its text projection trains
-    (official: every text projection does); the prototypes are the mean of the normalised training features."""
+def _keep_every_checkpoint(monkeypatch) -> None:
+    """Keep checkpoints/task_<t>.pt beside last.pt after each task t (1-based)."""
     from spacil.runner import Run
 
     real_checkpoint = Run._checkpoint
@@ -268,8 +267,19 @@ def test_a_later_task_trains_only_what_proof_trains(random_store, tmp_path, monk
         shutil.copyfile(self.out / "checkpoints" / "last.pt", self.out / "checkpoints" / f"task_{len(self.evaluations)}.pt")
 
     monkeypatch.setattr(Run, "_checkpoint", keep_every_checkpoint)
-    assert _run(random_store, tmp_path / "run", "--set", "proof.memory_per_class=5") == 0
-    first, second = (torch.load(tmp_path / "run" / "checkpoints" / f"task_{t}.pt", weights_only=True)["learner"] for t in (1, 2))
+
+
+def _task_states(folder, tasks=(1, 2)) -> list[dict]:
+    return [torch.load(folder / "checkpoints" / f"task_{t}.pt", weights_only=True)["learner"] for t in tasks]
+
+
+def test_a_later_task_trains_only_what_proof_trains(random_store, tmp_path, monkeypatch):
+    """decay_frozen=false: after task 1, its image projection and context prompts stay as they were (frozen exactly); its
+    text projection trains (official: every text projection does); the prototypes are the mean of the normalised training
+    features."""
+    _keep_every_checkpoint(monkeypatch)
+    assert _run(random_store, tmp_path / "run", "--set", "proof.memory_per_class=5", "--set", "proof.decay_frozen=false") == 0
+    first, second = _task_states(tmp_path / "run")
     torch.testing.assert_close(second["image_projection_weights"][0], first["image_projection_weights"][0], rtol=0, atol=0)
     torch.testing.assert_close(second["context_prompts"][0], first["context_prompts"][0], rtol=0, atol=0)
     assert not torch.equal(second["text_projection_weights"][0], first["text_projection_weights"][0])
@@ -279,3 +289,31 @@ def test_a_later_task_trains_only_what_proof_trains(random_store, tmp_path, monk
     labels = np.load(random_store / "train" / "labels.npy")
     expected = torch.nn.functional.normalize(train_global[labels == order[0]], dim=-1).mean(dim=0)
     torch.testing.assert_close(first["prototypes"][0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_frozen_old_parameters_shrink_under_weight_decay_as_officially(random_store, tmp_path, monkeypatch, optimizer):
+    """The default (decay_frozen=true): task 1's frozen image projection and context prompts are multiplied, at each step
+    of task 2, by what the official optimizer does to a parameter with a zero gradient. SGD with momentum m:
+    buf = m * buf + wd * p, p -= lr * buf; AdamW: p *= 1 - lr * wd. Computed here step by step from the schedule."""
+    lr, decay, momentum = 0.05, 0.5, 0.9
+    _keep_every_checkpoint(monkeypatch)
+    assert _run(random_store, tmp_path / "run", "--set", "proof.memory_per_class=5", "--set", f"proof.init_lr={lr}",
+                "--set", f"proof.tuned_weight_decay={decay}", "--set", f"proof.tuned_optimizer={optimizer}",
+                "--set", f"proof.tuned_momentum={momentum}") == 0
+    first, second = _task_states(tmp_path / "run")
+    rows = 3 * 8 + len(first["memory_targets"])  # task 2: three classes of 8 training rows, and the exemplars
+    epochs, steps = 2, math.ceil(rows / 8)  # RUN: tuned_epoch=2, tuned_batch_size=8
+    scale, buffer = 1.0, 0.0  # p = scale * p_task1, elementwise
+    for epoch in range(epochs):
+        epoch_lr = lr * (1 + math.cos(math.pi * epoch / epochs)) / 2  # CosineAnnealingLR(T_max=epochs, eta_min=0)
+        for _ in range(steps):
+            if optimizer == "sgd":
+                buffer = momentum * buffer + decay * scale
+                scale -= epoch_lr * buffer
+            else:
+                scale *= 1 - epoch_lr * decay
+    assert scale < 0.9
+    for key in ("image_projection_weights", "image_projection_biases", "context_prompts"):
+        torch.testing.assert_close(second[key][0], first[key][0] * scale, rtol=2e-5, atol=1e-7)
+    assert not torch.equal(second["image_projection_weights"][1], torch.zeros_like(second["image_projection_weights"][1]))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import interrupt_at_task, make_random_store
+from conftest import assert_same_state, interrupt_at_task, make_random_store
 from spacil.cli import main
 from spacil.config import AblationConfig
 from spacil.data import class_order, task_boundaries, task_sizes
@@ -50,23 +50,6 @@ def _state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _assert_same_state(a, b, where: str = "state") -> None:
-    """Exactly equal: every tensor bit for bit (dtype too), every other value by ==."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert list(a) == list(b), where
-        for key in a:
-            _assert_same_state(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b)):
-            _assert_same_state(x, y, f"{where}[{index}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 @pytest.mark.parametrize("method,extra", CONFIGURATIONS, ids=CONFIGURATION_IDS)
 def test_resume_after_interruption_gives_the_same_run(rich_store, tmp_path, method, extra, monkeypatch):
     """Interrupted after two tasks and resumed: the same summary and metrics, and the same final checkpoint to the bit."""
@@ -81,7 +64,7 @@ def test_resume_after_interruption_gives_the_same_run(rich_store, tmp_path, meth
     assert _run(rich_store, tmp_path / "cut", *args, "--resume") == 0
     for name in ("summary.json", "metrics.jsonl", "acc_matrix.csv"):
         assert (tmp_path / "cut" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
-    _assert_same_state(_state(tmp_path / "cut" / "checkpoints" / "last.pt"),
+    assert_same_state(_state(tmp_path / "cut" / "checkpoints" / "last.pt"),
                        _state(tmp_path / "whole" / "checkpoints" / "last.pt"))
 
 
@@ -141,7 +124,7 @@ def test_a_kill_at_any_write_of_the_run_folder_then_resume_ends_as_an_uninterrup
         assert main(["run", "--features", str(rich_store), "--out", str(out), "--quiet", *args, "--resume"]) == 0, kill_at
         for name in ("summary.json", "metrics.jsonl", "acc_matrix.csv", "config.yaml", "class_order.json"):
             assert (out / name).read_text() == (tmp_path / "whole" / name).read_text(), (kill_at, name)
-        _assert_same_state(_state(out / "checkpoints" / "last.pt"), _state(tmp_path / "whole" / "checkpoints" / "last.pt"),
+        assert_same_state(_state(out / "checkpoints" / "last.pt"), _state(tmp_path / "whole" / "checkpoints" / "last.pt"),
                            f"kill {kill_at}")
 
 
@@ -221,7 +204,7 @@ def test_nothing_of_a_later_task_is_read_before_it_starts(rich_store, tmp_path, 
         lines = (run / "metrics.jsonl").read_text().splitlines()
         assert lines[: t + 1] == clean[: t + 1]
         for task in range(1, t + 2):
-            _assert_same_state(_state(run / "checkpoints" / f"task_{task}.pt"),
+            assert_same_state(_state(run / "checkpoints" / f"task_{task}.pt"),
                                _state(tmp_path / "clean" / "checkpoints" / f"task_{task}.pt"), f"after task {task}")
         assert lines[t + 1:] != clean[t + 1:]  # the perturbation is real
 

@@ -171,15 +171,49 @@ class FrozenCLIP:
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """texts -> e(s) [len, d] float32 on `self.device`: EOT token after ln_final times text_projection, L2-normalised
-        (the text tower under autocast in `self.precision`, as the image tower)."""
+        """texts -> e(s) [len, d] float32 on `self.device`: EOT token after ln_final times text_projection, L2-normalised.
+
+        As on the image side, the text transformer runs under autocast in `self.precision` and ln_final, the projection
+        and the normalisation in fp32 (open_clip's CLIP.encode_text, split in two)."""
         out = []
-        with autocast(self.device, self.precision):
-            for start in range(0, len(texts), batch_size):
-                out.append(self.model.encode_text(self._tokenize(texts[start:start + batch_size]), normalize=True).float())
+        for start in range(0, len(texts), batch_size):
+            ids = self._tokenize(texts[start:start + batch_size])
+            if not hasattr(self.model, "token_embedding"):  # a custom text tower: only its output can be had in fp32
+                with autocast(self.device, self.precision):
+                    features = self.model.encode_text(ids)
+                out.append(F.normalize(features.float(), dim=-1))
+                continue
+            tokens = self._text_transformer(ids)
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                pooled = self._pool_text(self.model.ln_final(tokens.float()), ids)
+                out.append(F.normalize(self._project_text(pooled), dim=-1))
         if not out:
             return torch.zeros(0, self.dim, device=self.device)
         return torch.cat(out)
+
+    def _text_transformer(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, L] -> the text transformer's outputs [B, L, width], before ln_final, under autocast."""
+        model = self.model
+        with autocast(self.device, self.precision):
+            cast = model.transformer.get_cast_dtype()
+            x = model.token_embedding(ids).to(cast) + model.positional_embedding.to(cast)
+            return model.transformer(x, attn_mask=model.attn_mask)
+
+    def _pool_text(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[B, L, width] -> [B, width]: the token the model pools (the EOT token for CLIP), by open_clip's own rule."""
+        from open_clip.model import text_global_pool
+
+        pool = getattr(self.model, "text_pool_type", "argmax")
+        extra = {"eos_token_id": self.model.text_eos_id} if pool == "eos" else {}
+        pooled = text_global_pool(x, ids, pool, **extra)
+        return pooled[0] if isinstance(pooled, tuple) else pooled  # some open_clip releases also return the tokens
+
+    def _project_text(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., width] after ln_final -> [..., d] through text_projection, in fp32 (call with autocast off)."""
+        projection = self.model.text_projection
+        if isinstance(projection, torch.nn.Linear):
+            return F.linear(x, projection.weight.float(), None if projection.bias is None else projection.bias.float())
+        return x @ projection.float()
 
     @torch.no_grad()
     def encode_text_tokens(self, texts: Sequence[str]) -> list[torch.Tensor]:
@@ -188,22 +222,17 @@ class FrozenCLIP:
         model = self.model
         if not hasattr(model, "token_embedding") or getattr(model, "text_pool_type", "argmax") != "argmax":
             raise InputError("semantic_tokens=word needs an open_clip CLIP with a built-in causal text tower")
-        result = []
-        with autocast(self.device, self.precision):
-            for text in texts:
-                result.append(self._word_tokens(text))
-        return result
+        return [self._word_tokens(text) for text in texts]
 
     def _word_tokens(self, text: str) -> torch.Tensor:
-        """One text -> [n_words, d] float32 (see encode_text_tokens)."""
-        model = self.model
+        """One text -> [n_words, d] float32 (see encode_text_tokens): the transformer under autocast, ln_final, the
+        projection and the normalisation in fp32, as for sentences."""
         ids = self._tokenize([text])
-        cast = model.transformer.get_cast_dtype()
-        x = model.token_embedding(ids).to(cast) + model.positional_embedding.to(cast)
-        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
-        x = x @ model.text_projection if not isinstance(model.text_projection, torch.nn.Linear) else model.text_projection(x)
+        tokens = self._text_transformer(ids)
         end = int(ids[0].argmax())  # the EOT token has the largest id
-        return F.normalize(x[0, 1:end].float(), dim=-1)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            x = self._project_text(self.model.ln_final(tokens[0, 1:end].float()))
+            return F.normalize(x, dim=-1)
 
     def with_precision(self, precision: str) -> "FrozenCLIP":
         """The same frozen model (shared, not copied) whose encoders run in `precision`."""

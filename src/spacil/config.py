@@ -108,6 +108,9 @@ class ProofConfig(_Section):
     normalize_eval_image: bool = False  # official: the projected image feature enters prediction unnormalised
     train_old_text_projections: bool = True  # official: every task's text projection keeps training
     train_logit_scale: bool = True  # official: CLIP's logit scale (in the contrastive loss) trains
+    # official: the old tasks' frozen image projections and context prompts stay under the optimizer's weight decay (SGD over
+    # all parameters, torch 1.11 zero_grad: they keep a zero gradient) and shrink at every later step; false: frozen exactly
+    decay_frozen: bool = True
 
 
 class LLMConfig(_Section):

@@ -7,13 +7,17 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+import os
+import threading
+from typing import Callable, Optional
 
 import torch
 
 from spacil.errors import InputError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+# Set by `spacil sweep` in each worker's environment: how many of its workers share this process's GPU.
+PROCESSES_PER_GPU_ENV = "SPACIL_PROCESSES_PER_GPU"
 PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,12 +68,63 @@ def autocast(device: torch.device, precision: str):
 
 
 def memory_budget(device: torch.device, gib: Optional[float] = None) -> Optional[int]:
-    """Bytes of device memory a task's feature rows may occupy: `gib` GiB when given, else half of what is free now
-    (memory the caching allocator holds but does not use counts as free). None on the CPU (rows stay memory-mapped)."""
+    """Bytes of device memory a task's feature rows may occupy: `gib` GiB when given, else half of this process's share of
+    the GPU, and never more than half of what is free now (memory the caching allocator holds but does not use counts as
+    free). The share is the GPU's memory divided by the processes sharing it (`SPACIL_PROCESSES_PER_GPU`, which
+    `spacil sweep --jobs N` sets): workers that start together all see the GPU empty, and half of what is free for each
+    would add up to more than there is. None on the CPU (rows stay memory-mapped)."""
     if device.type != "cuda":
         return None
     if gib is not None:
         return int(gib * 2**30)
-    free, _ = torch.cuda.mem_get_info(device)
+    free, total = torch.cuda.mem_get_info(device)
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return (free + cached) // 2
+    return min(free + cached, total // processes_per_gpu()) // 2
+
+
+def processes_per_gpu() -> int:
+    """The processes that share this one's GPU (the environment's SPACIL_PROCESSES_PER_GPU; 1 when unset)."""
+    value = os.environ.get(PROCESSES_PER_GPU_ENV, "1")
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise InputError(f"environment variable {PROCESSES_PER_GPU_ENV}={value!r}: expected a whole number of at least 1")
+    return count
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` this thread's current CUDA device (nothing on the CPU). The current device is what pinned memory,
+    events and streams without an explicit device refer to; it is per thread and starts at GPU 0."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
+def device_thread(device: torch.device, target: Callable[[], None], name: str) -> threading.Thread:
+    """A daemon thread (not started) that runs `target` with `device` as its current CUDA device. A thread that pins
+    memory or waits on a CUDA event without setting it would use GPU 0, and open a context there, whatever the run's GPU.
+    For 'cuda' without an index the creating thread's current device is taken, here, before the thread starts."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    def run() -> None:
+        use_device(device)
+        target()
+
+    return threading.Thread(target=run, name=name, daemon=True)
+
+
+def local_rank_device(local_rank: int) -> torch.device:
+    """The GPU of local rank `local_rank` of a distributed job: cuda:LOCAL_RANK when this process sees every GPU of the
+    node, cuda:0 when the launcher shows each rank only its own (SLURM --gpus-per-task=1, a per-rank CUDA_VISIBLE_DEVICES);
+    InputError when neither fits."""
+    count = torch.cuda.device_count()
+    if 0 <= local_rank < count:
+        return torch.device("cuda", local_rank)
+    if count == 1:
+        return torch.device("cuda", 0)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+    raise InputError(f"LOCAL_RANK={local_rank}: this process sees {count} CUDA device(s){shown}; expected every GPU of the "
+                     f"node (LOCAL_RANK < {count}) or exactly one per rank")

@@ -7,6 +7,7 @@ seen so far. A learner never sees the store: what it gets is exactly what the pr
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -15,7 +16,10 @@ import numpy as np
 import torch
 
 from spacil.config import Config, TrainConfig
+from spacil.devices import device_thread
 from spacil.store.format import rows_as_tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ class TaskData:
     - "stream": a background thread reads the next batches into (pinned, on CUDA) host memory while the device works on the
       current one: double buffering, for rows beyond the budget.
     The default, "auto", is "host" on the CPU, else "resident" within the budget and "stream" beyond it (decided per array:
-    global rows first, patch tokens when they also fit).
+    global rows first, patch tokens when they also fit). An upload that runs out of device memory all the same (other
+    processes on the GPU) is given up: that array and the ones after it stream.
     """
 
     PLACEMENTS = ("auto", "host", "resident", "stream")
@@ -114,7 +119,13 @@ class TaskData:
             size = _array_bytes(array, len(self))
             if self.memory_budget is not None and self._resident_bytes + size > self.memory_budget:
                 continue  # streamed instead
-            self._resident[name] = _copy_rows_to_device(array, len(self), self.device)
+            try:
+                self._resident[name] = _copy_rows_to_device(array, len(self), self.device)
+            except torch.cuda.OutOfMemoryError:
+                log.warning("task %d: %s rows (%.1f GiB) did not fit on %s; streaming them instead", self.task + 1, name,
+                            size / 2**30, self.device)
+                self.memory_budget = self._resident_bytes  # nothing more is uploaded for this task
+                continue
             self._resident_bytes += size
 
     def _streamed(self, with_patches: bool) -> list[str]:
@@ -173,8 +184,7 @@ class TaskData:
         arrays = {name: array for name, array in self._arrays(with_patches).items() if name in streamed}
         if "targets" not in self._resident:
             arrays["targets"] = self.targets
-        pin = self.device.type == "cuda"
-        for start, host in _prefetched(arrays, order, batch_size, pin):
+        for start, host in _prefetched(arrays, order, batch_size, self.device):
             rows = np.sort(order[start:start + batch_size])
             index = device_order[start:start + batch_size].sort().values if device_order is not None else None
             yield self._assemble(rows, index, with_patches, host)
@@ -203,11 +213,14 @@ def _copy_rows_to_device(array, rows: int, device: torch.device) -> torch.Tensor
     return target
 
 
-def _prefetched(arrays: dict, order: np.ndarray, batch_size: int, pin: bool) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """(start, {name: host rows of the batch at `start`}) in order, read by a background thread at most two batches ahead."""
+def _prefetched(arrays: dict, order: np.ndarray, batch_size: int,
+                device: torch.device) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(start, {name: host rows of the batch at `start`}) in order, read by a background thread at most two batches ahead
+    (pinned for `device` when it is a GPU; the thread has it as its current device)."""
     import queue
     import threading
 
+    pin = device.type == "cuda"
     slots: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
 
@@ -234,7 +247,7 @@ def _prefetched(arrays: dict, order: np.ndarray, batch_size: int, pin: bool) -> 
         except BaseException as err:  # handed to the consumer, which raises it
             put(err)
 
-    thread = threading.Thread(target=read, name="spacil-prefetch", daemon=True)
+    thread = device_thread(device, read, "spacil-prefetch")
     thread.start()
     try:
         while True:
@@ -254,6 +267,9 @@ class Learner:
 
     name = "base"
     needs_patches = False  # whether the runner must read patch tokens for this method
+    # Attributes kept on the CPU by design, whatever the run's device (everything else lives on `context.device`):
+    # load_state_dict puts them there too (checkpoints load to the CPU, and each learner places its own state).
+    kept_on_host: tuple[str, ...] = ()
 
     def __init__(self, config: Config, context: LearnerContext):
         self.config = config
@@ -301,6 +317,18 @@ class Learner:
     def load_state_dict(self, state: dict) -> None:
         self.seen_positions = list(state["seen_positions"])
         self.seen_names = list(state["seen_names"])
+
+
+def class_sums(features: torch.Tensor, columns: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums of rows, the same bits on every device: features [n, d], columns [n] in [0, num_classes) ->
+    (sums [num_classes, d], counts [num_classes]), float64.
+
+    A one-hot matrix product in float64, where `index_add_` would use atomics on CUDA (an order of additions that changes
+    from run to run): a matrix product adds in the same order every time on a given device, and float64 keeps the
+    rounding of any order far below float32's, so the sums rounded to float32 are the CPU's on every device too (but for a
+    tie at a float32 rounding boundary, about one entry in 2^29)."""
+    one_hot = torch.nn.functional.one_hot(columns, num_classes).to(torch.float64)  # [n, C]
+    return one_hot.T @ features.to(torch.float64), one_hot.sum(dim=0)
 
 
 def task_generator(config: Config, task: int, stream: int = 0, device: Optional[torch.device] = None) -> torch.Generator:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from spacil.config import Config, differing_keys, dump_config, read_yaml_mapping
-from spacil.devices import device_name, memory_budget, resolve_device
+from spacil.devices import device_name, memory_budget, resolve_device, use_device
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
 from spacil.store.format import FeatureStore, rows_as_tensor
@@ -43,6 +43,7 @@ class Run:
     def __init__(self, config: Config, store: FeatureStore, out: str | Path, resume: bool = False,
                  echo: Optional[Callable[[str], None]] = None, progress: bool = False, check_finite: bool = True):
         self.device = resolve_device(config.device)
+        use_device(self.device)  # pinned copies and the prefetch thread refer to the current device, not GPU 0
         # the resolved device is what config.yaml records ('auto' says nothing about where a run computed)
         config = config.model_copy(update={"device": device_name(self.device)})
         self.config = config
@@ -113,8 +114,9 @@ class Run:
     def _load_checkpoint(self, path: Path) -> None:
         """Load checkpoints/last.pt with weights_only=True: tensors, numbers, strings, lists and dicts, never code."""
         try:
-            # tensors come back on this run's device, whichever device wrote them
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            # tensors come back on the CPU, whichever device wrote them; each learner places its own state (PROOF keeps its
+            # exemplars on the CPU)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             if "unsupported global" in str(err).lower():  # a pickled class or function: the one way a pickle runs code
                 raise InputError(f"{path}: refused: it holds Python objects other than tensors, numbers, strings, lists "

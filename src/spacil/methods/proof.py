@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spacil.errors import InputError
-from spacil.learner import FeatureBatch, Learner, TaskData, TaskInfo, step_bar, task_generator
+from spacil.learner import FeatureBatch, Learner, TaskData, TaskInfo, class_sums, step_bar, task_generator
 
 
 def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator) -> torch.Tensor:
@@ -155,6 +155,13 @@ def match(image: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bd,bcd->bc", image, others)
 
 
+def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table [C, d], index [B] -> table[index] [B, d], as a one-hot matrix product: the same values (one term per row),
+    but a backward pass that is a matrix product too, where the backward of indexing adds with atomics on CUDA (not the
+    same bits from run to run)."""
+    return F.one_hot(index, len(table)).to(table.dtype) @ table
+
+
 def clip_contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The symmetric CLIP loss of matched rows, image [B, d] and text [B, d] (row i belongs with row i, even when two rows
     share a class), logits scale * image text^T. Follows ClipLoss (utils/toolkit.py) on one device."""
@@ -195,6 +202,7 @@ def herding_selection(vectors: torch.Tensor, count: int) -> torch.Tensor:
 class Proof(Learner):
     name = "proof"
     needs_patches = False
+    kept_on_host = ("memory_features", "memory_targets")  # exemplars: data, not model state; herding runs on the CPU
 
     def __init__(self, config, context):
         super().__init__(config, context)
@@ -263,6 +271,22 @@ class Proof(Learner):
                   *self.fusion.parameters(), self.log_logit_scale]
         return [p for p in params if p.requires_grad]
 
+    def _decayed_frozen(self) -> list[nn.Parameter]:
+        """The frozen parameters the official optimizer still decays (`decay_frozen`): the per-task parameters of earlier
+        tasks that do not train now (old image projections and context prompts; old text projections too when they are
+        frozen). The official code (models/proof.py Learner._train_proj) builds SGD or AdamW over all of the network's
+        parameters and clears gradients with torch 1.11's `zero_grad()`, which zeroes a gradient instead of dropping it: a
+        parameter frozen after its own task keeps a zero gradient, so weight decay (and SGD's momentum of it) shrinks it at
+        every step of every later task. Those parameters get a zero gradient here, which nothing clears during the task."""
+        if not self.knobs.decay_frozen:
+            return []
+        per_task = [*self.image_projections.parameters(), *self.text_projections.parameters(), *self.context_prompts]
+        last = len(self.context_prompts) - 1
+        newest = {id(p) for p in (self.image_projections.weights[last], self.image_projections.biases[last],
+                                  self.text_projections.weights[last], self.text_projections.biases[last],
+                                  self.context_prompts[last])}
+        return [p for p in per_task if not p.requires_grad and id(p) not in newest]
+
     def _freeze(self) -> None:
         for module in (self.image_projections, self.text_projections, self.context_prompts, self.fusion):
             for param in module.parameters():
@@ -279,11 +303,9 @@ class Proof(Learner):
         """The new classes' prototypes: mean of their normalised g(x) (Learner.cal_prototype), before training."""
         features = F.normalize(global_, dim=-1)
         column = self.columns_of_positions().to(targets.device)[targets]
-        sums = torch.zeros_like(self.prototypes).index_add_(0, column, features)
-        ones = torch.ones_like(column, dtype=features.dtype)
-        counts = torch.zeros(len(self.prototypes), device=features.device).index_add_(0, column, ones)
+        sums, counts = class_sums(features, column, len(self.prototypes))  # deterministic on CUDA too
         present = counts > 0
-        self.prototypes[present] = sums[present] / counts[present].unsqueeze(1)
+        self.prototypes[present] = (sums[present] / counts[present].unsqueeze(1)).to(self.prototypes.dtype)
 
     def fit_task(self, data: TaskData) -> None:
         knobs, device = self.knobs, self.context.device
@@ -294,7 +316,10 @@ class Proof(Learner):
         features = torch.cat([current.global_, self.memory_features.to(device)])
         labels = self.columns_of_positions().to(device)[torch.cat([current.targets, self.memory_targets.to(device)])]
         params = self._set_trainable()
-        optimizer = self._optimizer(params)
+        decayed = self._decayed_frozen()
+        for param in decayed:
+            param.grad = torch.zeros_like(param)
+        optimizer = self._optimizer(params + decayed)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=knobs.tuned_epoch, eta_min=knobs.min_lr)
         order_generator = task_generator(self.config, data.task, stream=1)
         dropout_generator = torch.Generator(device=device)
@@ -306,12 +331,15 @@ class Proof(Learner):
             for start in range(0, len(features), knobs.tuned_batch_size):
                 rows = order[start:start + knobs.tuned_batch_size]
                 loss = self._loss(features[rows], labels[rows], dropout_generator)
-                optimizer.zero_grad(set_to_none=True)
+                for param in params:  # the trained ones only: the decayed frozen ones keep their zero gradient
+                    param.grad = None
                 loss.backward()
                 optimizer.step()
                 bar.update(1)
             schedule.step()
         bar.close()
+        for param in decayed:
+            param.grad = None
         self._freeze()
 
     def _loss(self, global_: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -323,7 +351,7 @@ class Proof(Learner):
                                                          self.knobs.fusion_batch_mean, generator)
         fused_loss = F.cross_entropy(match(fused_image, fused_text), labels)
         prototype_loss = F.cross_entropy(match(fused_image, fused_prototypes), labels)
-        contrastive = clip_contrastive_loss(image, text[labels], self.log_logit_scale.exp())
+        contrastive = clip_contrastive_loss(image, rows_of(text, labels), self.log_logit_scale.exp())
         return fused_loss + contrastive + prototype_loss
 
     # memory ------------------------------------------------------------------------------------------------------------
@@ -404,5 +432,5 @@ class Proof(Learner):
         self.fusion.load_state_dict(state["fusion"])
         with torch.no_grad():
             self.log_logit_scale.copy_(state["log_logit_scale"])
-        self.memory_features, self.memory_targets = state["memory_features"], state["memory_targets"]
+        self.memory_features, self.memory_targets = state["memory_features"].cpu(), state["memory_targets"].cpu()
         self._freeze()

@@ -73,21 +73,23 @@ def hard_class_pairs(old_text: torch.Tensor, new_text: torch.Tensor, threshold: 
     return torch.nonzero(distance < threshold).long()
 
 
-def replay_classes(order: list[int], batch_index: int, per_batch: int) -> list[int]:
+def replay_classes(order: torch.Tensor, batch_index: int, per_batch: int) -> torch.Tensor:
     """The old classes whose pseudo-features join batch `batch_index`: `per_batch` consecutive entries of this epoch's
-    shuffled list of old classes, wrapping around, so an epoch visits every old class. Follows main.py
-    run_class_incremental (`list_for_one_batch`: entries batch_id * n + i modulo the list's length)."""
-    return [order[(batch_index * per_batch + i) % len(order)] for i in range(per_batch)]
+    shuffled order of old classes [n_old], wrapping around, so an epoch visits every old class. Follows main.py
+    run_class_incremental (`list_for_one_batch`: entries batch_id * n + i modulo the list's length). Computed where `order`
+    is, without reading it on the host."""
+    offsets = torch.arange(per_batch, device=order.device) + batch_index * per_batch
+    return order[offsets % len(order)]
 
 
-def draw_features(means: torch.Tensor, factors: torch.Tensor, classes: list[int], count: int,
+def draw_features(means: torch.Tensor, factors: torch.Tensor, classes: list[int] | torch.Tensor, count: int,
                   generator: torch.Generator) -> torch.Tensor:
     """means [C, d], factors [C, d, d] (Cholesky factors of the classes' RAPF covariances), `count` draws of each class in
-    `classes` -> [len(classes) * count, d], class after class. Follows models.py `sample` (standard normal noise times the
-    Cholesky factor plus the mean); the noise comes from spacil's generator on the CPU, the product runs where the factors are."""
-    index = torch.as_tensor(classes, dtype=torch.long)
-    noise = torch.randn(len(classes), count, means.shape[1], generator=generator).to(means.device)
-    index = index.to(means.device)
+    `classes` (a list, or a tensor of slots best already where the means are) -> [len(classes) * count, d], class after
+    class. Follows models.py `sample` (standard normal noise times the Cholesky factor plus the mean); the noise comes from
+    `generator`, which lives where the means are (on a GPU nothing is copied from the host per call)."""
+    index = torch.as_tensor(classes, dtype=torch.long, device=means.device)
+    noise = torch.randn(len(index), count, means.shape[1], generator=generator, device=means.device)
     draws = means[index].unsqueeze(1) + noise @ factors[index].transpose(1, 2)
     return draws.reshape(len(classes) * count, means.shape[1])
 
@@ -101,8 +103,13 @@ def edge_samples(means: torch.Tensor, factors: torch.Tensor, pairs: torch.Tensor
     class_cov_list[old], int(20 * beta))` with the positive target `old` and the negative target `new`. (models.py also keeps
     per-class edge distances and edge-sample lists, which nothing reads; the samples are plain draws of the old class.)
     """
-    features = draw_features(means, factors, pairs[:, 0].tolist(), count, generator)
-    return features, pairs[:, 0].repeat_interleave(count), pairs[:, 1].repeat_interleave(count)
+    features = draw_features(means, factors, pairs[:, 0], count, generator)
+    return features, _repeat_each(pairs[:, 0], count), _repeat_each(pairs[:, 1], count)
+
+
+def _repeat_each(values: torch.Tensor, count: int) -> torch.Tensor:
+    """[n] -> [n * count], each value `count` times in a row (repeat_interleave without a look at the values)."""
+    return values.unsqueeze(1).expand(-1, count).reshape(-1)
 
 
 def edge_hinge_loss(adapted: torch.Tensor, text: torch.Tensor, own: torch.Tensor, new: torch.Tensor,
@@ -144,6 +151,9 @@ def step_lr(base: float, epoch: int, milestones: list[int], gamma: float) -> flo
 class RAPF(Learner):
     name = "rapf"
     needs_patches = False
+    # Class statistics are factorised on the CPU in float64 (the same factors on every device) and go to the device once
+    # per task, with the hard pairs, in fit_task.
+    kept_on_host = ("bank", "hard_pairs")
 
     def __init__(self, config, context):
         super().__init__(config, context)
@@ -191,7 +201,8 @@ class RAPF(Learner):
         optimizer = torch.optim.Adam([weight], lr=knobs.adapter_lr, weight_decay=knobs.adapter_weight_decay)
         column = self.columns_of_positions().to(device)
         batch_generator = task_generator(self.config, data.task, stream=_STREAM_BATCHES)
-        draw_generator = task_generator(self.config, data.task, stream=_STREAM_DRAWS)
+        # Gaussian draws on the run's device (on the CPU the generator the CPU always used): no noise copied per batch.
+        draw_generator = task_generator(self.config, data.task, stream=_STREAM_DRAWS, device=device)
         order_generator = task_generator(self.config, data.task, stream=_STREAM_REPLAY_ORDER)
         # The bank holds the old classes in seen order, so a bank slot is the class's logit column.
         old_classes = len(self.bank)
@@ -199,30 +210,35 @@ class RAPF(Learner):
         factors = self.bank.factors.to(device)
         replay_count = int(knobs.replay_per_class * knobs.beta)
         edge_count = int(knobs.edge_per_pair * knobs.beta)
-        pairs = self.hard_pairs
+        pairs = self.hard_pairs.to(device)
         use_edges = len(pairs) > 0 and edge_count > 0 and old_classes > 0
+        # Every epoch's shuffle and order of old classes, drawn on the CPU as before and moved to the device once per task
+        # (a copy from the host per batch would wait for the device each time).
+        epochs = range(knobs.adapter_epochs)
+        shuffles = torch.stack([torch.randperm(len(data), generator=batch_generator) for _ in epochs]).to(device)
+        orders = (torch.stack([torch.randperm(old_classes, generator=order_generator) for _ in epochs]).to(device)
+                  if old_classes else None)
         # The task's global features are small ([n, d]): moved to the device once, batches are index sets of them.
         task = data.take(np.arange(len(data)), with_patches=False)
         task_targets = column[task.targets]
         size = knobs.adapter_batch_size
         bar = step_bar(self.context, math.ceil(len(data) / size) * knobs.adapter_epochs, data.task)
-        for epoch in range(knobs.adapter_epochs):
+        for epoch in epochs:
             for group in optimizer.param_groups:
                 group["lr"] = step_lr(knobs.adapter_lr, epoch, knobs.milestones, knobs.lr_gamma)
-            order = torch.randperm(old_classes, generator=order_generator).tolist() if old_classes else []
-            shuffle = torch.randperm(len(data), generator=batch_generator).to(device)  # a DataLoader's shuffle=True
+            shuffle = shuffles[epoch]  # a DataLoader's shuffle=True
             for batch_index, start in enumerate(range(0, len(data), size)):
                 rows = shuffle[start:start + size]
                 features = task.global_[rows]
                 targets = task_targets[rows]
-                if order and replay_count > 0:
-                    classes = replay_classes(order, batch_index, knobs.replay_classes_per_batch)
+                if orders is not None and replay_count > 0:
+                    classes = replay_classes(orders[epoch], batch_index, knobs.replay_classes_per_batch)
                     features = torch.cat([features, draw_features(means, factors, classes, replay_count, draw_generator)])
-                    targets = torch.cat([targets, torch.tensor(classes, device=device).repeat_interleave(replay_count)])
+                    targets = torch.cat([targets, _repeat_each(classes, replay_count)])
                 loss = F.cross_entropy(self._logits(features, weight), targets)
                 if use_edges:
                     edges, own, new = edge_samples(means, factors, pairs, edge_count, draw_generator)
-                    loss = loss + edge_hinge_loss(edges @ weight.T, self.prompts, own.to(device), new.to(device), knobs.margin)
+                    loss = loss + edge_hinge_loss(edges @ weight.T, self.prompts, own, new, knobs.margin)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

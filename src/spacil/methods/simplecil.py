@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spacil.learner import FeatureBatch, Learner, TaskData
+from spacil.learner import FeatureBatch, Learner, TaskData, class_sums
 
 
 class SimpleCIL(Learner):
@@ -27,9 +27,9 @@ class SimpleCIL(Learner):
         column[torch.tensor(new)] = torch.arange(len(new))
         column = column.to(device)
         for batch in data.batches(self.config.train.eval_batch_size, with_patches=False):
-            index = column[batch.targets]
-            sums.index_add_(0, index, batch.global_.double())
-            counts.index_add_(0, index, torch.ones(len(index), dtype=torch.float64, device=device))
+            batch_sums, batch_counts = class_sums(batch.global_, column[batch.targets], len(new))  # deterministic on CUDA
+            sums += batch_sums
+            counts += batch_counts
         means = (sums / counts.clamp(min=1).unsqueeze(1)).float()
         self.prototypes = torch.cat([self.prototypes, F.normalize(means, dim=-1)])
 

@@ -109,7 +109,7 @@ class SPA(Learner):
             generator = task_generator(self.config, info.task, stream=3)
             self.image_projector.add_task(generator)
             self.text_projector.add_task(generator)
-            self.image_projector.to(device)
+            self.image_projector.to(device)  # placed here, once per task: scoring uses them where they are
             self.text_projector.to(device)
 
     # scoring -----------------------------------------------------------------------------------------------------------
@@ -148,8 +148,7 @@ class SPA(Learner):
         """global_ [B, d]; patches [B, N, d] frozen tokens; indices [B, C, k] kept patches (None: every token is kept for
         every class, as for pseudo-samples with N = k); relevance [B, C, k] -> logits [B, C]."""
         device = global_.device
-        text = self.text_projector.to(device)
-        image = self.image_projector.to(device)
+        text, image = self.text_projector, self.image_projector  # on the run's device since begin_task / load_state_dict
         scores = image(global_) @ text(self.prompts.to(device)).T
         if self.ablation.patch_branch:
             semantic = text(self.semantic.to(device))  # [C, M, d]
@@ -287,7 +286,7 @@ class SPA(Learner):
         super().load_state_dict(state)
         device = self.context.device
         self.prompts, self.semantic, self.semantic_mask = (state[key].to(device) for key in ("prompts", "semantic", "semantic_mask"))
-        self._mask_full = bool(self.semantic_mask.all())
+        self._mask_full = bool(state["semantic_mask"].all())  # asked of the checkpoint's CPU copy, not of the device
         for stack, key in ((self.image_projector, "image_projector"), (self.text_projector, "text_projector")):
             for task in range(state["num_projectors"]):
                 stack.add_task(task_generator(self.config, task, stream=3))

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import queue
-import threading
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -47,7 +46,7 @@ from tqdm import tqdm
 
 from spacil.backbone import FrozenCLIP
 from spacil.data import CLIP_MEAN, CLIP_STD, DatasetIndex, DatasetSpec, SplitIndex, image_transform, index_dataset, normalise_name
-from spacil.devices import resolve_device, resolve_precision
+from spacil.devices import device_thread, local_rank_device, resolve_device, resolve_precision
 from spacil.errors import InputError
 from spacil.store.format import (FORMAT, IMAGE_PATHS_FILE, PROGRESS_FILE, SPLITS, VERSION, pad_token_sets, read_image_paths,
                                  read_npy_header, write_text_features)
@@ -237,7 +236,8 @@ def _join_world(device: str | torch.device) -> tuple[_World, torch.device]:
     """The processes of this extraction and the device this one encodes on.
 
     A torch.distributed job (an initialised process group, or WORLD_SIZE > 1 as torchrun sets it) makes one rank per
-    process; on CUDA each rank uses cuda:LOCAL_RANK, with NCCL, on the CPU gloo."""
+    process; on CUDA each rank uses cuda:LOCAL_RANK (cuda:0 when the launcher shows each rank one GPU), with NCCL, on the
+    CPU gloo."""
     import torch.distributed as dist
 
     resolved = resolve_device(str(device))
@@ -245,8 +245,10 @@ def _join_world(device: str | torch.device) -> tuple[_World, torch.device]:
     size = dist.get_world_size() if initialised else _env_int("WORLD_SIZE", 1)
     if resolved.type == "cuda":
         # one GPU per rank; the current device set, so that streams, events and pinned copies all refer to it
-        index = _env_int("LOCAL_RANK", 0) if size > 1 else resolved.index
-        resolved = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+        if size > 1:
+            resolved = local_rank_device(_env_int("LOCAL_RANK", 0))
+        elif resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(resolved)
     if size <= 1:
         return _World(), resolved
@@ -350,7 +352,7 @@ class _RowWriter:
     Batches are written in the order given; the record only ever names rows that are flushed. An error in the thread is
     raised in the caller at the next `submit` or at `close`."""
 
-    def __init__(self, files: dict[str, _SplitFiles], record: Path, done: dict, bar: Optional[tqdm]):
+    def __init__(self, files: dict[str, _SplitFiles], record: Path, done: dict, bar: Optional[tqdm], device: torch.device):
         self.files = files
         self.record = record
         self.done = done
@@ -361,7 +363,8 @@ class _RowWriter:
             for path in (split_files.global_path, split_files.patches_path):
                 self.fds[path] = os.open(path, os.O_RDWR)
         self.queue: "queue.Queue" = queue.Queue(maxsize=_PINNED_SLOTS - 1)
-        self.thread = threading.Thread(target=self._run, name="spacil-extract-writer", daemon=True)
+        # the thread waits on CUDA events: with the encoding GPU as its current device, or it would open a context on GPU 0
+        self.thread = device_thread(device, self._run, "spacil-extract-writer")
         self.thread.start()
 
     def submit(self, split: str, start: int, end: int, staged: _Staged) -> None:
@@ -656,7 +659,7 @@ def _encode(out: Path, spec, splits: dict, files: dict, backbone: FrozenCLIP, sh
     bar = tqdm(total=sum(end - start for _, start, end in share), desc=f"extract {spec.key}", unit="img",
                disable=not show_progress)
     normalise = _Normalise(device)
-    writer = _RowWriter(files, record, done, bar)
+    writer = _RowWriter(files, record, done, bar, device)
     try:
         for count, ((split, start, end), (images, errors)) in enumerate(zip(share, loader)):
             broken = next((e for e in errors if e), None)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
+from spacil.devices import PROCESSES_PER_GPU_ENV
 from spacil.fileio import make_dirs
 from spacil.sweep.cell import Cell, write_cell_config
 from spacil.sweep.lifeline import SWEEP_PARENT_ENV
@@ -53,13 +54,15 @@ def cpu_count() -> int:
 
 
 def worker_env(slot: int, jobs: int, gpus: list[str], cpus: int) -> dict[str, str]:
-    """The environment of worker slot `slot` of `jobs`: one GPU of its own, or cores // jobs threads."""
+    """The environment of worker slot `slot` of `jobs`: one GPU (shared round-robin when there are more workers than GPUs,
+    and then the number of workers on it, for the memory budget), or cores // jobs threads."""
     env = dict(os.environ)
     threads = str(max(1, cpus // jobs))
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     env[SWEEP_PARENT_ENV] = str(os.getpid())  # the worker ends when this process ends (spacil.sweep.lifeline)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+        env[PROCESSES_PER_GPU_ENV] = str(len(range(slot % len(gpus), jobs, len(gpus))))
     return env
 
 

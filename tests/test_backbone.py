@@ -50,10 +50,28 @@ def test_frozen_and_text_features(tiny_model):
     torch.testing.assert_close(e, clip.model.encode_text(clip.tokenizer(texts), normalize=True))
     words = clip.encode_text_tokens(texts)
     tokenizer = clip.tokenizer
-    assert [len(w) for w in words] == [len(tokenizer.encode(t)) for t in texts]
+    assert [len(w) for w in words] == [len(tokenizer.encode(t)) - (t.endswith(".")) for t in texts]  # the '.' is dropped
     assert clip.count_tokens("a bird") == 4
     # the per-token output at the EOT position is the sentence embedding: check via a sentence with its EOT token kept
     assert clip.info.checkpoint_sha256 is not None and clip.info.num_patches == 16
+
+
+def test_word_tokens_drop_punctuation_only_tokens(tiny_model):
+    """Against a direct computation: every token's output through open_clip's text tower, the rows of ',', '...' and
+    ')!' left out; '$' (a symbol, not punctuation) kept."""
+    clip = FrozenCLIP(tiny_model, None)
+    text = "a red block, with sharp corners... (really)! $5"
+    model = clip.model
+    ids = clip.tokenizer([text])
+    with torch.no_grad():
+        x = model.token_embedding(ids) + model.positional_embedding
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask)) @ model.text_projection
+    pieces = [clip.tokenizer.decode([i]).strip() for i in clip.tokenizer.encode(text)]
+    assert pieces == ["a", "red", "block", ",", "with", "sharp", "corners", "...", "(", "really", ")!", "$", "5"]
+    kept = [i + 1 for i, piece in enumerate(pieces) if piece not in (",", "...", "(", ")!")]  # +1: after the start token
+    words = clip.encode_text_tokens([text])[0]
+    assert len(words) == 9
+    torch.testing.assert_close(words, F.normalize(x[0, kept], dim=-1), rtol=0, atol=1e-6)
 
 
 def test_offline_tag_asks_for_a_local_checkpoint():

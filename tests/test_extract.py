@@ -183,6 +183,31 @@ def _kill_at(mp, at: int, map_file_created: bool = True) -> dict:
     return calls
 
 
+def _kill_at_every_operation(tmp_path, extract, whole: dict, map_file_created: bool, start=None) -> int:
+    """Kill `extract(out)` at its first, second, ... file operation, each time in a new folder (empty, or a copy of the
+    store `start`), run it again and compare with `whole`; returns the number of file operations."""
+    import shutil
+
+    kills = 0
+    while True:
+        out = tmp_path / f"killed{kills + 1}"
+        if start is not None:
+            shutil.copytree(start, out)
+        with pytest.MonkeyPatch.context() as mp:
+            calls = _kill_at(mp, kills + 1, map_file_created)
+            try:
+                extract(out)
+            except _Kill:
+                kills += 1
+            else:
+                assert calls["count"] == kills  # every operation has been struck once
+                return kills
+        if start is not None:
+            FeatureStore(out)  # still readable: meta.json names no width until z is complete
+        extract(out)
+        assert _files(out) == whole, f"the rerun after a kill at file operation {kills} differs"
+
+
 @pytest.mark.parametrize("map_file_created", [True, False], ids=["map-file-empty", "map-file-absent"])
 def test_a_kill_at_any_file_operation_resumes_byte_identical(tiny_model, tmp_path, map_file_created):
     from spacil.demo.shapes import write_shapes_dataset
@@ -194,21 +219,7 @@ def test_a_kill_at_any_file_operation_resumes_byte_identical(tiny_model, tmp_pat
         return extract_store("shapes", tmp_path / "data", out, model=tiny_model, pretrained=None, batch_size=3,
                              progress=False, backbone=clip)
 
-    whole = _files(extract(tmp_path / "whole"))
-    kills = 0
-    while True:
-        out = tmp_path / f"killed{kills + 1}"
-        with pytest.MonkeyPatch.context() as mp:
-            calls = _kill_at(mp, kills + 1, map_file_created)
-            try:
-                extract(out)
-            except _Kill:
-                kills += 1
-            else:
-                assert calls["count"] == kills  # every operation has been struck once
-                break
-        extract(out)
-        assert _files(out) == whole, f"the rerun after a kill at file operation {kills} differs"
+    kills = _kill_at_every_operation(tmp_path, extract, _files(extract(tmp_path / "whole")), map_file_created)
     # the store record, 2 splits x (3 maps + labels), 5 batches x (3 writes + 3 flushes + record), 3 text arrays,
     # visual_proj, meta.json, 2 records removed
     assert kills == 1 + 2 * 4 + 5 * 7 + 3 + 1 + 1 + 2
@@ -358,8 +369,6 @@ def test_a_store_without_z_gets_it_added_byte_identical(tiny_model, shapes_root,
 
 @pytest.mark.parametrize("map_file_created", [True, False], ids=["map-file-empty", "map-file-absent"])
 def test_a_kill_while_z_is_added_resumes_byte_identical(tiny_model, tmp_path, map_file_created):
-    import shutil
-
     from spacil.demo.shapes import write_shapes_dataset
 
     write_shapes_dataset(tmp_path / "data", train_per_class=2, test_per_class=1, seed=3, size=32)
@@ -371,22 +380,7 @@ def test_a_kill_while_z_is_added_resumes_byte_identical(tiny_model, tmp_path, ma
 
     whole = _files(extract(tmp_path / "whole"))
     without = extract(tmp_path / "without", pre_projection=False)
-    kills = 0
-    while True:
-        out = tmp_path / f"killed{kills + 1}"
-        shutil.copytree(without, out)
-        with pytest.MonkeyPatch.context() as mp:
-            calls = _kill_at(mp, kills + 1, map_file_created)
-            try:
-                extract(out)
-            except _Kill:
-                kills += 1
-            else:
-                assert calls["count"] == kills
-                break
-        FeatureStore(out)  # readable at every instant: meta.json names no width until z is complete
-        extract(out)
-        assert _files(out) == whole, f"the rerun after a kill at file operation {kills} differs"
+    kills = _kill_at_every_operation(tmp_path, extract, whole, map_file_created, start=without)
     # the store record, 2 splits x 1 map, 5 batches x (write + flush + record), 3 text arrays, visual_proj, meta.json,
     # 2 records removed
     assert kills == 1 + 2 + 5 * 3 + 3 + 1 + 1 + 2

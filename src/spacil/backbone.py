@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import logging
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -208,7 +209,7 @@ class FrozenCLIP:
     @torch.no_grad()
     def encode_text_tokens(self, texts: Sequence[str]) -> list[torch.Tensor]:
         """texts -> per-text [n_words, d]: every token's output after ln_final times text_projection, L2-normalised,
-        start/end tokens and padding dropped (the `semantic_tokens=word` variant of SPEC.md)."""
+        start/end tokens, padding and punctuation-only tokens dropped (the `semantic_tokens=word` variant of SPEC.md)."""
         model = self.model
         if not hasattr(model, "token_embedding") or getattr(model, "text_pool_type", "argmax") != "argmax":
             raise InputError("semantic_tokens=word needs an open_clip CLIP with a built-in causal text tower")
@@ -227,7 +228,17 @@ class FrozenCLIP:
         x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
         x = x @ model.text_projection if not isinstance(model.text_projection, torch.nn.Linear) else model.text_projection(x)
         end = int(ids[0].argmax())  # the EOT token has the largest id
-        return F.normalize(x[0, 1:end].float(), dim=-1)
+        words = [i for i in range(1, end) if not self._is_punctuation(int(ids[0, i]))]
+        return F.normalize(x[0, words].float(), dim=-1)
+
+    def _is_punctuation(self, token_id: int) -> bool:
+        """Whether a token is punctuation only ('.', ',', '!)'): it names no visual part, so `semantic_tokens=word` drops it
+        (the words after it keep the context it gave them). Symbols such as '$' or '+' are kept."""
+        decode = getattr(self.tokenizer, "decode", None)
+        if decode is None:
+            return False
+        text = decode([token_id]).strip()
+        return bool(text) and all(unicodedata.category(ch).startswith("P") for ch in text)
 
     def with_precision(self, precision: str) -> "FrozenCLIP":
         """The same frozen model (shared, not copied) whose encoders run in `precision`."""

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,24 @@ def test_projected_cls_token_is_the_models_image_embedding(tiny_model):
     torch.testing.assert_close(patches, F.normalize(tokens @ visual.proj, dim=-1), rtol=0, atol=1e-6)
 
 
+def test_pre_projection_cls_token_is_open_clip_s_pooled_output_without_proj(tiny_model):
+    clip = FrozenCLIP(tiny_model, None)
+    images = torch.randn(3, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(1))
+    g, patches, z = clip.encode_image_features(images)
+    assert z.shape == (3, clip.width)
+    torch.testing.assert_close((g, patches), clip.encode_images(images), rtol=0, atol=0)
+    visual = clip.model.visual
+    proj = visual.proj
+    visual.proj = None  # open_clip's forward then returns the pooled token after ln_post, unprojected
+    try:
+        expected = visual(images)
+    finally:
+        visual.proj = proj
+    torch.testing.assert_close(z, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(F.normalize(z @ proj, dim=-1), g, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(clip.visual_projection(), proj.detach().numpy())
+
+
 def test_frozen_and_text_features(tiny_model):
     clip = FrozenCLIP(tiny_model, None)
     assert not any(p.requires_grad for p in clip.model.parameters())
@@ -31,10 +50,28 @@ def test_frozen_and_text_features(tiny_model):
     torch.testing.assert_close(e, clip.model.encode_text(clip.tokenizer(texts), normalize=True))
     words = clip.encode_text_tokens(texts)
     tokenizer = clip.tokenizer
-    assert [len(w) for w in words] == [len(tokenizer.encode(t)) for t in texts]
+    assert [len(w) for w in words] == [len(tokenizer.encode(t)) - (t.endswith(".")) for t in texts]  # the '.' is dropped
     assert clip.count_tokens("a bird") == 4
     # the per-token output at the EOT position is the sentence embedding: check via a sentence with its EOT token kept
     assert clip.info.checkpoint_sha256 is not None and clip.info.num_patches == 16
+
+
+def test_word_tokens_drop_punctuation_only_tokens(tiny_model):
+    """Against a direct computation: every token's output through open_clip's text tower, the rows of ',', '...' and
+    ')!' left out; '$' (a symbol, not punctuation) kept."""
+    clip = FrozenCLIP(tiny_model, None)
+    text = "a red block, with sharp corners... (really)! $5"
+    model = clip.model
+    ids = clip.tokenizer([text])
+    with torch.no_grad():
+        x = model.token_embedding(ids) + model.positional_embedding
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask)) @ model.text_projection
+    pieces = [clip.tokenizer.decode([i]).strip() for i in clip.tokenizer.encode(text)]
+    assert pieces == ["a", "red", "block", ",", "with", "sharp", "corners", "...", "(", "really", ")!", "$", "5"]
+    kept = [i + 1 for i, piece in enumerate(pieces) if piece not in (",", "...", "(", ")!")]  # +1: after the start token
+    words = clip.encode_text_tokens([text])[0]
+    assert len(words) == 9
+    torch.testing.assert_close(words, F.normalize(x[0, kept], dim=-1), rtol=0, atol=1e-6)
 
 
 def test_offline_tag_asks_for_a_local_checkpoint():

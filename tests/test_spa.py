@@ -83,3 +83,76 @@ def test_scoring_300_classes_196_patches_8_descriptions():
         plan = sinkhorn_log(1 - sim, torch.full((16,), -np.log(16)), torch.full((len(s),), -np.log(len(s))), 0.1, 100)
         expected = 100.0 * (phi(batch.global_[image]) @ psi(learner.prompts[cls]) + (plan * sim).sum())
         torch.testing.assert_close(logits[image, cls], expected, atol=1e-3, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Corrections of issue 18
+
+
+def _learner_with_trained_projectors(overrides: dict, classes: int = 5, dim: int = 16, tokens: int = 3, patches: int = 9,
+                                     empty_class: int = -1):
+    """A learner after begin_task of one task, its projectors (weights and biases) away from zero, class `empty_class`
+    without semantic tokens."""
+    g = torch.Generator().manual_seed(3)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    config = build_config({"train": {"epochs": 0}, **overrides})
+    learner = SPA(config, LearnerContext(dim, patches, 100.0, torch.device("cpu")))
+    mask = torch.ones(classes, tokens, dtype=torch.bool)
+    if empty_class >= 0:
+        mask[empty_class] = False
+    learner.begin_task(TaskInfo(0, list(range(classes)), [f"c{i}" for i in range(classes)],
+                                unit(torch.randn(classes, dim, generator=g)),
+                                unit(torch.randn(classes, tokens, dim, generator=g)) * mask[..., None], mask, None))
+    with torch.no_grad():
+        for stack in (learner.image_projector, learner.text_projector):
+            stack.layers[0].weight.normal_(std=0.1, generator=g)
+            stack.layers[0].bias.normal_(std=0.1, generator=g)
+    batch = FeatureBatch(unit(torch.randn(4, dim, generator=g)), unit(torch.randn(4, patches, dim, generator=g)))
+    return learner, batch
+
+
+def test_a_class_without_descriptions_has_a_patch_score_of_exactly_zero():
+    learner, batch = _learner_with_trained_projectors({}, empty_class=2)
+    logits = learner.logits(batch)
+    phi, psi = learner.image_projector, learner.text_projector
+    global_only = 100.0 * phi(batch.global_) @ psi(learner.prompts).T  # [B, C]: z^g alone
+    torch.testing.assert_close(logits[:, 2], global_only[:, 2], rtol=0, atol=1e-5)
+    assert not torch.allclose(logits[:, [0, 1, 3, 4]], global_only[:, [0, 1, 3, 4]], atol=1e-2)  # the others do score
+    # the zero placeholder token would score through the projector's bias: what the patch branch used to add
+    assert psi(torch.zeros(1, 16)).abs().sum() > 0
+    assert learner.semantic_present.tolist() == [True, True, False, True, True]
+
+
+def test_random_patches_are_drawn_afresh_for_every_test_batch(monkeypatch):
+    """The ablation's evaluation draws from one generator: batch 2 gets the next draws, not batch 1's patches again."""
+    import spacil.methods.spa as spa_module
+    from spacil.learner import task_generator
+    from spacil.ops.patch_selection import random_patches
+
+    learner, batch = _learner_with_trained_projectors({"ablation": {"semantic_selection": False}})
+    drawn = []
+
+    def recording(*args):
+        drawn.append(random_patches(*args))
+        return drawn[-1]
+
+    monkeypatch.setattr(spa_module, "random_patches", recording)
+    first, second = learner.logits(batch), learner.logits(batch)
+    generator = task_generator(learner.config, 5, stream=5)
+    expected = [random_patches(4, 5, 9, learner.knobs.top_k_patches, generator) for _ in range(2)]
+    assert len(drawn) == 2 and all(torch.equal(a, b) for a, b in zip(drawn, expected))
+    assert not torch.equal(drawn[0], drawn[1]) and not torch.allclose(first, second)
+    # a new evaluation (after the next task's end_task, or a resume) starts the stream again
+    learner._eval_generator = None
+    torch.testing.assert_close(learner.logits(batch), first, rtol=0, atol=0)
+
+
+def test_global_only_with_calibration_needs_no_patch_tokens(random_store, tmp_path):
+    args = ["--init-cls", "6", "--increment", "3", "--quiet", "--set", "epochs=2", "--set", "ablation.patch_branch=false"]
+    assert main(["run", "--features", str(random_store), "--out", str(tmp_path / "with"), *args]) == 0
+    for split in ("train", "test"):
+        (random_store / split / "patches.npy").unlink()
+    assert main(["run", "--features", str(random_store), "--out", str(tmp_path / "without"), *args]) == 0
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("with", "without")]
+    assert summaries[0]["curve"] == summaries[1]["curve"]
+    assert "gaussian_calibration: true" in (tmp_path / "without" / "config.yaml").read_text()

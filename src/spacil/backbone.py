@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import logging
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -128,6 +129,7 @@ class FrozenCLIP:
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.num_patches = int(grid[0] * grid[1])
         self.dim = int(visual.output_dim)
+        self.width = int(visual.proj.shape[0])  # z's dimension: the CLS token after ln_post, before visual.proj
         self.context_length = int(getattr(self.model, "context_length", 77))
         self.info = BackboneInfo(
             model=model,
@@ -144,7 +146,17 @@ class FrozenCLIP:
         """images [B, 3, H, W] (normalised) -> (g [B, d], P [B, N, d]), both L2-normalised, one forward pass.
 
         g is the CLS token after ln_post times visual.proj (the model's own image embedding); P are the patch tokens after
-        ln_post, each times visual.proj.
+        ln_post, each times visual.proj. The same as `encode_image_features` without z.
+        """
+        global_, patches, _ = self.encode_image_features(images)
+        return global_, patches
+
+    @torch.no_grad()
+    def encode_image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] (normalised) -> (g [B, d], P [B, N, d], z [B, width]) from one forward pass.
+
+        z is the CLS token after ln_post, before visual.proj, not normalised; g = normalise(z @ visual.proj); P are the
+        patch tokens after ln_post, each times visual.proj, normalised.
 
         The transformer runs under autocast in `self.precision`; ln_post, the projection and the normalisation run in fp32
         (2% of the cost), so a reduced precision only rounds the tokens, not the final embedding. Outputs are float32 on
@@ -157,7 +169,11 @@ class FrozenCLIP:
             tokens = visual.ln_post(tokens.float())
             pooled, patches = visual._global_pool(tokens)
             proj = visual.proj.float()
-            return F.normalize(pooled @ proj, dim=-1), F.normalize(patches @ proj, dim=-1)
+            return F.normalize(pooled @ proj, dim=-1), F.normalize(patches @ proj, dim=-1), pooled
+
+    def visual_projection(self):
+        """visual.proj as a float32 numpy array [width, d] (g = normalise(z @ it))."""
+        return self.model.visual.proj.detach().float().cpu().numpy()
 
     def _tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts)).to(self.device)
@@ -175,21 +191,27 @@ class FrozenCLIP:
 
         As on the image side, the text transformer runs under autocast in `self.precision` and ln_final, the projection
         and the normalisation in fp32 (open_clip's CLIP.encode_text, split in two)."""
-        out = []
+        return self.encode_texts_with_norms(texts, batch_size)[0]
+
+    @torch.no_grad()
+    def encode_texts_with_norms(self, texts: Sequence[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts -> (e(s) [len, d], norms [len]) float32: `encode_texts` and the L2 norm of each text feature before its
+        normalisation (e(s) * norm is the un-normalised feature), both from the fp32 head."""
+        out, norms = [], []
         for start in range(0, len(texts), batch_size):
             ids = self._tokenize(texts[start:start + batch_size])
             if not hasattr(self.model, "token_embedding"):  # a custom text tower: only its output can be had in fp32
                 with autocast(self.device, self.precision):
-                    features = self.model.encode_text(ids)
-                out.append(F.normalize(features.float(), dim=-1))
-                continue
-            tokens = self._text_transformer(ids)
-            with torch.autocast(device_type=self.device.type, enabled=False):
-                pooled = self._pool_text(self.model.ln_final(tokens.float()), ids)
-                out.append(F.normalize(self._project_text(pooled), dim=-1))
+                    raw = self.model.encode_text(ids).float()
+            else:
+                tokens = self._text_transformer(ids)
+                with torch.autocast(device_type=self.device.type, enabled=False):
+                    raw = self._project_text(self._pool_text(self.model.ln_final(tokens.float()), ids))
+            out.append(F.normalize(raw, dim=-1))
+            norms.append(raw.norm(dim=-1))
         if not out:
-            return torch.zeros(0, self.dim, device=self.device)
-        return torch.cat(out)
+            return torch.zeros(0, self.dim, device=self.device), torch.zeros(0, device=self.device)
+        return torch.cat(out), torch.cat(norms)
 
     def _text_transformer(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L] -> the text transformer's outputs [B, L, width], before ln_final, under autocast."""
@@ -218,7 +240,7 @@ class FrozenCLIP:
     @torch.no_grad()
     def encode_text_tokens(self, texts: Sequence[str]) -> list[torch.Tensor]:
         """texts -> per-text [n_words, d]: every token's output after ln_final times text_projection, L2-normalised,
-        start/end tokens and padding dropped (the `semantic_tokens=word` variant of SPEC.md)."""
+        start/end tokens, padding and punctuation-only tokens dropped (the `semantic_tokens=word` variant of SPEC.md)."""
         model = self.model
         if not hasattr(model, "token_embedding") or getattr(model, "text_pool_type", "argmax") != "argmax":
             raise InputError("semantic_tokens=word needs an open_clip CLIP with a built-in causal text tower")
@@ -230,9 +252,19 @@ class FrozenCLIP:
         ids = self._tokenize([text])
         tokens = self._text_transformer(ids)
         end = int(ids[0].argmax())  # the EOT token has the largest id
+        words = [i for i in range(1, end) if not self._is_punctuation(int(ids[0, i]))]
         with torch.autocast(device_type=self.device.type, enabled=False):
-            x = self._project_text(self.model.ln_final(tokens[0, 1:end].float()))
+            x = self._project_text(self.model.ln_final(tokens[0, words].float()))
             return F.normalize(x, dim=-1)
+
+    def _is_punctuation(self, token_id: int) -> bool:
+        """Whether a token is punctuation only ('.', ',', '!)'): it names no visual part, so `semantic_tokens=word` drops it
+        (the words after it keep the context it gave them). Symbols such as '$' or '+' are kept."""
+        decode = getattr(self.tokenizer, "decode", None)
+        if decode is None:
+            return False
+        text = decode([token_id]).strip()
+        return bool(text) and all(unicodedata.category(ch).startswith("P") for ch in text)
 
     def with_precision(self, precision: str) -> "FrozenCLIP":
         """The same frozen model (shared, not copied) whose encoders run in `precision`."""

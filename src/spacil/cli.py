@@ -61,6 +61,8 @@ def _add_extract(sub) -> None:
     add_names_and_templates(p)
     p.add_argument("--descriptions", help="a descriptions file whose sentences become the store's semantic tokens")
     p.add_argument("--semantic-tokens", default="sentence", choices=["sentence", "word"])
+    p.add_argument("--no-pre-projection", dest="pre_projection", action="store_false", default=None,
+                   help="do not store z, the image features before visual.proj (RanPAC, BOFA, ENGINE need them)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -144,7 +146,8 @@ def cmd_extract(args) -> int:
     extract_store(args.dataset, args.data_root, args.out, model=args.model, pretrained=args.pretrained, dtype=args.dtype,
                   batch_size=args.batch_size, workers=args.workers, device=args.device, names_file=args.names_file,
                   class_names=args.class_names, templates=args.templates, descriptions=descriptions,
-                  descriptions_source=args.descriptions, semantic_tokens=args.semantic_tokens, progress=not args.quiet, precision=args.precision)
+                  descriptions_source=args.descriptions, semantic_tokens=args.semantic_tokens, progress=not args.quiet,
+                  precision=args.precision, pre_projection=args.pre_projection)
     if not args.quiet and int(os.environ.get("RANK", "0") or 0) == 0:
         print(f"feature store written: {args.out}")
     return 0

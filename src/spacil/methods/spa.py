@@ -45,6 +45,12 @@ def _pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[t
     return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
 
 
+def _present(semantic: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """semantic [C, M, d], mask [C, M] -> [C] bool: whether a class has a real token (its placeholder is a zero vector;
+    an embedded sentence or word never is)."""
+    return (mask & (semantic != 0).any(dim=-1)).any(dim=-1)
+
+
 class SPA(Learner):
     name = "spa"
     needs_patches = True
@@ -53,13 +59,15 @@ class SPA(Learner):
         super().__init__(config, context)
         self.knobs = config.spa
         self.ablation = config.ablation
-        self.needs_patches = self.ablation.patch_branch or self.ablation.gaussian_calibration
+        self.needs_patches = self.ablation.patch_branch  # calibration without the patch branch keeps global Gaussians only
         dim = context.dim
         device = context.device  # text features, projectors and Gaussians live there from the start
         self.prompts = torch.zeros(0, dim, device=device)
         self.semantic = torch.zeros(0, 1, dim, device=device)  # [C, M, d] semantic tokens s_cj of seen classes
         self.semantic_mask = torch.zeros(0, 1, dtype=torch.bool, device=device)
         self._mask_full = True  # whether semantic_mask is all True (known on the host, so scoring never asks the device)
+        self.semantic_present = torch.zeros(0, dtype=torch.bool, device=device)  # [C]: classes with real semantic tokens
+        self._eval_generator: Optional[torch.Generator] = None  # random-patch ablation: one stream per evaluation
         self.image_projector = ProjectorStack(dim, self.knobs.projector).to(device)
         self.text_projector = ProjectorStack(dim, self.knobs.projector).to(device)
         self.global_bank = GaussianBank(dim, self.knobs.cov_type, self.knobs.cov_shrink, device)
@@ -93,9 +101,11 @@ class SPA(Learner):
         device = self.context.device
         tokens, mask = self._semantic_tokens(info)
         tokens, mask = tokens.to(device), mask.to(device)
-        # A class without descriptions keeps one zero token: its patch score is 0 and its OT problem stays well posed.
+        # A class without descriptions keeps one zero token (its OT problem stays well posed); its patch score is set to
+        # exactly 0 in `_logits` (the text projector's bias would otherwise make the zero token score).
         mask = mask.clone()
         mask[:, 0] |= ~mask.any(dim=1)
+        self._eval_generator = None
         super().begin_task(info)
         width = max(self.semantic.shape[1], tokens.shape[1])
         old_tokens, old_mask = _pad_tokens(self.semantic, self.semantic_mask, width)
@@ -103,6 +113,7 @@ class SPA(Learner):
         self.semantic = torch.cat([old_tokens, tokens])
         self.semantic_mask = torch.cat([old_mask, mask])
         self._mask_full = bool(self.semantic_mask.all())
+        self.semantic_present = _present(self.semantic, self.semantic_mask)
         self.prompts = torch.cat([self.prompts, info.prompts.to(device)])
         if self.ablation.projectors:
             # initialised on the CPU from a CPU generator, then moved: the same starting weights on every device
@@ -157,7 +168,9 @@ class SPA(Learner):
             if indices is not None:
                 tokens = similarity.shape[-1]
                 similarity = similarity.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, tokens))
-            scores = scores + self.knobs.patch_weight * self._patch_scores(similarity, relevance)
+            patch_scores = self._patch_scores(similarity, relevance)
+            patch_scores = torch.where(self.semantic_present.to(device), patch_scores, torch.zeros_like(patch_scores))
+            scores = scores + self.knobs.patch_weight * patch_scores
         return self.context.logit_scale * scores
 
     def _pseudo_batch(self, generator: torch.Generator) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
@@ -224,6 +237,7 @@ class SPA(Learner):
     @torch.no_grad()
     def end_task(self, data: TaskData) -> None:
         """Store each new class's Gaussian of frozen global features and of its own top-k patches (pooled)."""
+        self._eval_generator = None  # the evaluation that follows draws its random patches afresh
         if not self.ablation.gaussian_calibration:
             return
         new_positions = self.seen_positions[len(self.global_bank):]
@@ -257,7 +271,12 @@ class SPA(Learner):
                 self.patch_bank.add(position, *patch_moments.moments(i))
 
     def logits(self, batch: FeatureBatch) -> torch.Tensor:
-        generator = task_generator(self.config, len(self.seen_positions), stream=5, device=self.context.device)
+        """Logits [B, C] of the seen classes. In the random-patch ablation one generator serves a whole evaluation (it
+        starts after `end_task`), so every test batch gets fresh patches, not row i of every batch the same ones."""
+        if self._eval_generator is None:
+            self._eval_generator = task_generator(self.config, len(self.seen_positions), stream=5,
+                                                  device=self.context.device)
+        generator = self._eval_generator
         if not self.ablation.patch_branch:
             return self._logits(batch.global_, None, None, None)
         per_image = batch.patches.shape[1] * self.semantic.shape[0] * self.semantic.shape[1]
@@ -287,6 +306,8 @@ class SPA(Learner):
         device = self.context.device
         self.prompts, self.semantic, self.semantic_mask = (state[key].to(device) for key in ("prompts", "semantic", "semantic_mask"))
         self._mask_full = bool(state["semantic_mask"].all())  # asked of the checkpoint's CPU copy, not of the device
+        self.semantic_present = _present(self.semantic, self.semantic_mask)
+        self._eval_generator = None
         for stack, key in ((self.image_projector, "image_projector"), (self.text_projector, "text_projector")):
             for task in range(state["num_projectors"]):
                 stack.add_task(task_generator(self.config, task, stream=3))

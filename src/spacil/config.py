@@ -149,9 +149,9 @@ class RanPACConfig(_Section):
     ridge_min_exponent: int = -8  # ridge candidates 10^-8 .. 10^8 (np.arange(-8, 9))
     ridge_max_exponent: int = 8
     ridge_fit_fraction: float = Field(0.8, gt=0, lt=1)  # the first int(n * 0.8) shuffled rows fit, the rest score
-    # eigh: one eigendecomposition of the fit rows' Gram matrix scores every candidate; solve: one linear solve per
-    # candidate, as the official code does (same choice, see docs/benchmarks/ranpac_solver.md)
-    ridge_solver: Literal["eigh", "solve"] = "eigh"
+    # solve: one linear solve per candidate, as the official code does; eigh: one eigendecomposition of the fit rows' Gram
+    # matrix scores every candidate (the same choice; slower on this project's CPU: docs/benchmarks/ranpac_solver.md)
+    ridge_solver: Literal["solve", "eigh"] = "solve"
 
 
 class BOFAConfig(_Section):

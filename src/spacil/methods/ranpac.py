@@ -46,7 +46,7 @@ def ridge_solve(G: torch.Tensor, Q: torch.Tensor, ridge: float) -> torch.Tensor:
 
 
 def choose_ridge(G_fit: torch.Tensor, Q_fit: torch.Tensor, H_hold: torch.Tensor, Y_hold: torch.Tensor, ridges: list[float],
-                 solver: str = "eigh") -> tuple[float, list[float]]:
+                 solver: str = "solve") -> tuple[float, list[float]]:
     """The ridge strength with the least squared error on held-out rows, and the error of every candidate.
 
     G_fit [M, M], Q_fit [M, C] from the fit rows; H_hold [n, M], Y_hold [n, C] the held-out rows (float64). Follows

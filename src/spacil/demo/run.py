@@ -36,7 +36,7 @@ DEMO_OVERRIDES = {"spa": {"top_k_patches": 8}, "train": {"epochs": 5}}
 # after steps 200 and 500); a demo task has 4 batches, so RAPF runs 188 epochs with the milestones at the same steps.
 RAPF_DEMO_SCHEDULE = {"rapf": {"adapter_epochs": 188, "milestones": [50, 125]}}
 # RanPAC's official M = 10,000 lifts ViT-B/16's z (768 wide) 13-fold; the demo's z is 96 wide, so M = 1,250 (the same
-# ratio; G stays 12 MB instead of 800 MB and the ridge search takes a second per task on 2 cores).
+# ratio; G is 12 MB instead of 800 MB).
 RANPAC_DEMO = {"ranpac": {"M": 1250}}
 
 # The demo's table (Markdown), written next to report.md; the README's demo table is this file of a full demo.

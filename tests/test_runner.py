@@ -32,18 +32,24 @@ def test_same_command_twice_gives_identical_summary(random_store, tmp_path, meth
 
 
 # Every registered method, and SPA with each of its parts switched off: methods added later are covered automatically.
-CONFIGURATIONS = [(name, ()) for name in METHODS] + [
+# Settings that keep a method small here (its own sections' epochs, RanPAC's projection width).
+SMALL_SETTINGS = {
+    "ranpac": ("--set", "ranpac.M=64"),
+    "bofa": ("--set", "stage1_epochs=2", "--set", "stage2_epochs=2", "--set", "bofa_batch_size=8", "--set", "Kt=4"),
+}
+CONFIGURATIONS = [(name, SMALL_SETTINGS.get(name, ())) for name in METHODS] + [
     ("spa", ("--set", f"ablation.{part}=false")) for part in AblationConfig.model_fields
 ]
-CONFIGURATION_IDS = [name if not extra else f"spa-no-{extra[1].split('.')[1].split('=')[0]}" for name, extra in CONFIGURATIONS]
+CONFIGURATION_IDS = list(METHODS) + [f"spa-no-{part}" for part in AblationConfig.model_fields]
 # Batches smaller than a task (a task has 3 classes of 4 to 12 images): shuffles and schedules take several steps.
 SMALL_BATCHES = ("--set", "epochs=2", "--set", "batch_size=8")
 
 
 @pytest.fixture()
 def rich_store(tmp_path) -> Path:
-    """Templates (the no-LLM ablation's tokens) and a different number of images for every class."""
-    return make_random_store(tmp_path / "rich_store", templates=3, unbalanced=True)
+    """Templates (the no-LLM ablation's tokens), a different number of images for every class, and z (the pre-projection
+    features RanPAC and BOFA read)."""
+    return make_random_store(tmp_path / "rich_store", templates=3, unbalanced=True, width=24)
 
 
 def _state(path: Path) -> dict:
@@ -165,7 +171,9 @@ def _perturb_later_classes(store, after_task: int, seed: int):
         counts = {c: int(rng.integers(1, 2 * max(1, int((labels == c).sum())) + 2)) for c in later}
         new_labels = np.concatenate([labels[keep], np.repeat(later, [counts[c] for c in later])]).astype(np.int64)
         np.save(store / split / "labels.npy", new_labels)
-        for name in ("global.npy", "patches.npy"):
+        for name in ("global.npy", "patches.npy", "global_pre.npy"):
+            if not (store / split / name).exists():
+                continue
             array = np.load(store / split / name)
             fresh = rng.normal(size=(len(new_labels) - int(keep.sum()), *array.shape[1:]))
             fresh /= np.linalg.norm(fresh, axis=-1, keepdims=True)

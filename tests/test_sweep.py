@@ -221,12 +221,13 @@ def test_missing_sweep_file_and_packaged_grid(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no such sweep file (packaged sweeps: " in err and "paper_grid" in err
     # the packaged paper grid resolves: every data set, both splits, SPA, its six ablations and the baselines, 3 seeds
-    # (18 configs x (4 methods + 6 ablations of SPA) x 3 seeds; a method added to the grid adds 54)
+    # (18 configs x (8 methods + 6 ablations of SPA) x 3 seeds; a method added to the grid adds 54)
     assert main(["sweep", "paper_grid", "--out", str(tmp_path / "paper"), "--dry-run"]) == 0
     plan = capsys.readouterr().out.splitlines()
-    assert plan[-1].startswith("648 cells under") and "648 to run" in plan[-1]
+    assert plan[-1].startswith("756 cells under") and "756 to run" in plan[-1]
     assert any(line.endswith("cifar224_b0/spa-no_ot/seed1993") for line in plan)
     assert any(line.endswith("sun_b150/simplecil/seed1995") for line in plan)
+    assert any(line.endswith("cub_b100/ranpac/seed1994") for line in plan) and any("/bofa/" in line for line in plan)
 
 
 def test_each_local_worker_gets_one_gpu_or_a_share_of_the_cores():

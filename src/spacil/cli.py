@@ -28,7 +28,7 @@ def _add_run(sub) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="a YAML config, or the name of a packaged one (e.g. cifar224_b0)")
     source.add_argument("--features", help="a feature store (INTERFACES.md); needs nothing else")
-    p.add_argument("--method", help="spa (default), zeroshot, simplecil, finetune, proof, rapf")
+    p.add_argument("--method", help="spa (default), zeroshot, simplecil, finetune, proof, rapf, ranpac, bofa")
     p.add_argument("--init-cls", type=int, help="classes in the first task")
     p.add_argument("--increment", type=int, help="classes in each later task")
     p.add_argument("--seed", type=int, help="the one seed (class order, batches, sampling)")

@@ -146,6 +146,39 @@ class RAPFConfig(_Section):
     cov_ridge: float = Field(1e-4, ge=0)  # models.py analyze_mean_cov: torch.cov(...) + 1e-4 * I
 
 
+class RanPACConfig(_Section):
+    """RanPAC (McDonnell et al., NeurIPS 2023; methods/ranpac.py). Defaults: the official args/*_publish.csv rows of its CLIP
+    runs (`ncm`, `use_RP` true, M 10000) and the constants of RanPAC.py `optimise_ridge_parameter`."""
+
+    M: int = Field(10000, ge=0)  # random-projection width; 0: no projection (the official M = 0 row: z decorrelated only)
+    ridge_min_exponent: int = -8  # ridge candidates 10^-8 .. 10^8 (np.arange(-8, 9))
+    ridge_max_exponent: int = 8
+    ridge_fit_fraction: float = Field(0.8, gt=0, lt=1)  # the first int(n * 0.8) shuffled rows fit, the rest score
+    # solve: one linear solve per candidate, as the official code does; eigh: one eigendecomposition of the fit rows' Gram
+    # matrix scores every candidate (the same choice; slower on this project's CPU: docs/benchmarks/ranpac_solver.md)
+    ridge_solver: Literal["solve", "eigh"] = "solve"
+
+
+class BOFAConfig(_Section):
+    """BOFA (AAAI 2026; methods/bofa.py). Defaults: C3Box exps/bofa.json (CIFAR-100 B50 Inc10, the one official config)
+    and the constants of models/bofa.py, utils/inc_net.py `BofaAdapter` and backbone/linears.py `OLF`."""
+
+    stage1_epochs: int = Field(15, ge=0)  # official `tuned_epoch`: epochs training the full task weight (and T_max)
+    stage2_epochs: int = Field(2, ge=0)  # official `epoch` (get_attribute default 2): low-rank epochs after stage 1
+    stage1_lr: float = Field(0.05, gt=0)  # official `init_lr`
+    stage1_weight_decay: float = Field(0.05, ge=0)  # official `weight_decay`
+    stage2_lr: float = Field(0.001, gt=0)  # BofaAdapter.get_param_group: the low-rank factor's lr
+    stage2_weight_decay: float = Field(0.001, ge=0)  # and its weight decay
+    bofa_min_lr: float = Field(0.0, ge=0)  # official `min_lr`: eta_min of the per-epoch cosine schedule
+    bofa_momentum: float = Field(0.9, ge=0, lt=1)  # optim.SGD(..., momentum=0.9)
+    bofa_batch_size: int = Field(128, ge=1)  # official `batch_size`
+    Kt: int = Field(64, ge=1)  # rank of the stage-2 update: the Kt least-used directions of the old tasks' z
+    stat: float = Field(0.1, ge=0, le=1)  # prediction: stat * GDA score + (1 - stat) * cosine to the hybrid prototypes
+    center_type: Literal["mix", "img", "text"] = "mix"  # the prototypes: image/text mix, image only, text only
+    lambda_grid: int = Field(21, ge=2)  # search_lambda_for_prompt: torch.linspace(0, 1, 21)
+    covariance_ridge: float = Field(1e-4, ge=0)  # OLF.update_old_features: cov + 1e-4 * I
+
+
 class Config(_Section):
     method: str = "spa"
     seed: int = Field(1993, ge=0, le=2**32 - 1)  # numpy.random.seed takes 0..2**32-1
@@ -157,12 +190,14 @@ class Config(_Section):
     llm: LLMConfig = LLMConfig()
     rapf: RAPFConfig = RAPFConfig()
     proof: ProofConfig = ProofConfig()
+    ranpac: RanPACConfig = RanPACConfig()
+    bofa: BOFAConfig = BOFAConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-_SECTIONS = ("data", "spa", "ablation", "train", "llm", "rapf", "proof")
+_SECTIONS = ("data", "spa", "ablation", "train", "llm", "rapf", "proof", "ranpac", "bofa")
 
 
 def _leaf_paths() -> dict[str, list[str]]:

@@ -24,9 +24,10 @@ from spacil.devices import device_name, memory_budget, resolve_device, use_devic
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
 from spacil.store.format import FeatureStore, rows_as_tensor
+from spacil.store.rows import row_arrays
 from spacil.fileio import append_text, atomic_write_bytes, atomic_write_text, make_dirs
 from spacil.learner import Learner, LearnerContext, TaskData, TaskInfo
-from spacil.methods import create_learner
+from spacil.methods import METHODS, create_learner
 from spacil.runlock import RunFolderLock
 from spacil.metrics import TaskEvaluation, accuracy_matrix, evaluate_task, summarise
 
@@ -50,7 +51,12 @@ class Run:
         self.store = store
         self.out = Path(out)
         self.echo = echo or (lambda line: None)
-        context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device, progress)
+        learner_class = METHODS.get(config.method)
+        for split, names in (("train", getattr(learner_class, "train_arrays", ())),
+                             ("test", getattr(learner_class, "eval_arrays", ()))):
+            row_arrays(store, split, names, config.method)  # a missing one: exit 2 before anything is written
+        proj = None if store.visual_proj is None else torch.from_numpy(np.array(store.visual_proj, dtype=np.float32))
+        context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device, progress, store.width, proj)
         self.learner: Learner = create_learner(config, context)
         data = config.data
         self.sizes = task_sizes(store.num_classes, data.init_cls, data.increment)
@@ -190,10 +196,13 @@ class Run:
         split = self.store.split(split_name)
         rows = self._rows_of(split_name, positions)
         patches = split.patches if self.learner.needs_patches else None
+        names = self.learner.train_arrays if split_name == "train" else self.learner.eval_arrays
+        extra = {name: self._row_view(split_name, f"{name}.npy", array, rows)
+                 for name, array in row_arrays(self.store, split_name, names, self.config.method).items()}
         global_ = self._row_view(split_name, "global.npy", split.global_, rows)
         return TaskData(task, global_, None if patches is None else self._row_view(split_name, "patches.npy", patches, rows),
                         self.position_of[split.labels[rows]], self.device,
-                        memory_budget=memory_budget(self.device, self.config.train.device_memory_budget))
+                        memory_budget=memory_budget(self.device, self.config.train.device_memory_budget), extra=extra)
 
     def _row_view(self, split_name: str, file: str, array: np.ndarray, rows: np.ndarray) -> "_RowView":
         finite = None

@@ -1,8 +1,9 @@
 """`spacil demo`: the embedded default. Offline, no download, a few minutes on 2 CPU cores.
 
-1. Writes the demo world (`spacil.demo.world`) as a feature store and runs zero-shot, SimpleCIL, fine-tune, RAPF, SPA, SPA's
-   six ablations and PROOF (which keeps 20 exemplar feature rows per class: the one method here that stores old data) on
-   it, through the same runner as any benchmark; prints one table and writes the report with its pictures.
+1. Writes the demo world (`spacil.demo.world`) as a feature store and runs zero-shot, SimpleCIL, fine-tune, RAPF, RanPAC,
+   BOFA (both on the world's pre-projection z), SPA, SPA's six ablations and PROOF (which keeps 20 exemplar feature rows
+   per class: the one method here that stores old data) on it, through the same runner as any benchmark; prints one
+   table and writes the report with its pictures.
 2. Draws which patches SPA picks for a few test images (for the true class and for a sibling class).
 3. Proves the image-level plumbing: a tiny random-weight open_clip model encodes a few generated images (extract -> store ->
    run). Its accuracy is not the point: the weights are random.
@@ -34,6 +35,9 @@ DEMO_OVERRIDES = {"spa": {"top_k_patches": 8}, "train": {"epochs": 5}}
 # RAPF's official schedule is 15 epochs of CIFAR-100's 50 batches (750 adapter steps per task, the learning rate divided by 10
 # after steps 200 and 500); a demo task has 4 batches, so RAPF runs 188 epochs with the milestones at the same steps.
 RAPF_DEMO_SCHEDULE = {"rapf": {"adapter_epochs": 188, "milestones": [50, 125]}}
+# RanPAC's official M = 10,000 lifts ViT-B/16's z (768 wide) 13-fold; the demo's z is 96 wide, so M = 1,250 (the same
+# ratio; G is 12 MB instead of 800 MB).
+RANPAC_DEMO = {"ranpac": {"M": 1250}}
 
 # The demo's table (Markdown), written next to report.md; the README's demo table is this file of a full demo.
 TABLE_FILE = "demo_table.md"
@@ -44,6 +48,8 @@ RUNS = (
     ("finetune", "finetune", {}),
     ("rapf", "rapf", RAPF_DEMO_SCHEDULE),
     ("proof_20_exemplars_per_class", "proof", {"proof": {"fixed_memory": True, "memory_per_class": 20}}),
+    ("ranpac", "ranpac", RANPAC_DEMO),
+    ("bofa", "bofa", {}),
     ("spa", "spa", {}),
     ("spa_global_only", "spa", {"ablation": {"patch_branch": False}}),
     ("spa_no_ot", "spa", {"ablation": {"optimal_transport": False}}),

@@ -6,15 +6,17 @@ from types import MappingProxyType
 
 from spacil.errors import InputError
 from spacil.learner import Learner, LearnerContext
+from spacil.methods.bofa import BOFA
 from spacil.methods.finetune import FineTune
 from spacil.methods.proof import Proof
+from spacil.methods.ranpac import RanPAC
 from spacil.methods.rapf import RAPF
 from spacil.methods.simplecil import SimpleCIL
 from spacil.methods.spa import SPA
 from spacil.methods.zeroshot import ZeroShot
 
 METHODS: "MappingProxyType[str, type[Learner]]" = MappingProxyType({
-    cls.name: cls for cls in (SPA, ZeroShot, SimpleCIL, FineTune, RAPF, Proof)
+    cls.name: cls for cls in (SPA, ZeroShot, SimpleCIL, FineTune, RAPF, Proof, RanPAC, BOFA)
 })
 
 

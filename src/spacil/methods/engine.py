@@ -31,6 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spacil.errors import InputError
+from spacil.learner import FeatureBatch, Learner, TaskData, TaskInfo, step_bar, task_generator
+
 # Streams of task_generator used by ENGINE (one seed drives everything).
 _STREAM_ADAPTER_INIT = 31
 _STREAM_BATCHES = 32
@@ -248,3 +251,231 @@ def fuse_predictions(adapter: torch.Tensor, gda: torch.Tensor, rerank: torch.Ten
     """models/engine.py _eval_cnn: stat * normalise(gda) + (1 - stat) * (rerank_weight * rerank + (1 - rerank_weight) *
     adapter), all [B, C] (the GDA scores L2-normalised over the classes)."""
     return stat * F.normalize(gda, dim=-1) + (1 - stat) * (rerank_weight * rerank + (1 - rerank_weight) * adapter)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The learner
+
+
+def cosine_epoch_lr(base: float, minimum: float, epoch: int, epochs: int) -> float:
+    """The learning rate of epoch `epoch` (0-based) under CosineAnnealingLR(T_max=epochs, eta_min=minimum) stepped once per
+    epoch (models/engine.py Learner.train)."""
+    return minimum + (base - minimum) * (1 + math.cos(math.pi * epoch / max(epochs, 1))) / 2
+
+
+def draw_descriptions(counts: torch.Tensor, classes: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One description per entry of `classes` [n] (seen columns), uniform over every description of that class against
+    any seen class (models/engine.py `_get_batch_des`: `random.choice` over the class's pooled pairwise lists).
+
+    counts [S, S] real slots per pair -> (other class [n], slot [n])."""
+    cumulative = counts.cumsum(dim=1)  # [S, S]
+    totals = cumulative[:, -1]
+    u = torch.rand(len(classes), generator=generator)
+    pick = (u * totals[classes].cpu().double()).long().clamp(min=0)  # 0..total-1
+    pick = torch.minimum(pick, (totals[classes].cpu() - 1).clamp(min=0))
+    rows = cumulative[classes].cpu()
+    other = torch.searchsorted(rows, pick.unsqueeze(1), right=True).squeeze(1)
+    before = torch.where(other > 0, rows.gather(1, (other - 1).clamp(min=0).unsqueeze(1)).squeeze(1), torch.zeros_like(pick))
+    return other, pick - before
+
+
+class Engine(Learner):
+    """ENGINE on stored features (see the module doc). Reads z and, when `image_aug` > 0, the stored views."""
+
+    name = "engine"
+    needs_patches = False
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.knobs = config.engine
+        if context.visual_proj is None:
+            raise InputError("engine: the feature store has no pre-projection features (train/global_pre.npy, "
+                             "backbone/visual_proj.npy), which ENGINE's adapters and GDA read; add them with `spacil extract` "
+                             "on the store again")
+        self.train_arrays = ("global_pre",) + (("views_global",) if self.knobs.image_aug > 0 else ())
+        self.eval_arrays = ("global_pre",)
+        device = context.device
+        self.proj = context.visual_proj.float().to(device)  # [width, d]
+        self.image_adapters = AdapterStack(context.dim, device)
+        self.text_adapters = AdapterStack(context.dim, device)
+        self.text0 = torch.zeros(0, context.dim, device=device)  # [S, d] template 0, un-normalised
+        self.templates: Optional[torch.Tensor] = None  # [S, K, d] every template, un-normalised
+        self.prototypes = torch.zeros(0, context.dim, device=device)  # [S_old, d] mean f per class
+        self.gda = SharedCovarianceGDA(device)
+        self.pairwise: Optional[torch.Tensor] = None  # [S, S, M, d] un-normalised, seen order
+        self.pairwise_counts: Optional[torch.Tensor] = None  # [S, S]
+        self._eval_text: Optional[torch.Tensor] = None
+
+    @property
+    def scale(self) -> float:
+        """The temperature of ClipLoss: the official code passes `model.logit_scale`, the *log* of CLIP's scale (the
+        parameter, not its exp), so the contrastive logits are ln(100) ~ 4.6 times the cosines."""
+        return math.log(self.context.logit_scale)
+
+    # text side ---------------------------------------------------------------------------------------------------------
+    def begin_task(self, info: TaskInfo) -> None:
+        """utils/inc_net.py Engine.update_task (freeze the last adapters, append new ones) and the texts of the seen
+        classes: template 0 and every template un-normalised, the pairwise descriptions among the seen classes."""
+        if info.templates is None or info.template_norms is None:
+            raise InputError("engine: the feature store has no per-template text features with their norms "
+                             "(text/templates.npy, text/template_norms.npy); run `spacil extract` on the store again")
+        if info.pairwise is None and (self.knobs.text_des > 0 or self.knobs.rerank > 0):
+            raise InputError("engine: the feature store has no pairwise descriptions (text/pairwise.npy), which "
+                             "engine.text_des and engine.rerank need; add them with `spacil extract --pairwise-descriptions "
+                             "FILE` (or set engine.text_des=0 engine.rerank=0)")
+        super().begin_task(info)
+        device = self.context.device
+        raw = (info.templates.float() * info.template_norms.float().unsqueeze(-1)).to(device)  # [n_new, K, d]
+        self.templates = raw if self.templates is None else torch.cat([self.templates, raw])
+        self.text0 = torch.cat([self.text0, raw[:, 0]])
+        if info.pairwise is not None:
+            self.pairwise = info.pairwise.float().to(device)
+            self.pairwise_counts = info.pairwise_counts.to(device)
+        generator = task_generator(self.config, info.task, stream=_STREAM_ADAPTER_INIT)
+        self.image_adapters.add(generator)
+        self.text_adapters.add(generator)
+        self._eval_text = None
+
+    def _class_text(self) -> torch.Tensor:
+        """[S, d] the classes' text at test time (models/engine.py _eval_cnn): each template through the text adapters,
+        normalised, averaged over the templates, normalised."""
+        if self._eval_text is None:
+            with torch.no_grad():
+                per_template = F.normalize(self.text_adapters(self.templates), dim=-1)
+                self._eval_text = F.normalize(per_template.mean(dim=1), dim=-1)
+        return self._eval_text
+
+    # training ----------------------------------------------------------------------------------------------------------
+    def fit_task(self, data: TaskData) -> None:
+        """models/engine.py Learner.train (see the module doc for the loss)."""
+        knobs = self.knobs
+        if knobs.engine_epochs == 0:
+            return
+        device = self.context.device
+        params = self.image_adapters.parameters() + self.text_adapters.parameters()
+        if knobs.engine_optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=knobs.engine_lr, momentum=knobs.engine_momentum,
+                                        weight_decay=knobs.engine_weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=knobs.engine_lr, weight_decay=knobs.engine_weight_decay)
+        column = self.columns_of_positions().to(device)
+        task = data.take(np.arange(len(data)), with_patches=False)
+        image = task.extra["global_pre"] @ self.proj  # f [n, d], before normalisation
+        targets = column[task.targets]
+        views = task.extra.get("views_global")  # [n, V, d]
+        if knobs.image_aug > 0 and views is None:
+            raise InputError("engine: engine.image_aug > 0 needs stored views of the training images "
+                             "(train/views_global.npy): add them with `spacil extract --views 10 --view-transform "
+                             "gaussian-noise` on the store, or set engine.image_aug=0")
+        old = len(self.prototypes)
+        batch_generator = task_generator(self.config, data.task, stream=_STREAM_BATCHES)
+        replay_generator = task_generator(self.config, data.task, stream=_STREAM_REPLAY)
+        description_generator = task_generator(self.config, data.task, stream=_STREAM_DESCRIPTIONS)
+        size = knobs.engine_batch_size
+        bar = step_bar(self.context, math.ceil(len(data) / size) * knobs.engine_epochs, data.task)
+        for epoch in range(knobs.engine_epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_epoch_lr(knobs.engine_lr, knobs.engine_min_lr, epoch, knobs.engine_epochs)
+            view = None
+            if views is not None and knobs.view_schedule == "per-epoch":
+                view = epoch % views.shape[1]
+            shuffle = torch.randperm(len(data), generator=batch_generator).to(device)
+            for start in range(0, len(data), size):
+                rows = shuffle[start:start + size]
+                loss = self._loss(image[rows], targets[rows], old, replay_generator, description_generator,
+                                  None if views is None else self._views_of(views, rows, view, batch_generator))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bar.update(1)
+        bar.close()
+        self._eval_text = None
+
+    def _views_of(self, views: torch.Tensor, rows: torch.Tensor, view: Optional[int],
+                  generator: torch.Generator) -> torch.Tensor:
+        """The frozen normalised feature of one stored view per row: view `view` (per-epoch schedule) or one drawn per
+        row (per-batch)."""
+        if view is None:
+            pick = torch.randint(views.shape[1], (len(rows),), generator=generator).to(views.device)
+        else:
+            pick = torch.full((len(rows),), view, dtype=torch.long, device=views.device)
+        return F.normalize(views[rows, pick], dim=-1)
+
+    def _loss(self, image: torch.Tensor, labels: torch.Tensor, old: int, replay_generator: torch.Generator,
+              description_generator: torch.Generator, views: Optional[torch.Tensor]) -> torch.Tensor:
+        """image [B, d] f of the batch, labels [B] seen columns, views [B, d] (or None) -> the batch's loss."""
+        knobs = self.knobs
+        batch = len(image)
+        if old > 0:
+            if knobs.sample_num > 0:
+                replayed = torch.randint(old, (knobs.sample_num,), generator=replay_generator)
+            else:
+                replayed = torch.arange(old)
+            noise = torch.randn(len(replayed), image.shape[1], generator=replay_generator).to(image.device)
+            pseudo = self.prototypes[replayed.to(image.device)] + noise * knobs.sample_noise
+            image = torch.cat([image, pseudo])
+            labels = torch.cat([labels, replayed.to(labels.device)])
+        image_unit = F.normalize(self.image_adapters(image), dim=-1)
+        text_unit = F.normalize(self.text_adapters(self.text0[labels]), dim=-1)
+        loss = clip_loss(image_unit, text_unit, self.scale)
+        if knobs.image_aug > 0:
+            loss = loss + knobs.image_aug * contrastive_loss(image_unit[:batch] @ views.T)
+        if knobs.text_des > 0:
+            other, slot = draw_descriptions(self.pairwise_counts, labels.cpu(), description_generator)
+            device = labels.device
+            reference = F.normalize(self.pairwise[labels, other.to(device), slot.to(device)], dim=-1)
+            loss = loss + knobs.text_des * contrastive_loss(text_unit @ reference.T)
+        return loss
+
+    @torch.no_grad()
+    def end_task(self, data: TaskData) -> None:
+        """utils/inc_net.py Engine.update_stat (GDA statistics of the new classes on the normalised z) and the prototypes
+        of models/engine.py Learner.train's end (mean f of each new class)."""
+        new_positions = self.seen_positions[len(self.prototypes):]
+        slot = torch.full((max(new_positions) + 1,), -1, dtype=torch.long)
+        slot[torch.tensor(new_positions)] = torch.arange(len(new_positions))
+        task = data.take(np.arange(len(data)), with_patches=False)
+        z = task.extra["global_pre"]
+        classes = slot.to(z.device)[task.targets]
+        self.gda.update(F.normalize(z, dim=-1), classes, len(new_positions))
+        image = (z @ self.proj).double()
+        sums = torch.zeros(len(new_positions), image.shape[1], dtype=torch.float64, device=image.device)
+        sums.index_add_(0, classes, image)
+        counts = torch.bincount(classes, minlength=len(new_positions)).clamp(min=1).double()
+        self.prototypes = torch.cat([self.prototypes, (sums / counts.unsqueeze(1)).float()])
+
+    # prediction --------------------------------------------------------------------------------------------------------
+    def logits(self, batch: FeatureBatch) -> torch.Tensor:
+        """models/engine.py _eval_cnn."""
+        knobs = self.knobs
+        z = batch.extra["global_pre"]
+        image = z @ self.proj
+        adapter = F.normalize(self.image_adapters(image), dim=-1) @ self._class_text().T
+        gda = self.gda.logits(F.normalize(z, dim=-1))
+        rerank = torch.zeros_like(adapter)
+        if knobs.rerank > 0 and self.pairwise is not None:
+            rows = batch.rows if batch.rows is not None else np.arange(len(z))
+            keys = np.asarray(rows, dtype=np.int64) + np.int64(self.config.seed) * np.int64(1 << 32)
+            rerank = rerank_logits(adapter, F.normalize(image, dim=-1), self.pairwise,
+                                   self.pairwise_counts.cpu().numpy(), knobs.rerank_top, knobs.rerank_draws, keys)
+        return fuse_predictions(adapter, gda, rerank, knobs.stat_weight, knobs.rerank)
+
+    # checkpointing -----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything but the pairwise descriptions: a checkpoint is taken between tasks, and the next begin_task hands
+        over those of every seen class again (they are large: [S, S, M, d])."""
+        return {**super().state_dict(), "image_adapters": self.image_adapters.state_dict(),
+                "text_adapters": self.text_adapters.state_dict(), "text0": self.text0.cpu(),
+                "templates": None if self.templates is None else self.templates.cpu(),
+                "prototypes": self.prototypes.cpu(), "gda": self.gda.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        device = self.context.device
+        self.image_adapters.load_state_dict(state["image_adapters"])
+        self.text_adapters.load_state_dict(state["text_adapters"])
+        self.text0 = state["text0"].to(device)
+        self.templates = None if state["templates"] is None else state["templates"].to(device)
+        self.prototypes = state["prototypes"].to(device)
+        self.gda.load_state_dict(state["gda"])
+        self._eval_text = None

@@ -17,6 +17,7 @@ import numpy as np
 
 from spacil.errors import InputError
 from spacil.fileio import atomic_save_npy, atomic_write_text, read_json
+from spacil.store.pairwise import open_pairwise
 
 FORMAT = "spacil-features"
 VERSION = 1
@@ -157,6 +158,9 @@ class FeatureStore:
             self.description_mask = self._array("text/description_mask.npy", (len(self.classes), self.descriptions.shape[1]))
             if self.description_mask.dtype != np.bool_:
                 raise InputError(f"{self.path / 'text/description_mask.npy'}: dtype {self.description_mask.dtype}, expected bool")
+
+        # pairwise descriptions (store/pairwise.py), None when the store has none
+        self.pairwise = open_pairwise(self.path, len(self.classes), self.dim, self._array)
 
     @property
     def num_classes(self) -> int:

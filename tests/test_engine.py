@@ -107,3 +107,49 @@ def test_fusion_formula():
     fused = fuse_predictions(adapter, gda, rerank, stat=0.8, rerank_weight=0.5)
     gda_unit = gda / gda.norm(dim=1, keepdim=True)
     assert torch.allclose(fused, 0.8 * gda_unit + 0.2 * (0.5 * rerank + 0.5 * adapter), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The learner on a store
+
+
+def add_engine_arrays(store, width: int = 12, slots: int = 2, views: int = 3, seed: int = 0):
+    """Give a make_random_store store what ENGINE reads, written with plain numpy as another program would: z with
+    visual.proj (g = normalise(z @ proj) replaces global.npy), template norms, pairwise descriptions and stored views."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    meta = json.loads((store / "meta.json").read_text())
+    dim = meta["dim"]
+    classes = len(meta["classes"])
+    proj = rng.normal(size=(width, dim)).astype(np.float32)
+    lift = np.linalg.pinv(proj)  # [d, width]: z whose projection points where the store's g does
+    for split in ("train", "test"):
+        g = np.load(store / split / "global.npy").astype(np.float32)
+        z = (g @ lift + 0.05 * rng.normal(size=(len(g), width))) * 3
+        np.save(store / split / "global_pre.npy", z.astype(np.float16))
+        f = z.astype(np.float16).astype(np.float32) @ proj
+        np.save(store / split / "global.npy", (f / np.linalg.norm(f, axis=-1, keepdims=True)).astype(np.float16))
+        if split == "train" and views:
+            noisy = f[:, None] + 0.3 * rng.normal(size=(len(f), views, dim))
+            np.save(store / split / "views_global.npy",
+                    (noisy / np.linalg.norm(noisy, axis=-1, keepdims=True)).astype(np.float16))
+    (store / "backbone").mkdir(exist_ok=True)
+    np.save(store / "backbone" / "visual_proj.npy", proj)
+    templates = np.load(store / "text" / "templates.npy")
+    np.save(store / "text" / "template_norms.npy", rng.uniform(5, 10, size=templates.shape[:2]).astype(np.float32))
+    prompts = np.load(store / "text" / "prompts.npy")
+    pairwise = prompts[:, None, None] + 0.4 * rng.normal(size=(classes, classes, slots, dim))
+    mask = np.ones((classes, classes, slots), dtype=bool)
+    mask[::2, :, -1] = False
+    pairwise /= np.linalg.norm(pairwise, axis=-1, keepdims=True)
+    pairwise[~mask] = 0
+    np.save(store / "text" / "pairwise.npy", pairwise.astype(np.float32))
+    np.save(store / "text" / "pairwise_norms.npy", (rng.uniform(5, 10, size=mask.shape) * mask).astype(np.float32))
+    np.save(store / "text" / "pairwise_mask.npy", mask)
+    meta["width"] = width
+    if views:
+        meta["views"] = {"count": views, "transform": "gaussian-noise", "params": {"noise": 0.25}, "seed": 0,
+                         "arrays": ["train/views_global.npy"]}
+    (store / "meta.json").write_text(json.dumps(meta))
+    return store

@@ -30,6 +30,13 @@ class DataConfig(_Section):
     pretrained: Optional[str] = "laion400m_e32"  # a tag of open_clip or a local checkpoint file
     descriptions: Optional[str] = None  # a descriptions file whose sentences become semantic tokens at extraction
     names_file: Optional[str] = None  # optional class names to check against the folders (never shifts names)
+    # ENGINE's inputs, added to the store when it lacks them (store/pairwise.py, store/views.py): a pairwise descriptions
+    # file (ENGINE's JSON format), and `views` stored views of every training image under `view_transform`
+    pairwise_descriptions: Optional[str] = None
+    views: int = Field(0, ge=0)
+    view_transform: Literal["gaussian-noise", "flip-jitter"] = "gaussian-noise"
+    view_noise: float = Field(0.25, ge=0)  # gaussian-noise's std
+    view_seed: int = 0
     init_cls: int = Field(10, ge=1)
     increment: int = Field(10, ge=1)
     shuffle: bool = True  # class order = np.random.seed(seed); np.random.permutation(C)

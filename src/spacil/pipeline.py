@@ -41,6 +41,10 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
                               descriptions_source=data.descriptions, semantic_tokens=config.spa.semantic_tokens,
                               progress=progress)
     meta = read_meta(store / "meta.json")
+    if (data.pairwise_descriptions and not (store / "text" / "pairwise_mask.npy").is_file()) or \
+            (data.views and "views" not in meta):
+        _add_engine_inputs(config, store, progress)
+        meta = read_meta(store / "meta.json")
     text = meta.get("text") or {}
     recorded = text.get("semantic_tokens") if isinstance(text, dict) else None
     if recorded and recorded != config.spa.semantic_tokens and config.method == "spa" and config.ablation.llm_descriptions:
@@ -49,3 +53,27 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
             f"{config.spa.semantic_tokens}; re-embed with `spacil extract ... --semantic-tokens {config.spa.semantic_tokens}`"
         )
     return store
+
+
+def _add_engine_inputs(config: Config, store: Path, progress: bool) -> None:
+    """Add to a finished store the pairwise descriptions and the stored views the config asks for (ENGINE's inputs), under
+    the store's lock; the rows already there are not encoded again."""
+    from filelock import FileLock
+
+    from spacil.store.extract import extract_store
+    from spacil.store.views import add_views, make_view_transform
+
+    data = config.data
+    if data.data_root is None:
+        raise InputError(f"{store}: the config asks for pairwise descriptions or views the store lacks, and data.data_root "
+                         f"is not set to encode them")
+    with FileLock(store_lock_path(store)):
+        if data.pairwise_descriptions and not (store / "text" / "pairwise_mask.npy").is_file():
+            extract_store(data.dataset, data.data_root, store, model=data.model, pretrained=data.pretrained,
+                          device=config.device, names_file=data.names_file, pairwise_descriptions=data.pairwise_descriptions,
+                          progress=progress)
+        if data.views and "views" not in read_meta(store / "meta.json"):
+            add_views(store, data.dataset, data.data_root, data.views,
+                      make_view_transform(data.view_transform, data.view_noise if data.view_transform == "gaussian-noise" else None),
+                      seed=data.view_seed, model=data.model, pretrained=data.pretrained, device=config.device,
+                      names_file=data.names_file, progress=progress)

@@ -127,14 +127,18 @@ def views_record(count: int, transform: ViewTransform, seed: int, arrays: list[s
     return {"count": count, "transform": transform.name, "params": dict(transform.params), "seed": seed, "arrays": arrays}
 
 
-def add_views(out: str | Path, dataset: str, data_root: str | Path, backbone, count: int, transform: ViewTransform,
-              seed: int = 0, batch_size: int = 64, names_file: Optional[str] = None, max_batches: Optional[int] = None,
-              progress: bool = True) -> Path:
+def add_views(out: str | Path, dataset: str, data_root: str | Path, count: int, transform: ViewTransform,
+              seed: int = 0, model: str = "ViT-B-16", pretrained: Optional[str] = "laion400m_e32",
+              device: str = "auto", batch_size: int = 64, names_file: Optional[str] = None,
+              max_batches: Optional[int] = None, progress: bool = True, backbone=None) -> Path:
     """Encode `count` views of every training image of the finished store `out` (or finish an interrupted run).
 
-    `backbone` is the store's FrozenCLIP (same model and precision). A store that has views made otherwise is refused."""
+    The encoder is `model`/`pretrained` (or `backbone`), run in the store's precision; it must be the one the store was
+    encoded with. A store that has views made otherwise is refused. `max_batches` stops after that many batches (tests)."""
     out = Path(out)
     meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        raise InputError(f"{meta_path}: missing; views are added to a finished store (run `spacil extract` first)")
     meta = read_json(meta_path)
     if count < 1:
         raise InputError(f"--views {count}: expected at least 1")
@@ -146,6 +150,16 @@ def add_views(out: str | Path, dataset: str, data_root: str | Path, backbone, co
     if meta.get("views") is not None:
         raise InputError(f"{meta_path}: the store has views made otherwise ({meta['views'].get('count')} "
                          f"{meta['views'].get('transform')}, seed {meta['views'].get('seed')}); extract into another --out")
+    if backbone is None:
+        from spacil.backbone import FrozenCLIP
+        from spacil.devices import resolve_device
+
+        backbone = FrozenCLIP(model, pretrained, resolve_device(device), meta.get("precision", "fp32"))
+    else:
+        backbone = backbone.with_precision(meta.get("precision", "fp32"))
+    if backbone.info.to_dict() != meta.get("backbone"):
+        raise InputError(f"{meta_path}: the store was encoded with another model ({meta.get('backbone', {}).get('model')}, "
+                         f"{meta.get('backbone', {}).get('pretrained')}); its views must come from the same one")
     names, splits = open_dataset(dataset, data_root, names_file)
     split = splits["train"]
     header = read_npy_header(out / "train" / "global.npy")

@@ -93,3 +93,26 @@ def make_world(path: str | Path, spec: WorldSpec = WorldSpec()) -> dict:
                     "generator": {"name": "spacil demo world", **spec.__dict__}},
     )
     return {"test_part_locations": test[3], "class_parts": class_parts, "grid": spec.grid, "names": names}
+
+
+def pairwise_descriptions(class_family: np.ndarray, class_parts: np.ndarray, part_text: np.ndarray, general: np.ndarray,
+                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ENGINE's pairwise descriptions of the world (store/pairwise.py layout): des[a][b] holds the text of every part class
+    a shows and class b does not (b a sibling: the parts they do not share; b of another family: all of a's parts), and
+    des[a][a] a's general sentence with all its parts. part_text [C, P, d] and general [C, 1, d] are unit vectors.
+
+    -> (units [C, C, P + 1, d], norms [C, C, P + 1] drawn in [6, 10] like a CLIP text feature's, mask [C, C, P + 1])."""
+    classes, parts, dim = part_text.shape
+    units = np.zeros((classes, classes, parts + 1, dim), dtype=np.float32)
+    mask = np.zeros((classes, classes, parts + 1), dtype=bool)
+    for a in range(classes):
+        for b in range(classes):
+            if a == b:
+                chosen = np.concatenate([general[a], part_text[a]])
+            else:
+                other = set(class_parts[b].tolist()) if class_family[a] == class_family[b] else set()
+                chosen = part_text[a][[i for i, part in enumerate(class_parts[a]) if part not in other]]
+            units[a, b, :len(chosen)] = chosen
+            mask[a, b, :len(chosen)] = True
+    norms = (rng.uniform(6, 10, size=mask.shape) * mask).astype(np.float32)
+    return units, norms, mask

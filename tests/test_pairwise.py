@@ -29,7 +29,9 @@ def test_read_and_encode_pairwise(tmp_path):
     cache = {}
 
     def encode(texts):
-        return np.stack([cache.setdefault(t, rng.normal(size=4) * 3) for t in texts])
+        raw = np.stack([cache.setdefault(t, rng.normal(size=4) * 3) for t in texts])
+        lengths = np.linalg.norm(raw, axis=-1)
+        return raw / lengths[:, None], lengths
 
     units, norms, mask = pairwise_features(encode, names, pairs, dim=4, batch=2)
     assert units.shape == (3, 3, 2, 4) and mask.sum() == 4 and mask[1, 0].all() and not mask[0, 0].any()

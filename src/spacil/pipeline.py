@@ -10,6 +10,7 @@ from pathlib import Path
 
 from spacil.config import Config
 from spacil.errors import InputError
+from spacil.store.additions import missing_additions
 from spacil.store.format import read_meta
 
 
@@ -41,9 +42,17 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
                               descriptions_source=data.descriptions, semantic_tokens=config.spa.semantic_tokens,
                               progress=progress)
     meta = read_meta(store / "meta.json")
-    if (data.pairwise_descriptions and not (store / "text" / "pairwise_mask.npy").is_file()) or \
-            (data.views and "views" not in meta):
-        _add_engine_inputs(config, store, progress)
+    if missing_additions(store, data.pairwise_descriptions, data.views):
+        from filelock import FileLock
+
+        from spacil.store.additions import add_engine_inputs
+
+        with FileLock(store_lock_path(store)):  # the other runs of a sweep wait, then find them there
+            add_engine_inputs(store, data.dataset, data.data_root, model=data.model, pretrained=data.pretrained,
+                              device=config.device, pairwise_descriptions=data.pairwise_descriptions, views=data.views,
+                              view_transform=data.view_transform,
+                              view_noise=data.view_noise if data.view_transform == "gaussian-noise" else None,
+                              view_seed=data.view_seed, names_file=data.names_file, progress=progress)
         meta = read_meta(store / "meta.json")
     text = meta.get("text") or {}
     recorded = text.get("semantic_tokens") if isinstance(text, dict) else None
@@ -54,26 +63,3 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
         )
     return store
 
-
-def _add_engine_inputs(config: Config, store: Path, progress: bool) -> None:
-    """Add to a finished store the pairwise descriptions and the stored views the config asks for (ENGINE's inputs), under
-    the store's lock; the rows already there are not encoded again."""
-    from filelock import FileLock
-
-    from spacil.store.extract import extract_store
-    from spacil.store.views import add_views, make_view_transform
-
-    data = config.data
-    if data.data_root is None:
-        raise InputError(f"{store}: the config asks for pairwise descriptions or views the store lacks, and data.data_root "
-                         f"is not set to encode them")
-    with FileLock(store_lock_path(store)):
-        if data.pairwise_descriptions and not (store / "text" / "pairwise_mask.npy").is_file():
-            extract_store(data.dataset, data.data_root, store, model=data.model, pretrained=data.pretrained,
-                          device=config.device, names_file=data.names_file, pairwise_descriptions=data.pairwise_descriptions,
-                          progress=progress)
-        if data.views and "views" not in read_meta(store / "meta.json"):
-            add_views(store, data.dataset, data.data_root, data.views,
-                      make_view_transform(data.view_transform, data.view_noise if data.view_transform == "gaussian-noise" else None),
-                      seed=data.view_seed, model=data.model, pretrained=data.pretrained, device=config.device,
-                      names_file=data.names_file, progress=progress)

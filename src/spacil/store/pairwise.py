@@ -12,6 +12,7 @@ code builds (models/engine.py `_get_batch_des`, utils/inc_net.py `Engine.rerank`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -63,10 +64,11 @@ def pairwise_strings(names: list[str], pairs: dict[tuple[int, int], list[str]]) 
     return {(a, b): [f"{names[a]} with {s.lower()}" for s in sentences] for (a, b), sentences in pairs.items()}
 
 
-def pairwise_features(encode: Callable[[list[str]], np.ndarray], names: list[str],
+def pairwise_features(encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]], names: list[str],
                       pairs: dict[tuple[int, int], list[str]], dim: int,
                       batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encode every pair's strings once. `encode(texts)` -> un-normalised features [len(texts), d].
+    """Encode every pair's strings once. `encode(texts)` -> (normalised features [len(texts), d], their norms before
+    normalisation [len(texts)]).
 
     -> (unit features [C, C, M, d], norms [C, C, M], mask [C, C, M]), M the most sentences of any pair."""
     texts = pairwise_strings(names, pairs)
@@ -78,10 +80,9 @@ def pairwise_features(encode: Callable[[list[str]], np.ndarray], names: list[str
     flat = [(a, b, m, text) for (a, b), strings in sorted(texts.items()) for m, text in enumerate(strings)]
     for start in range(0, len(flat), batch):
         chunk = flat[start:start + batch]
-        features = np.asarray(encode([text for *_, text in chunk]), dtype=np.float32)
-        lengths = np.linalg.norm(features, axis=-1)
-        for (a, b, m, _), feature, length in zip(chunk, features, lengths):
-            units[a, b, m] = feature / max(float(length), 1e-12)
+        features, lengths = encode([text for *_, text in chunk])
+        for (a, b, m, _), feature, length in zip(chunk, np.asarray(features, np.float32), np.asarray(lengths, np.float32)):
+            units[a, b, m] = feature
             norms[a, b, m] = length
             mask[a, b, m] = True
     return units, norms, mask
@@ -94,6 +95,43 @@ def write_pairwise(path: str | Path, units: np.ndarray, norms: np.ndarray, mask:
     atomic_save_npy(Path(path) / PAIRWISE_FILE, np.asarray(units, dtype=np.float32))
     atomic_save_npy(Path(path) / PAIRWISE_NORMS_FILE, np.asarray(norms, dtype=np.float32))
     atomic_save_npy(Path(path) / PAIRWISE_MASK_FILE, np.asarray(mask, dtype=bool))
+
+
+def add_pairwise(out: str | Path, file: str | Path, model: str = "ViT-B-16", pretrained: Optional[str] = "laion400m_e32",
+                 device: str = "auto", backbone=None) -> Path:
+    """Encode the pairwise descriptions `file` (ENGINE's format) into the finished store `out`, through the frozen text
+    encoder the store was encoded with, in its precision; the other arrays are not touched. meta.json's
+    `text.pairwise_source` names the file (written after the arrays)."""
+    from spacil.fileio import atomic_write_text
+
+    out = Path(out)
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        raise InputError(f"{meta_path}: missing; pairwise descriptions are added to a finished store")
+    meta = read_json(meta_path)
+    names = list(meta.get("classes") or [])
+    pairs = read_pairwise(file, names)  # a bad file fails before the model is built
+    if backbone is None:
+        from spacil.backbone import FrozenCLIP
+        from spacil.devices import resolve_device
+
+        backbone = FrozenCLIP(model, pretrained, resolve_device(device), meta.get("precision", "fp32"))
+    else:
+        backbone = backbone.with_precision(meta.get("precision", "fp32"))
+    if backbone.info.to_dict() != meta.get("backbone"):
+        raise InputError(f"{meta_path}: the store was encoded with another model ({meta.get('backbone', {}).get('model')}, "
+                         f"{meta.get('backbone', {}).get('pretrained')}); its text features must come from the same one")
+
+    def encode(texts):
+        units, lengths = backbone.encode_texts_with_norms(texts)
+        return units.cpu().numpy(), lengths.cpu().numpy()
+
+    write_pairwise(out, *pairwise_features(encode, names, pairs, backbone.dim))
+    text = dict(meta.get("text") or {})
+    text["pairwise_source"] = str(file)
+    meta["text"] = text
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    return out
 
 
 class PairwiseTexts:

@@ -201,7 +201,11 @@ def add_views(out: str | Path, dataset: str, data_root: str | Path, count: int, 
             pixels = torch.stack([image for image, _ in batch]).to(backbone.device)
             row_ids = np.arange(start, end)
             for view in range(count):
-                global_, _, pre = backbone.encode_image_features(transform(pixels, row_ids, view, seed))
+                inputs = transform(pixels, row_ids, view, seed)
+                if has_pre:
+                    global_, _, pre = backbone.encode_image_features(inputs)
+                else:
+                    global_, _ = backbone.encode_images(inputs)
                 maps[VIEWS_GLOBAL_FILE][start:end, view] = global_.to(torch.float32).cpu().numpy().astype(dtype)
                 if has_pre:
                     maps[VIEWS_PRE_FILE][start:end, view] = pre.to(torch.float32).cpu().numpy().astype(dtype)

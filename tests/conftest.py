@@ -43,13 +43,19 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def make_random_store(path: Path, num_classes: int = 12, dim: int = 16, num_patches: int = 9, tokens: int = 3,
                       train: int = 8, test: int = 4, seed: int = 0, ragged: bool = True, templates: int = 0,
-                      unbalanced: bool = False) -> Path:
+                      unbalanced: bool = False, width: int = 0) -> Path:
     """A small store written with plain numpy.save, as another program following INTERFACES.md would.
-    templates: also write text/templates.npy with that many tokens per class; unbalanced: class c has between half and
-    one and a half times the images per class (a different count for each class)."""
+    templates: also write text/templates.npy (and text/template_norms.npy) with that many tokens per class; unbalanced:
+    class c has between half and one and a half times the images per class (a different count for each class); width:
+    also write the pre-projection features z [n, width] and backbone/visual_proj.npy [width, dim] (drawn after the
+    rest, from their own generator, so every other array is the same with or without them)."""
     import json
 
+    from spacil.demo.world import lift_to_pre_projection
+
     rng = np.random.default_rng(seed)
+    pre_rng = np.random.default_rng([seed, 18])
+    proj = (pre_rng.normal(size=(width, dim)) / np.sqrt(max(width, 1))).astype(np.float32)
     centres = unit(rng.normal(size=(num_classes, dim)))
     for split, per in (("train", train), ("test", test)):
         counts = np.full(num_classes, per)
@@ -60,6 +66,9 @@ def make_random_store(path: Path, num_classes: int = 12, dim: int = 16, num_patc
         np.save(path / split / "global.npy", unit(centres[labels] + 0.6 * rng.normal(size=(len(labels), dim))).astype(np.float16))
         np.save(path / split / "patches.npy", unit(rng.normal(size=(len(labels), num_patches, dim)) + centres[labels][:, None]).astype(np.float16))
         np.save(path / split / "labels.npy", labels.astype(np.int64))
+        if width:
+            global_ = np.load(path / split / "global.npy").astype(np.float32)
+            np.save(path / split / "global_pre.npy", lift_to_pre_projection(global_, proj, pre_rng).astype(np.float16))
     (path / "text").mkdir()
     np.save(path / "text" / "prompts.npy", unit(centres + 0.3 * rng.normal(size=centres.shape)).astype(np.float32))
     desc = unit(centres[:, None] + 0.5 * rng.normal(size=(num_classes, tokens, dim))).astype(np.float32)
@@ -72,8 +81,13 @@ def make_random_store(path: Path, num_classes: int = 12, dim: int = 16, num_patc
     if templates:
         np.save(path / "text" / "templates.npy",
                 unit(centres[:, None] + 0.3 * rng.normal(size=(num_classes, templates, dim))).astype(np.float32))
+        np.save(path / "text" / "template_norms.npy", pre_rng.uniform(5, 15, size=(num_classes, templates)).astype(np.float32))
     meta = {"format": "spacil-features", "version": 1, "dim": dim, "num_patches": num_patches,
             "classes": [f"class {i}" for i in range(num_classes)], "dataset": "random", "backbone": {"logit_scale": 50.0}}
+    if width:
+        (path / "backbone").mkdir()
+        np.save(path / "backbone" / "visual_proj.npy", proj)
+        meta["width"] = width
     (path / "meta.json").write_text(json.dumps(meta))
     return path
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,24 @@ def test_projected_cls_token_is_the_models_image_embedding(tiny_model):
     finally:
         visual.output_tokens = False
     torch.testing.assert_close(patches, F.normalize(tokens @ visual.proj, dim=-1), rtol=0, atol=1e-6)
+
+
+def test_pre_projection_cls_token_is_open_clip_s_pooled_output_without_proj(tiny_model):
+    clip = FrozenCLIP(tiny_model, None)
+    images = torch.randn(3, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(1))
+    g, patches, z = clip.encode_image_features(images)
+    assert z.shape == (3, clip.width)
+    torch.testing.assert_close((g, patches), clip.encode_images(images), rtol=0, atol=0)
+    visual = clip.model.visual
+    proj = visual.proj
+    visual.proj = None  # open_clip's forward then returns the pooled token after ln_post, unprojected
+    try:
+        expected = visual(images)
+    finally:
+        visual.proj = proj
+    torch.testing.assert_close(z, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(F.normalize(z @ proj, dim=-1), g, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(clip.visual_projection(), proj.detach().numpy())
 
 
 def test_frozen_and_text_features(tiny_model):

@@ -13,15 +13,19 @@ from conftest import interrupt_at_task, make_random_store
 from spacil.cli import main
 
 ARRAYS = ["train/global.npy", "train/patches.npy", "train/labels.npy", "test/global.npy", "test/patches.npy",
-          "test/labels.npy", "text/prompts.npy", "text/templates.npy", "text/descriptions.npy", "text/description_mask.npy"]
-REQUIRED = {"train/global.npy", "train/labels.npy", "test/global.npy", "test/labels.npy", "text/description_mask.npy"}
-FEATURES = {name for name in ARRAYS if not name.endswith(("labels.npy", "mask.npy"))}  # unit vectors
+          "test/labels.npy", "text/prompts.npy", "text/templates.npy", "text/descriptions.npy", "text/description_mask.npy",
+          "text/template_norms.npy", "train/global_pre.npy", "test/global_pre.npy", "backbone/visual_proj.npy"]
+# the pre-projection arrays are required in a store whose meta.json names their width
+REQUIRED = {"train/global.npy", "train/labels.npy", "test/global.npy", "test/labels.npy", "text/description_mask.npy",
+            "train/global_pre.npy", "test/global_pre.npy", "backbone/visual_proj.npy"}
+NOT_UNIT = {"text/template_norms.npy", "train/global_pre.npy", "test/global_pre.npy", "backbone/visual_proj.npy"}
+FEATURES = {name for name in ARRAYS if not name.endswith(("labels.npy", "mask.npy")) and name not in NOT_UNIT}  # unit vectors
 CHEAP = {"missing", "empty", "truncated", "garbage", "pickle", "dtype", "shape", "label"}  # found by `run` before any work
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> pathlib.Path:
-    return make_random_store(tmp_path_factory.mktemp("pristine") / "store", templates=3)
+    return make_random_store(tmp_path_factory.mktemp("pristine") / "store", templates=3, width=24)
 
 
 def _object_array(shape) -> np.ndarray:
@@ -58,6 +62,10 @@ def _break_array(file: pathlib.Path, fault: str) -> None:
         array = array.copy()
         array.reshape(-1, array.shape[-1])[4] *= 2
         np.save(file, array)
+    elif fault == "direction":  # z of row 6 no longer projects onto its global row
+        array = array.copy()
+        array[6] = np.roll(array[6], 1)
+        np.save(file, array)
     elif fault == "label":
         array = array.copy()
         array[7] = 99
@@ -71,6 +79,8 @@ def _array_cases():
         faults = ["empty", "truncated", "garbage", "pickle", "dtype", "shape"]
         faults += ["missing"] if name in REQUIRED else []
         faults += ["nan", "norm"] if name in FEATURES else []
+        faults += ["nan"] if name in NOT_UNIT else []
+        faults += ["direction"] if name.endswith("global_pre.npy") else []
         faults += ["label"] if name.endswith("labels.npy") else []
         for fault in faults:
             yield pytest.param(name, fault, id=f"{name}-{fault}")
@@ -93,7 +103,7 @@ def test_every_fault_of_every_array(pristine, tmp_path, capsys, name, fault):
     _break_array(store / name, fault)
     assert main(["check", str(store), "--quiet"]) == 2
     line = _one_line_naming(capsys.readouterr().err, str(store / name))
-    if fault in ("nan", "norm", "label"):
+    if fault in ("nan", "norm", "label", "direction"):
         assert "first: row" in line  # the row at fault
     if fault in CHEAP:
         code = main(["run", "--features", str(store), "--method", "simplecil", "--init-cls", "3", "--increment", "3",

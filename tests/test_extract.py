@@ -209,9 +209,9 @@ def test_a_kill_at_any_file_operation_resumes_byte_identical(tiny_model, tmp_pat
                 break
         extract(out)
         assert _files(out) == whole, f"the rerun after a kill at file operation {kills} differs"
-    # the store record, 2 splits x (2 maps + labels), 5 batches x (2 writes + 2 flushes + record), 2 text arrays, meta.json,
-    # 2 records removed
-    assert kills == 1 + 2 * 3 + 5 * 5 + 2 + 1 + 2
+    # the store record, 2 splits x (3 maps + labels), 5 batches x (3 writes + 3 flushes + record), 3 text arrays,
+    # visual_proj, meta.json, 2 records removed
+    assert kills == 1 + 2 * 4 + 5 * 7 + 3 + 1 + 1 + 2
 
 
 def test_meta_json_not_json_is_one_line(tiny_model, shapes_root, tmp_path, capsys):
@@ -298,3 +298,111 @@ def test_images_normalised_on_the_device_equal_torchvision_s(shapes_root):
     assert rows[0][0].dtype == torch.uint8
     expected = torch.stack([transform(split.loader(item)) for item in split.items])
     assert torch.equal(_Normalise(torch.device("cpu"))(torch.stack([rows[i][0] for i in range(len(rows))])), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pre-projection features (issue 18): z, visual.proj, the text features' norms
+
+
+def test_pre_projection_features_are_the_model_s(tiny_model, shapes_root, tmp_path):
+    from spacil.store.check import check_store
+
+    out = extract_store("shapes", shapes_root, tmp_path / "store", model=tiny_model, pretrained=None, batch_size=5,
+                        progress=False)
+    store = FeatureStore(out)
+    clip = FrozenCLIP(tiny_model, None)
+    visual = clip.model.visual
+    assert store.width == clip.width == 64 and json.loads((out / "meta.json").read_text())["width"] == 64
+    np.testing.assert_array_equal(store.visual_proj, visual.proj.detach().numpy())
+    # z: the CLS token after ln_post, before visual.proj, computed here directly from open_clip's modules
+    _, splits = open_dataset("shapes", shapes_root)
+    test = store.split("test")
+    images = torch.stack([image_transform(clip.image_size)(splits["test"].loader(item)) for item in splits["test"].items])
+    with torch.no_grad():
+        z = visual.ln_post(visual.transformer(visual._embeds(images)))[:, 0]
+    assert test.global_pre.dtype == np.float16 and test.global_pre.shape == (len(images), 64)
+    np.testing.assert_allclose(test.global_pre.astype(np.float32), z.numpy(), rtol=2e-3, atol=2e-3)
+    g = z.numpy() @ store.visual_proj
+    np.testing.assert_allclose(test.global_.astype(np.float32), g / np.linalg.norm(g, axis=-1, keepdims=True), atol=2e-3)
+    # template norms: templates * norms are open_clip's un-normalised text features
+    texts = [template.format(name) for name in store.classes for template in json.loads((out / "meta.json").read_text())["text"]["templates"]]
+    with torch.no_grad():
+        raw = clip.model.encode_text(clip.tokenizer(texts), normalize=False).numpy().reshape(store.templates.shape)
+    np.testing.assert_allclose(store.templates * store.template_norms[..., None], raw, rtol=1e-5, atol=1e-5)
+    assert check_store(out) == []
+
+
+def test_a_store_without_z_gets_it_added_byte_identical(tiny_model, shapes_root, tmp_path, capsys):
+    from spacil.store.format import require_pre_projection
+
+    whole = extract_store("shapes", shapes_root, tmp_path / "whole", model=tiny_model, pretrained=None, batch_size=4,
+                          progress=False)
+    args = ["extract", "--dataset", "shapes", "--data-root", str(shapes_root), "--model", tiny_model, "--pretrained", "",
+            "--batch-size", "4", "--quiet", "--out", str(tmp_path / "late")]
+    assert main(args + ["--no-pre-projection"]) == 0
+    late = tmp_path / "late"
+    store = FeatureStore(late)
+    assert store.width is None and store.visual_proj is None and store.split("train").global_pre is None
+    assert not (late / "train" / "global_pre.npy").exists() and not (late / "backbone").exists()
+    with pytest.raises(InputError, match=r"no pre-projection features \(train/global_pre.npy\), which ranpac needs") as err:
+        require_pre_projection(store, "ranpac")
+    assert "spacil extract --dataset shapes" in str(err.value) and "\n" not in str(err.value)
+    assert main(args + ["--no-pre-projection"]) == 0  # refreshes text features only
+    assert FeatureStore(late).width is None
+    before = {name: data for name, data in _files(late).items() if "global_pre" not in name}
+    assert main(args) == 0  # the same command without the flag adds z
+    assert _files(late) == _files(whole)
+    assert all(_files(late)[name] == data for name, data in before.items() if name != "meta.json")
+    require_pre_projection(FeatureStore(late), "ranpac")
+
+
+@pytest.mark.parametrize("map_file_created", [True, False], ids=["map-file-empty", "map-file-absent"])
+def test_a_kill_while_z_is_added_resumes_byte_identical(tiny_model, tmp_path, map_file_created):
+    import shutil
+
+    from spacil.demo.shapes import write_shapes_dataset
+
+    write_shapes_dataset(tmp_path / "data", train_per_class=2, test_per_class=1, seed=3, size=32)
+    clip = FrozenCLIP(tiny_model, None)
+
+    def extract(out, pre_projection=None):
+        return extract_store("shapes", tmp_path / "data", out, model=tiny_model, pretrained=None, batch_size=3,
+                             progress=False, backbone=clip, pre_projection=pre_projection)
+
+    whole = _files(extract(tmp_path / "whole"))
+    without = extract(tmp_path / "without", pre_projection=False)
+    kills = 0
+    while True:
+        out = tmp_path / f"killed{kills + 1}"
+        shutil.copytree(without, out)
+        with pytest.MonkeyPatch.context() as mp:
+            calls = _kill_at(mp, kills + 1, map_file_created)
+            try:
+                extract(out)
+            except _Kill:
+                kills += 1
+            else:
+                assert calls["count"] == kills
+                break
+        FeatureStore(out)  # readable at every instant: meta.json names no width until z is complete
+        extract(out)
+        assert _files(out) == whole, f"the rerun after a kill at file operation {kills} differs"
+    # the store record, 2 splits x 1 map, 5 batches x (write + flush + record), 3 text arrays, visual_proj, meta.json,
+    # 2 records removed
+    assert kills == 1 + 2 + 5 * 3 + 3 + 1 + 1 + 2
+
+
+def test_resuming_against_the_pre_projection_choice_is_refused(tiny_model, shapes_root, tmp_path):
+    out = tmp_path / "store"
+    extract_store("shapes", shapes_root, out, model=tiny_model, pretrained=None, batch_size=4, max_batches=1, progress=False)
+    with pytest.raises(InputError, match="with pre-projection features"):
+        extract_store("shapes", shapes_root, out, model=tiny_model, pretrained=None, batch_size=4, progress=False,
+                      pre_projection=False)
+    other = tmp_path / "other"
+    extract_store("shapes", shapes_root, other, model=tiny_model, pretrained=None, batch_size=4, max_batches=1,
+                  progress=False, pre_projection=False)
+    with pytest.raises(InputError, match="without pre-projection features"):
+        extract_store("shapes", shapes_root, other, model=tiny_model, pretrained=None, batch_size=4, progress=False,
+                      pre_projection=True)
+    extract_store("shapes", shapes_root, other, model=tiny_model, pretrained=None, batch_size=4, progress=False)
+    assert FeatureStore(other).width is None  # resumed as started

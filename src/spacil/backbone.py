@@ -128,6 +128,7 @@ class FrozenCLIP:
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.num_patches = int(grid[0] * grid[1])
         self.dim = int(visual.output_dim)
+        self.width = int(visual.proj.shape[0])  # z's dimension: the CLS token after ln_post, before visual.proj
         self.context_length = int(getattr(self.model, "context_length", 77))
         self.info = BackboneInfo(
             model=model,
@@ -144,7 +145,17 @@ class FrozenCLIP:
         """images [B, 3, H, W] (normalised) -> (g [B, d], P [B, N, d]), both L2-normalised, one forward pass.
 
         g is the CLS token after ln_post times visual.proj (the model's own image embedding); P are the patch tokens after
-        ln_post, each times visual.proj.
+        ln_post, each times visual.proj. The same as `encode_image_features` without z.
+        """
+        global_, patches, _ = self.encode_image_features(images)
+        return global_, patches
+
+    @torch.no_grad()
+    def encode_image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] (normalised) -> (g [B, d], P [B, N, d], z [B, width]) from one forward pass.
+
+        z is the CLS token after ln_post, before visual.proj, not normalised; g = normalise(z @ visual.proj); P are the
+        patch tokens after ln_post, each times visual.proj, normalised.
 
         The transformer runs under autocast in `self.precision`; ln_post, the projection and the normalisation run in fp32
         (2% of the cost), so a reduced precision only rounds the tokens, not the final embedding. Outputs are float32 on
@@ -157,7 +168,11 @@ class FrozenCLIP:
             tokens = visual.ln_post(tokens.float())
             pooled, patches = visual._global_pool(tokens)
             proj = visual.proj.float()
-            return F.normalize(pooled @ proj, dim=-1), F.normalize(patches @ proj, dim=-1)
+            return F.normalize(pooled @ proj, dim=-1), F.normalize(patches @ proj, dim=-1), pooled
+
+    def visual_projection(self):
+        """visual.proj as a float32 numpy array [width, d] (g = normalise(z @ it))."""
+        return self.model.visual.proj.detach().float().cpu().numpy()
 
     def _tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts)).to(self.device)
@@ -173,13 +188,22 @@ class FrozenCLIP:
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """texts -> e(s) [len, d] float32 on `self.device`: EOT token after ln_final times text_projection, L2-normalised
         (the text tower under autocast in `self.precision`, as the image tower)."""
-        out = []
+        return self.encode_texts_with_norms(texts, batch_size)[0]
+
+    @torch.no_grad()
+    def encode_texts_with_norms(self, texts: Sequence[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts -> (e(s) [len, d], norms [len]) float32: `encode_texts` and the L2 norm of each text feature before its
+        normalisation (e(s) * norm is the un-normalised feature, to the autocast precision). e(s) is normalised as
+        open_clip's `encode_text(normalize=True)` does it, so its bytes are the same."""
+        out, norms = [], []
         with autocast(self.device, self.precision):
             for start in range(0, len(texts), batch_size):
-                out.append(self.model.encode_text(self._tokenize(texts[start:start + batch_size]), normalize=True).float())
+                raw = self.model.encode_text(self._tokenize(texts[start:start + batch_size]), normalize=False)
+                out.append(F.normalize(raw, dim=-1).float())
+                norms.append(raw.float().norm(dim=-1))
         if not out:
-            return torch.zeros(0, self.dim, device=self.device)
-        return torch.cat(out)
+            return torch.zeros(0, self.dim, device=self.device), torch.zeros(0, device=self.device)
+        return torch.cat(out), torch.cat(norms)
 
     @torch.no_grad()
     def encode_text_tokens(self, texts: Sequence[str]) -> list[torch.Tensor]:

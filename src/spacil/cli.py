@@ -63,6 +63,8 @@ def _add_extract(sub) -> None:
     p.add_argument("--names-file", help="class names to check against the folders (a warning on mismatch, never a shift)")
     p.add_argument("--descriptions", help="a descriptions file whose sentences become the store's semantic tokens")
     p.add_argument("--semantic-tokens", default="sentence", choices=["sentence", "word"])
+    p.add_argument("--no-pre-projection", dest="pre_projection", action="store_false", default=None,
+                   help="do not store z, the image features before visual.proj (RanPAC, BOFA, ENGINE need them)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -143,7 +145,7 @@ def cmd_extract(args) -> int:
     extract_store(args.dataset, args.data_root, args.out, model=args.model, pretrained=args.pretrained, dtype=args.dtype,
                   batch_size=args.batch_size, workers=args.workers, device=args.device, names_file=args.names_file,
                   descriptions=descriptions, descriptions_source=args.descriptions, semantic_tokens=args.semantic_tokens,
-                  progress=not args.quiet, precision=args.precision)
+                  progress=not args.quiet, precision=args.precision, pre_projection=args.pre_projection)
     if int(os.environ.get("RANK", "0") or 0) == 0:  # one process adds ENGINE's inputs to the finished store
         add_engine_inputs(args.out, args.dataset, args.data_root, model=args.model, pretrained=args.pretrained,
                           device=args.device, pairwise_descriptions=args.pairwise_descriptions, views=args.views,

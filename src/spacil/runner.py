@@ -174,7 +174,7 @@ class Run:
             pairwise, counts = torch.from_numpy(units).to(self.device), torch.from_numpy(slots).to(self.device)
         return TaskInfo(task, list(range(start, end)), [store.classes[c] for c in class_ids], rows(store.prompts),
                         rows(store.descriptions), mask, rows(store.templates),
-                        rows(getattr(store, "template_norms", None)), pairwise, counts)
+                        rows(store.template_norms), pairwise, counts)
 
     def _split_data(self, split_name: str, task: int, positions: list[int]) -> TaskData:
         """The rows of `split_name` whose classes sit at `positions` of the class order, as a lazy TaskData."""

@@ -9,6 +9,10 @@ Shape of the world (all vectors unit length, dimension d):
 - Each class has descriptions: one per part it shows (the part's text direction) and one general sentence.
 - Image-side shift: every image feature (global and patches) is rotated and shifted away from the text side, as CLIP's modality
   gap and a domain change would; a linear image projector can learn to undo it, frozen zero-shot matching suffers from it.
+- Pre-projection features: a random projection [width, d] and, per image, a z with normalise(z @ projection) = g (g lifted
+  through the projection's pseudo-inverse, at a random scale, plus a part the projection maps to zero), and norms of the
+  text features before normalisation. They are drawn after everything else, so every other array is what it was before
+  they existed.
 """
 
 from __future__ import annotations
@@ -36,11 +40,25 @@ class WorldSpec:
     patch_noise: float = 0.35
     background_textures: int = 6
     image_shift: float = 1.0  # strength of the image-side rotation and offset
+    width: int = 96  # z's dimension (before the projection to d)
     seed: int = 7
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def lift_to_pre_projection(global_: np.ndarray, proj: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """g [n, d] (unit rows), proj [width, d] (rank d) -> z [n, width] float32 with normalise(z @ proj) = g: g through
+    proj's pseudo-inverse at a random scale per row (0.5 to 2), plus a random part of the same size in proj's left null
+    space (z @ proj does not see it), so z is neither normalised nor a plain lift of g."""
+    lifted = np.asarray(global_, dtype=np.float64) @ np.linalg.pinv(proj)
+    basis, _ = np.linalg.qr(proj)  # [width, d]: orthonormal columns spanning proj's columns
+    null = rng.normal(size=lifted.shape)
+    null -= (null @ basis) @ basis.T
+    null *= np.linalg.norm(lifted, axis=-1, keepdims=True) / np.linalg.norm(null, axis=-1, keepdims=True)
+    scale = rng.uniform(0.5, 2.0, size=(len(lifted), 1))
+    return (scale * (lifted + null)).astype(np.float32)
 
 
 def make_world(path: str | Path, spec: WorldSpec = WorldSpec()) -> dict:
@@ -85,10 +103,15 @@ def make_world(path: str | Path, spec: WorldSpec = WorldSpec()) -> dict:
     mask = np.ones(descriptions.shape[:2], dtype=bool)
     templates = _unit(prompts[:, None] + 0.1 * _unit(rng.normal(size=(spec.num_classes, 3, d)))).astype(np.float32)
     names = [f"family{class_family[c]:02d}-species{c % spec.family_size}" for c in range(spec.num_classes)]
+    # the pre-projection extension, drawn last (every array above keeps its bytes)
+    visual_proj = (rng.normal(size=(spec.width, d)) / np.sqrt(spec.width)).astype(np.float32)
+    global_pre = {name: lift_to_pre_projection(rows[0].astype(np.float32), visual_proj, rng).astype(np.float16)
+                  for name, rows in (("train", train), ("test", test))}
+    template_norms = rng.uniform(5.0, 15.0, size=templates.shape[:2]).astype(np.float32)
     write_store(
         path, classes=names, dataset="demo", backbone={"model": "demo-world", "pretrained": None, "logit_scale": 100.0},
         splits={"train": train[:3], "test": test[:3]}, prompts=prompts.astype(np.float32), templates=templates,
-        descriptions=(descriptions, mask),
+        descriptions=(descriptions, mask), global_pre=global_pre, visual_proj=visual_proj, template_norms=template_norms,
         extra_meta={"text": {"semantic_tokens": "sentence", "descriptions_source": "generated"},
                     "generator": {"name": "spacil demo world", **spec.__dict__}},
     )

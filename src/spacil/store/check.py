@@ -6,7 +6,9 @@ Two levels:
   what its header says (not truncated), labels lie in range. Raises the first fault as an InputError; returns the store.
 - `check_store(path)`: everything, every fault found (not only the first), one line each: the cheap checks above plus a
   streaming pass over every row, in chunks of bounded size (a 12 GB store needs no more than a chunk of memory), for
-  non-finite values and rows that are not unit vectors (every feature in the store is L2-normalised; INTERFACES.md).
+  non-finite values and rows that are not unit vectors (every feature in the store is L2-normalised; INTERFACES.md), and,
+  in a store with the pre-projection features z, that normalise(z @ visual_proj) is each row's global embedding to the
+  store dtype's rounding.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.store.format import PROGRESS_FILE, SPLITS, FeatureStore, open_npy, read_meta
+from spacil.store.format import (PRE_PROJECTION_FILE, PROGRESS_FILE, SPLITS, TEMPLATE_NORMS_FILE, VISUAL_PROJ_FILE,
+                                 FeatureStore, open_npy, read_meta)
 
 # Largest chunk read at once by the streaming pass (bytes of the stored array).
 CHUNK_BYTES = 32 << 20
@@ -51,6 +54,7 @@ SPECS = tuple(
     ArraySpec("text/templates.npy", False, _FLOAT, ("classes", "templates", "dim"), True),
     ArraySpec("text/descriptions.npy", False, _FLOAT, ("classes", "tokens", "dim"), True),
     ArraySpec("text/description_mask.npy", False, ("bool",), ("classes", "tokens"), False),
+    ArraySpec(TEMPLATE_NORMS_FILE, False, ("float32",), ("classes", "templates"), False),
     # the pairwise descriptions (store/pairwise.py) and the stored views (store/views.py)
     ArraySpec("text/pairwise_mask.npy", False, ("bool",), ("classes", "classes", "pairwise_slots"), False),
     ArraySpec("text/pairwise.npy", False, ("float32",), ("classes", "classes", "pairwise_slots", "dim"), True),
@@ -60,6 +64,10 @@ SPECS = tuple(
 )
 # Token arrays whose padding rows are not unit vectors, and the masks that say which rows are real.
 _MASKS = {"text/descriptions.npy": "text/description_mask.npy", "text/pairwise.npy": "text/pairwise_mask.npy"}
+# The pre-projection extension: read only when meta.json names "width", and then required.
+PRE_PROJECTION_SPECS = tuple(
+    ArraySpec(f"{split}/{PRE_PROJECTION_FILE}", True, _FLOAT, (f"n_{split}", "width"), False) for split in SPLITS
+) + (ArraySpec(VISUAL_PROJ_FILE, True, ("float32",), ("width", "dim"), False),)
 
 
 def quick_check(path: str | Path) -> FeatureStore:
@@ -75,6 +83,7 @@ def check_store(path: str | Path, progress: Optional[Callable[[int], None]] = No
         return [f"{path}: no such feature store folder"]
     findings: list[str] = []
     sizes: dict[str, int] = {}
+    specs = SPECS
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         unfinished = " (an unfinished extraction: run `spacil extract` again)" if (path / PROGRESS_FILE).exists() else ""
@@ -83,19 +92,26 @@ def check_store(path: str | Path, progress: Optional[Callable[[int], None]] = No
         try:
             meta = read_meta(meta_path)
             sizes.update(dim=meta["dim"], num_patches=meta["num_patches"], classes=len(meta["classes"]))
+            if "width" in meta:
+                sizes["width"] = meta["width"]
+                specs = SPECS + PRE_PROJECTION_SPECS
         except InputError as err:
             findings.append(str(err))
     arrays: dict[str, np.ndarray] = {}
-    for spec in SPECS:
+    for spec in specs:
         array = _open_checked(path, spec, sizes, findings, arrays)
         if array is not None:
             arrays[spec.rel] = array
     for tokens, mask in _MASKS.items():
         if tokens in arrays and mask not in arrays and not (path / mask).exists():
             findings.append(f"{path / mask}: missing array ({tokens} needs it)")
-    for spec in SPECS:
+    for spec in specs:
         if spec.rel in arrays:
             findings += _scan(path / spec.rel, spec, arrays[spec.rel], sizes, arrays, progress)
+    for split in SPLITS:
+        pre, global_ = f"{split}/{PRE_PROJECTION_FILE}", f"{split}/global.npy"
+        if pre in arrays and global_ in arrays and VISUAL_PROJ_FILE in arrays:
+            findings += _scan_projection(path, pre, global_, arrays)
     return findings
 
 
@@ -164,7 +180,7 @@ def _scan(file: Path, spec: ArraySpec, array: np.ndarray, sizes: dict[str, int],
             upper = "" if classes is None else f"..{classes - 1}"
             findings.append(f"{file}: {bad} labels outside 0{upper} (first: row {first[0]}, label {first[1]})")
         return findings
-    if not spec.unit:
+    if not spec.unit and array.dtype.kind != "f":
         return findings
     mask = None
     if _MASKS.get(spec.rel) in arrays:
@@ -183,6 +199,10 @@ def _scan(file: Path, spec: ArraySpec, array: np.ndarray, sizes: dict[str, int],
                 first_non_finite = _where(start, ~finite)
         if not finite_values.all():
             values[~finite_values] = 0
+        if not spec.unit:  # only finiteness is checked (z, visual_proj, template norms)
+            if progress:
+                progress(chunk.nbytes)
+            continue
         norms = np.sqrt(np.einsum("...i,...i->...", values, values))
         wrong = finite & (np.abs(norms - 1.0) > UNIT_TOLERANCE)
         if mask is not None:
@@ -200,6 +220,45 @@ def _scan(file: Path, spec: ArraySpec, array: np.ndarray, sizes: dict[str, int],
     if off_unit:
         findings.append(f"{file}: {off_unit} vectors are not unit length (|norm - 1| > {UNIT_TOLERANCE}; first: {first_off_unit})")
     return findings
+
+
+def _projection_tolerance(z: np.ndarray, proj: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Per row, how far normalise(z @ proj) may lie from the stored g when both were rounded to `dtype` from one exact
+    forward pass: rounding z (relative u = eps / 2 per element) moves z @ proj by at most u * || |z| @ |proj| ||, which
+    moves its direction by at most twice that over ||z @ proj||; rounding g moves it by u. Twice that sum, plus float32
+    arithmetic."""
+    u = float(np.finfo(dtype).eps) / 2
+    ratio = np.linalg.norm(np.abs(z) @ np.abs(proj), axis=-1) / np.maximum(np.linalg.norm(z @ proj, axis=-1), 1e-30)
+    return 2 * u * (1 + 2 * ratio) + 1e-5 * (1 + ratio)
+
+
+def _scan_projection(path: Path, pre: str, global_: str, arrays: dict[str, np.ndarray]) -> list[str]:
+    """Row by row: normalise(z @ visual_proj) against the stored g (chunks of z; g's rows read alongside)."""
+    proj = np.asarray(arrays[VISUAL_PROJ_FILE], dtype=np.float32)
+    if not np.isfinite(proj).all():
+        return []  # reported by the finiteness pass over visual_proj
+    stored = arrays[global_]
+    wrong, first = 0, None
+    for start, chunk in _chunks(path / pre, arrays[pre]):
+        z = chunk.astype(np.float32)
+        g = np.asarray(stored[start:start + len(chunk)], dtype=np.float32)
+        # rows with non-finite values or a g off unit length are reported by the passes over each array
+        rows = np.isfinite(z).all(axis=-1) & np.isfinite(g).all(axis=-1)
+        rows &= np.abs(np.linalg.norm(np.where(np.isfinite(g), g, 0), axis=-1) - 1.0) <= UNIT_TOLERANCE
+        projected = z[rows] @ proj
+        projected /= np.maximum(np.linalg.norm(projected, axis=-1, keepdims=True), 1e-30)
+        distance = np.linalg.norm(projected - g[rows], axis=-1)
+        allowed = _projection_tolerance(z[rows], proj, stored.dtype)
+        bad = distance > allowed
+        if bad.any():
+            wrong += int(bad.sum())
+            if first is None:
+                at = int(np.flatnonzero(rows)[np.flatnonzero(bad)[0]])
+                first = f"row {start + at}, distance {distance[bad][0]:.3g} > {allowed[bad][0]:.3g}"
+    if wrong:
+        return [f"{path / pre}: {wrong} rows whose normalise(z @ {VISUAL_PROJ_FILE}) is not their {global_} row "
+                f"(beyond the {stored.dtype} rounding; first: {first})"]
+    return []
 
 
 def _where(start: int, flags: np.ndarray) -> str:

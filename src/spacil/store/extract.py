@@ -6,12 +6,18 @@ a kill at any instant (SIGKILL included) leaves a folder the next run completes 
 
 1. `.progress.json` (the store record: settings fingerprint, devices) is written first, before any other file; whether an
    extraction is new or resumed is decided by it alone (a folder with nothing but interrupted temporary files is new).
-2. For every split with no row recorded done, the maps `global.npy` and `patches.npy` are (re-)created, then `labels.npy`
-   is saved: labels are on disk before any row.
+2. For every split with no row recorded done, the maps `global.npy`, `patches.npy` and `global_pre.npy` (z, unless
+   `--no-pre-projection`) are (re-)created, then `labels.npy` is saved: labels are on disk before any row.
 3. Each process ("rank") appends the rows it has written *and flushed* to its own `.progress.rank<R>.json`
    (`{"done": {split: [[start, end], ...]}}`, row ranges); a batch counts as done only once it is there.
-4. Text features, then `meta.json` are written when every batch is recorded done; then the records are removed
-   (`.progress.json` first).
+4. Text features (and `backbone/visual_proj.npy` with z), then `meta.json` are written when every batch is recorded
+   done; then the records are removed (`.progress.json` first).
+
+A finished store without z has it added by the same command: the images are encoded again, but only `global_pre.npy` is
+(re-)created and written, by the same steps 1-4 (the record's fingerprint names the arrays written: `["global_pre"]`).
+Readers see z only once `meta.json` names its `width` (written last), so the store stays readable throughout, and the
+finished store is the bytes an extraction with z from the start would have written (same batch size, device kind and
+precision).
 
 A rerun takes the union of all rank records, and hands the batches not yet done out again; the forward pass of a batch is
 deterministic, so the finished store is the same bytes as an uninterrupted one.
@@ -49,7 +55,8 @@ from spacil.data import (CLIP_MEAN, CLIP_STD, DatasetSpec, SplitIndex, dataset_s
                          open_dataset)
 from spacil.devices import resolve_device, resolve_precision
 from spacil.errors import InputError
-from spacil.store.format import (FORMAT, PROGRESS_FILE, SPLITS, VERSION, pad_token_sets, read_npy_header, write_text_features)
+from spacil.store.format import (FORMAT, PROGRESS_FILE, SPLITS, VERSION, pad_token_sets, read_npy_header, write_text_features,
+                                 write_visual_proj)
 from spacil.fileio import atomic_save_npy, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -102,12 +109,16 @@ class _Normalise:
         return images.to(self.device, non_blocking=True).to(torch.float32).div(255).sub_(self.mean).div_(self.std)
 
 
-def class_prompt_features(backbone: FrozenCLIP, names: list[str], templates: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """-> (t_c [C, d]: normalised mean over templates, per-template tokens [C, K, d])."""
+def class_prompt_features(backbone: FrozenCLIP, names: list[str], templates: tuple[str, ...]
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (t_c [C, d]: normalised mean over templates, per-template tokens [C, K, d], their norms before normalisation
+    [C, K]: tokens * norms[..., None] are the un-normalised text features)."""
     texts = [template.format(name) for name in names for template in templates]
-    tokens = backbone.encode_texts(texts).reshape(len(names), len(templates), -1)
+    tokens, norms = backbone.encode_texts_with_norms(texts)
+    tokens = tokens.reshape(len(names), len(templates), -1)
     prompts = torch.nn.functional.normalize(tokens.mean(dim=1), dim=-1)
-    return prompts.cpu().numpy().astype(np.float32), tokens.cpu().numpy().astype(np.float32)
+    return (prompts.cpu().numpy().astype(np.float32), tokens.cpu().numpy().astype(np.float32),
+            norms.reshape(len(names), len(templates)).cpu().numpy().astype(np.float32))
 
 
 def semantic_token_features(
@@ -137,9 +148,10 @@ def semantic_token_features(
     return pad_token_sets(sets, backbone.dim)
 
 
-def _fingerprint(spec: DatasetSpec, backbone: FrozenCLIP, counts: dict, dtype: str, batch_size: int, precision: str) -> dict:
+def _fingerprint(spec: DatasetSpec, backbone: FrozenCLIP, counts: dict, dtype: str, batch_size: int, precision: str,
+                 arrays: list) -> dict:
     return {"dataset": spec.key, "backbone": backbone.info.to_dict(), "counts": counts, "dtype": dtype,
-            "batch_size": batch_size, "precision": precision}
+            "batch_size": batch_size, "precision": precision, "arrays": arrays}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -274,39 +286,41 @@ def _default_workers(device: torch.device, world: _World) -> int:
 
 @dataclass
 class _Staged:
-    """One encoded batch on the host, in the store dtype: global [b, d], patches [b, N, d]."""
+    """One encoded batch on the host, in the store dtype: {array name: rows}, e.g. global [b, d], patches [b, N, d],
+    global_pre [b, width]."""
 
-    global_: torch.Tensor
-    patches: torch.Tensor
+    rows: dict
     wait: Callable[[], None] = lambda: None  # returns once the copies into the host tensors are complete
     release: Callable[[], None] = lambda: None  # gives the host buffers back for reuse
 
 
 class _Staging:
     """Device outputs -> host tensors in the store dtype. On CUDA: cast on the device, non-blocking copies into a ring of
-    pinned buffers, an event per batch; on the CPU: a cast."""
+    pinned buffers, an event per batch; on the CPU: a cast. `shapes`: {array name: row shape}."""
 
-    def __init__(self, device: torch.device, dtype: str, batch_size: int, dim: int, num_patches: int):
+    def __init__(self, device: torch.device, dtype: str, batch_size: int, shapes: dict):
         self.device = device
         self.dtype = _TORCH_DTYPES[dtype]
-        self.shapes = ((batch_size, dim), (batch_size, num_patches, dim))
-        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.shapes = {name: (batch_size, *shape) for name, shape in shapes.items()}
+        self.buffers: dict[int, dict] = {}
         self.free: "queue.Queue[int]" = queue.Queue()
         for slot in range(_PINNED_SLOTS):
             self.free.put(slot)
 
-    def stage(self, global_: torch.Tensor, patches: torch.Tensor) -> _Staged:
+    def stage(self, outputs: dict) -> _Staged:
         if self.device.type != "cuda":
-            return _Staged(global_.to(self.dtype).contiguous(), patches.to(self.dtype).contiguous())
+            return _Staged({name: outputs[name].to(self.dtype).contiguous() for name in self.shapes})
         slot = self.free.get()  # blocks while every buffer is still queued or being written
         if slot not in self.buffers:
-            self.buffers[slot] = tuple(torch.empty(shape, dtype=self.dtype, pin_memory=True) for shape in self.shapes)
-        global_host, patches_host = (buffer[: len(global_)] for buffer in self.buffers[slot])
-        global_host.copy_(global_.to(self.dtype), non_blocking=True)
-        patches_host.copy_(patches.to(self.dtype), non_blocking=True)
+            self.buffers[slot] = {name: torch.empty(shape, dtype=self.dtype, pin_memory=True)
+                                  for name, shape in self.shapes.items()}
+        rows = {}
+        for name, buffer in self.buffers[slot].items():
+            rows[name] = buffer[: len(outputs[name])]
+            rows[name].copy_(outputs[name].to(self.dtype), non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))  # the stream the copies were queued on
-        return _Staged(global_host, patches_host, event.synchronize, lambda: self.free.put(slot))
+        return _Staged(rows, event.synchronize, lambda: self.free.put(slot))
 
 
 def _data_offset(path: Path, shape: tuple, dtype: str) -> int:
@@ -317,28 +331,31 @@ def _data_offset(path: Path, shape: tuple, dtype: str) -> int:
     return header.offset
 
 
+# The arrays of rows an extraction writes, in this order; `global_pre` (z) is the pre-projection extension.
+ROW_ARRAYS = ("global", "patches", "global_pre")
+
+
 @dataclass
 class _SplitFiles:
-    """Where the rows of one split go: (path, row shape) of global.npy and patches.npy."""
+    """Where the rows of one split go: {array name: (path, shape)} for the arrays this extraction writes."""
 
-    global_path: Path
-    patches_path: Path
-    rows: int
-    dim: int
-    num_patches: int
+    arrays: dict
     dtype: str
     offsets: dict = field(default_factory=dict)
 
-    def shapes(self) -> tuple[tuple, tuple]:
-        return (self.rows, self.dim), (self.rows, self.num_patches, self.dim)
+    @classmethod
+    def of(cls, folder: Path, names: tuple, rows: int, backbone: FrozenCLIP, dtype: str) -> "_SplitFiles":
+        shapes = {"global": (rows, backbone.dim), "patches": (rows, backbone.num_patches, backbone.dim),
+                  "global_pre": (rows, backbone.width)}
+        return cls({name: (folder / f"{name}.npy", shapes[name]) for name in names}, dtype)
 
     def create(self) -> None:
-        for path, shape in zip((self.global_path, self.patches_path), self.shapes()):
+        for path, shape in self.arrays.values():
             array = open_memmap(path, mode="w+", dtype=self.dtype, shape=shape)
             del array  # allocated at its final size; rows are written with pwrite
 
     def read_offsets(self) -> None:
-        for path, shape in zip((self.global_path, self.patches_path), self.shapes()):
+        for path, shape in self.arrays.values():
             self.offsets[path] = _data_offset(path, shape, self.dtype)
 
 
@@ -356,7 +373,7 @@ class _RowWriter:
         self.error: Optional[BaseException] = None
         self.fds = {}
         for split_files in files.values():
-            for path in (split_files.global_path, split_files.patches_path):
+            for path, _ in split_files.arrays.values():
                 self.fds[path] = os.open(path, os.O_RDWR)
         self.queue: "queue.Queue" = queue.Queue(maxsize=_PINNED_SLOTS - 1)
         self.thread = threading.Thread(target=self._run, name="spacil-extract-writer", daemon=True)
@@ -395,8 +412,8 @@ class _RowWriter:
         staged.wait()
         split_files = self.files[split]
         written = []
-        for path, tensor in ((split_files.global_path, staged.global_), (split_files.patches_path, staged.patches)):
-            array = tensor.numpy()
+        for name, (path, _) in split_files.arrays.items():
+            array = staged.rows[name].numpy()
             offset = split_files.offsets[path] + start * array[0].nbytes
             _write_rows(self.fds[path], offset, memoryview(array.reshape(-1).view(np.uint8)))
             written.append(self.fds[path])
@@ -447,6 +464,7 @@ def extract_store(
     progress: bool = True,
     backbone: Optional[FrozenCLIP] = None,
     precision: Optional[str] = None,
+    pre_projection: Optional[bool] = None,
 ) -> Path:
     """Encode `dataset` into a store at `out` (or finish an interrupted one, or refresh a finished one's text features).
 
@@ -454,6 +472,9 @@ def extract_store(
     the store's when resuming, else bf16 on CUDA and fp32 on the CPU). `workers`: image-decoding processes (None: the
     machine's cores on CUDA, 0 on the CPU). `max_batches` stops this process after that many batches (to test resuming).
     `backbone` reuses an already built model (it must be the one `model` and `pretrained` name; its device is used).
+    `pre_projection`: write z (`<split>/global_pre.npy`) and `backbone/visual_proj.npy` (None: the unfinished
+    extraction's choice when resuming, else yes). On a finished store without them, yes (or None) encodes the images
+    again and adds only z, resumably; the other arrays are kept as they are.
     """
     if dtype not in _TORCH_DTYPES:
         raise InputError(f"--dtype {dtype}: expected float16 or float32")
@@ -467,14 +488,15 @@ def extract_store(
     world, run_device = _join_world(backbone.device if backbone is not None else device)
     try:
         return _extract(spec, names, splits, out, model, pretrained, dtype, batch_size, workers, run_device, world,
-                        descriptions, descriptions_source, semantic_tokens, max_batches, progress, backbone, precision)
+                        descriptions, descriptions_source, semantic_tokens, max_batches, progress, backbone, precision,
+                        pre_projection)
     finally:
         world.close()
 
 
 def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_size, workers, device: torch.device,
              world: _World, descriptions, descriptions_source, semantic_tokens, max_batches, progress, backbone,
-             precision) -> Path:
+             precision, pre_projection) -> Path:
     progress_path = out / PROGRESS_FILE
     meta_path = out / "meta.json"
     # Everything below up to the first barrier only reads, so that every rank sees the folder as rank 0 found it.
@@ -482,7 +504,8 @@ def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_siz
     complete = recorded is None and meta_path.exists()
     old_meta = read_json(meta_path) if complete else None
     if recorded is not None:
-        recorded_fingerprint = {"precision": "fp32", **recorded.get("fingerprint", {})}  # spacil 0.1 encoded in fp32
+        # spacil 0.1 encoded in fp32; before 0.3 an extraction wrote global and patches only
+        recorded_fingerprint = {"precision": "fp32", "arrays": ["global", "patches"], **recorded.get("fingerprint", {})}
         precision = _choose_precision(precision, recorded_fingerprint["precision"], device, progress_path)
     elif complete:
         precision = _choose_precision(precision, old_meta.get("precision", "fp32"), device, meta_path)
@@ -493,7 +516,22 @@ def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_siz
     else:
         backbone = backbone.with_precision(precision)
     counts = {split: len(splits[split].items) for split in SPLITS}
-    fingerprint = _fingerprint(spec, backbone, counts, dtype, batch_size, precision)
+    # the arrays of rows this run writes: all of them; or only z, added to a finished store that lacks it
+    adding = complete and pre_projection is not False and "width" not in old_meta
+    if recorded is not None:
+        arrays = list(recorded_fingerprint["arrays"])
+        if pre_projection is False and "global_pre" in arrays:
+            raise InputError(f"{progress_path}: an unfinished extraction with pre-projection features (z); resume it "
+                             f"without --no-pre-projection")
+        if pre_projection and "global_pre" not in arrays:
+            raise InputError(f"{progress_path}: an unfinished extraction without pre-projection features (z); resume it "
+                             f"as it was started, then run again to add them")
+    elif adding:
+        arrays = ["global_pre"]
+    else:
+        arrays = [name for name in ROW_ARRAYS if name != "global_pre" or pre_projection is not False]
+    with_pre = "global_pre" in arrays or (complete and "width" in old_meta)
+    fingerprint = _fingerprint(spec, backbone, counts, dtype, batch_size, precision, arrays)
     if complete:
         stored_backbone = old_meta.get("backbone", {})
         if stored_backbone != backbone.info.to_dict():
@@ -502,7 +540,12 @@ def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_siz
         stored_dtype = read_npy_header(out / "train" / "global.npy").dtype
         if stored_dtype != np.dtype(dtype):  # only text features are refreshed: the rows would keep their old dtype
             raise InputError(f"--dtype {dtype}: {out} is a complete store of {stored_dtype} rows; a complete store only has its "
-                             f"text features refreshed, so extract into another --out")
+                             f"text features refreshed (and z added), so extract into another --out")
+        for split in SPLITS:
+            stored_rows = read_npy_header(out / split / "global.npy").shape[0]
+            if adding and stored_rows != counts[split]:
+                raise InputError(f"{out / split / 'global.npy'}: {stored_rows} rows, the data set's {split} split has "
+                                 f"{counts[split]}; z can only be added from the data the store was extracted from")
     elif recorded is not None:
         if recorded_fingerprint != fingerprint:
             raise InputError(
@@ -515,15 +558,16 @@ def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_siz
         raise InputError(f"--out {out}: folder exists and is not an unfinished extraction; choose another --out")
     world.barrier()
 
-    if complete:
+    if complete and not adding:
         if world.rank == 0:
             log.info("%s: store complete; refreshing its text features only", out)
-            _finish(out, spec, names, backbone, descriptions, descriptions_source, semantic_tokens,
+            _finish(out, spec, names, backbone, descriptions, descriptions_source, semantic_tokens, with_pre,
                     provenance={k: old_meta[k] for k in ("precision", "device") if k in old_meta})
         return out
+    if adding:
+        log.info("%s: store complete without pre-projection features; encoding the images again to add z", out)
 
-    files = {split: _SplitFiles(out / split / "global.npy", out / split / "patches.npy", counts[split], backbone.dim,
-                                backbone.num_patches, dtype) for split in SPLITS}
+    files = {split: _SplitFiles.of(out / split, tuple(arrays), counts[split], backbone, dtype) for split in SPLITS}
     if world.rank == 0:
         _prepare(out, recorded, fingerprint, device, files, splits)
     world.barrier()
@@ -542,9 +586,11 @@ def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_siz
     if world.rank == 0:
         done = _read_done(out)
         if all(_covered(done[split], start, end) for split, start, end in _batches(counts, batch_size)):
-            devices = read_json(progress_path).get("devices", [device.type])
-            _finish(out, spec, names, backbone, descriptions, descriptions_source, semantic_tokens,
-                    provenance={"precision": precision, "device": "+".join(devices)})
+            devices = set(read_json(progress_path).get("devices", [device.type]))
+            if meta_path.exists():  # z added to a finished store: its rows may come from other devices
+                devices |= set(str(read_json(meta_path).get("device", "")).split("+")) - {""}
+            _finish(out, spec, names, backbone, descriptions, descriptions_source, semantic_tokens, with_pre,
+                    provenance={"precision": precision, "device": "+".join(sorted(devices))})
     return out
 
 
@@ -571,7 +617,8 @@ def _prepare(out: Path, recorded: Optional[dict], fingerprint: dict, device: tor
             continue
         (out / split).mkdir(exist_ok=True)
         files[split].create()
-        atomic_save_npy(out / split / "labels.npy", splits[split].labels)
+        if "global" in files[split].arrays:  # not when z is added to a finished store: its labels are there
+            atomic_save_npy(out / split / "labels.npy", splits[split].labels)
 
 
 class _BatchRows(torch.utils.data.Sampler):
@@ -604,8 +651,8 @@ def _encode(out: Path, spec, splits: dict, files: dict, backbone: FrozenCLIP, sh
     record = out / rank_progress_file(world.rank)
     own = read_json(record).get("done", {}) if record.exists() else {}
     done = {split: [list(r) for r in own.get(split, [])] for split in SPLITS}
-    staging = _Staging(device, files[SPLITS[0]].dtype, max(end - start for _, start, end in share), backbone.dim,
-                       backbone.num_patches)
+    staging = _Staging(device, files[SPLITS[0]].dtype, max(end - start for _, start, end in share),
+                       {name: shape[1:] for name, (_, shape) in files[SPLITS[0]].arrays.items()})
     bar = tqdm(total=sum(end - start for _, start, end in share), desc=f"extract {spec.key}", unit="img",
                disable=not show_progress)
     normalise = _Normalise(device)
@@ -617,8 +664,8 @@ def _encode(out: Path, spec, splits: dict, files: dict, backbone: FrozenCLIP, sh
                 raise InputError(broken)
             if max_batches is not None and count >= max_batches:
                 break
-            global_, patches = backbone.encode_images(normalise(images))
-            writer.submit(split, start, end, staging.stage(global_, patches))
+            outputs = dict(zip(ROW_ARRAYS, backbone.encode_image_features(normalise(images))))
+            writer.submit(split, start, end, staging.stage(outputs))
     finally:
         try:
             writer.close()
@@ -627,13 +674,17 @@ def _encode(out: Path, spec, splits: dict, files: dict, backbone: FrozenCLIP, sh
 
 
 def _finish(out: Path, spec, names, backbone: FrozenCLIP, descriptions, descriptions_source, semantic_tokens,
-            provenance: dict) -> None:
-    """Rank 0, every row on disk: text features, then meta.json, then the records and leftover temporary files go."""
-    prompts, template_tokens = class_prompt_features(backbone, names, spec.templates)
+            with_pre: bool, provenance: dict) -> None:
+    """Rank 0, every row on disk: text features (and visual.proj when the store has z), then meta.json, then the
+    records and leftover temporary files go."""
+    prompts, template_tokens, template_norms = class_prompt_features(backbone, names, spec.templates)
     description_arrays = None
     if descriptions is not None:
         description_arrays = semantic_token_features(backbone, names, descriptions, semantic_tokens)
-    write_text_features(out, prompts=prompts, templates=template_tokens, descriptions=description_arrays)
+    write_text_features(out, prompts=prompts, templates=template_tokens, descriptions=description_arrays,
+                        template_norms=template_norms)
+    if with_pre:
+        write_visual_proj(out, backbone.visual_projection())
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -649,6 +700,8 @@ def _finish(out: Path, spec, names, backbone: FrozenCLIP, descriptions, descript
         },
         **provenance,
     }
+    if with_pre:
+        meta["width"] = backbone.width  # last: the pre-projection arrays are read only when meta.json names it
     meta_path = out / "meta.json"
     if meta_path.exists() and descriptions is None:
         meta["text"] = read_json(meta_path).get("text", meta["text"])
@@ -656,7 +709,7 @@ def _finish(out: Path, spec, names, backbone: FrozenCLIP, descriptions, descript
     _remove(out / PROGRESS_FILE)  # first: from here on the folder reads as a finished store
     for record in sorted(out.glob(RANK_PROGRESS_GLOB)):
         _remove(record)
-    for folder in (out, *(out / split for split in SPLITS), out / "text"):
+    for folder in (out, *(out / split for split in SPLITS), out / "text", out / "backbone"):
         if folder.is_dir():
             for leftover in sorted(folder.glob(".*.tmp")):
                 _remove(leftover)

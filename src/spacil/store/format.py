@@ -23,6 +23,10 @@ FORMAT = "spacil-features"
 VERSION = 1
 SPLITS = ("train", "test")
 PROGRESS_FILE = ".progress.json"
+# The pre-projection extension (docs/interfaces.md): present exactly when meta.json has "width".
+PRE_PROJECTION_FILE = "global_pre.npy"  # <split>/global_pre.npy [n, width], the store dtype: z, before visual.proj
+VISUAL_PROJ_FILE = "backbone/visual_proj.npy"  # float32 [width, d]: g = normalise(z @ visual_proj)
+TEMPLATE_NORMS_FILE = "text/template_norms.npy"  # float32 [C, K]: norms of text/templates.npy's rows before normalisation
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -88,7 +92,9 @@ def read_meta(meta_path: str | Path) -> dict:
     for key in ("dim", "num_patches", "classes"):
         if key not in meta:
             raise InputError(f"{meta_path}: key '{key}' missing")
-    for key, low in (("dim", 1), ("num_patches", 0)):
+    for key, low in (("dim", 1), ("num_patches", 0), ("width", 1)):
+        if key not in meta:
+            continue  # width is optional (the pre-projection extension)
         value = meta[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(f"{meta_path}: '{key}' is {value!r}, expected an integer >= {low}")
@@ -115,12 +121,15 @@ def rows_as_tensor(array: np.ndarray, rows, device=None):
 class SplitFeatures:
     """One split of a store. Arrays are memory-mapped; index them to read.
 
-    global_: [n, d]; patches: [n, N, d] (or None in a global-only store); labels: int64 [n] (data-set class index).
+    global_: [n, d]; patches: [n, N, d] (or None in a global-only store); labels: int64 [n] (data-set class index);
+    global_pre: z [n, width], the CLS token before visual.proj, not normalised (None in a store without the pre-projection
+    extension; `require_pre_projection` says how to add it).
     """
 
     global_: np.ndarray
     patches: Optional[np.ndarray]
     labels: np.ndarray
+    global_pre: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -143,6 +152,7 @@ class FeatureStore:
         self.classes: list[str] = list(self.meta["classes"])
         self.dataset: str = str(self.meta.get("dataset", "custom"))
         self.backbone: dict = dict(self.meta.get("backbone", {}))
+        self.width: Optional[int] = int(self.meta["width"]) if "width" in self.meta else None
         self._splits: dict[str, SplitFeatures] = {}
         for split in SPLITS:
             self._splits[split] = self._load_split(split)
@@ -158,6 +168,16 @@ class FeatureStore:
             self.description_mask = self._array("text/description_mask.npy", (len(self.classes), self.descriptions.shape[1]))
             if self.description_mask.dtype != np.bool_:
                 raise InputError(f"{self.path / 'text/description_mask.npy'}: dtype {self.description_mask.dtype}, expected bool")
+        # visual.proj [width, d] float32, with the pre-projection features; None without them
+        self.visual_proj = None
+        if self.width is not None:
+            self.visual_proj = self._array(VISUAL_PROJ_FILE, (self.width, self.dim))
+        self.template_norms = None  # [C, K] float32: templates * template_norms[..., None] = the un-normalised features
+        if self.templates is not None:
+            self.template_norms = self._optional(TEMPLATE_NORMS_FILE, self.templates.shape[:2])
+        for array, rel in ((self.visual_proj, VISUAL_PROJ_FILE), (self.template_norms, TEMPLATE_NORMS_FILE)):
+            if array is not None and array.dtype != np.float32:
+                raise InputError(f"{self.path / rel}: dtype {array.dtype}, expected float32")
 
         # pairwise descriptions (store/pairwise.py), None when the store has none
         self.pairwise = open_pairwise(self.path, len(self.classes), self.dim, self._array)
@@ -198,7 +218,24 @@ class FeatureStore:
         for array, name in ((global_, "global.npy"), (patches, "patches.npy")):
             if array is not None and array.dtype not in (np.float16, np.float32):
                 raise InputError(f"{self.path / split / name}: dtype {array.dtype}, expected float16 or float32")
-        return SplitFeatures(global_, patches, np.asarray(labels, dtype=np.int64))
+        global_pre = None
+        if self.width is not None:  # meta.json names the width only once every split's z is written
+            global_pre = self._array(f"{split}/{PRE_PROJECTION_FILE}", (n, self.width))
+            if global_pre.dtype != global_.dtype:
+                raise InputError(f"{self.path / split / PRE_PROJECTION_FILE}: dtype {global_pre.dtype}, expected "
+                                 f"{global_.dtype} (the store's dtype)")
+        return SplitFeatures(global_, patches, np.asarray(labels, dtype=np.int64), global_pre)
+
+
+def require_pre_projection(store: FeatureStore, method: str) -> None:
+    """InputError (exit 2, one line) unless `store` holds z (`<split>/global_pre.npy`) and `backbone/visual_proj.npy`."""
+    if store.width is not None:
+        return
+    raise InputError(
+        f"{store.path}: no pre-projection features (train/global_pre.npy), which {method} needs; add them by running "
+        f"`spacil extract --dataset {store.dataset} --data-root DATA --out {store.path}` (with the store's --model, "
+        f"--pretrained and --dtype) again: a finished store only has z encoded and added, its other arrays are kept"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -216,8 +253,14 @@ def write_store(
     templates: Optional[np.ndarray] = None,
     descriptions: Optional[tuple[np.ndarray, np.ndarray]] = None,
     extra_meta: Optional[dict] = None,
+    global_pre: Optional[dict[str, np.ndarray]] = None,
+    visual_proj: Optional[np.ndarray] = None,
+    template_norms: Optional[np.ndarray] = None,
 ) -> Path:
-    """Write a complete store from in-memory arrays (used by generated worlds and tests). meta.json goes last."""
+    """Write a complete store from in-memory arrays (used by generated worlds and tests). meta.json goes last.
+
+    The pre-projection extension: `global_pre` {split: z [n, width]} (written in each split's global dtype) with
+    `visual_proj` [width, d]; `template_norms` [C, K] beside `templates`."""
     path = Path(path)
     any_global = next(iter(splits.values()))[0]
     dim = int(any_global.shape[1])
@@ -228,7 +271,14 @@ def write_store(
         if patches is not None:
             atomic_save_npy(path / split / "patches.npy", patches)
         atomic_save_npy(path / split / "labels.npy", np.asarray(labels, dtype=np.int64))
-    write_text_features(path, prompts=prompts, templates=templates, descriptions=descriptions)
+    if (global_pre is None) != (visual_proj is None):
+        raise ValueError("write_store: global_pre and visual_proj go together")
+    if global_pre is not None:
+        for split, (global_, _, _) in splits.items():
+            atomic_save_npy(path / split / PRE_PROJECTION_FILE, np.asarray(global_pre[split], dtype=global_.dtype))
+        write_visual_proj(path, visual_proj)
+    write_text_features(path, prompts=prompts, templates=templates, descriptions=descriptions,
+                        template_norms=template_norms)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -238,6 +288,8 @@ def write_store(
         "dataset": dataset,
         "backbone": backbone,
     }
+    if visual_proj is not None:
+        meta["width"] = int(visual_proj.shape[0])
     meta.update(extra_meta or {})
     atomic_write_text(path / "meta.json", json.dumps(meta, indent=2))
     return path
@@ -248,9 +300,11 @@ def write_text_features(
     prompts: Optional[np.ndarray] = None,
     templates: Optional[np.ndarray] = None,
     descriptions: Optional[tuple[np.ndarray, np.ndarray]] = None,
+    template_norms: Optional[np.ndarray] = None,
 ) -> None:
     """text/prompts.npy [C, d], text/templates.npy [C, K, d] (spacil's extension: one token per template, for the
-    no-LLM ablation), text/descriptions.npy [C, M, d] with text/description_mask.npy [C, M]."""
+    no-LLM ablation) with text/template_norms.npy [C, K] (their norms before normalisation), text/descriptions.npy
+    [C, M, d] with text/description_mask.npy [C, M]."""
     text = Path(path) / "text"
     if prompts is not None:
         text.mkdir(parents=True, exist_ok=True)
@@ -258,11 +312,21 @@ def write_text_features(
     if templates is not None:
         text.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(text / "templates.npy", np.asarray(templates, dtype=np.float32))
+    if template_norms is not None:
+        text.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(Path(path) / TEMPLATE_NORMS_FILE, np.asarray(template_norms, dtype=np.float32))
     if descriptions is not None:
         tokens, mask = descriptions
         text.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(text / "descriptions.npy", np.asarray(tokens, dtype=np.float32))
         atomic_save_npy(text / "description_mask.npy", np.asarray(mask, dtype=bool))
+
+
+def write_visual_proj(path: str | Path, visual_proj: np.ndarray) -> None:
+    """backbone/visual_proj.npy float32 [width, d]."""
+    file = Path(path) / VISUAL_PROJ_FILE
+    file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_npy(file, np.asarray(visual_proj, dtype=np.float32))
 
 
 def pad_token_sets(token_sets: Sequence[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:

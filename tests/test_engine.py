@@ -110,46 +110,32 @@ def test_fusion_formula():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The learner on a store
+# The learner on a store (resume and no-leak: tests/test_runner.py runs every registered method)
 
 
-def add_engine_arrays(store, width: int = 12, slots: int = 2, views: int = 3, seed: int = 0):
-    """Give a make_random_store store what ENGINE reads, written with plain numpy as another program would: z with
-    visual.proj (g = normalise(z @ proj) replaces global.npy), template norms, pairwise descriptions and stored views."""
+def test_engine_runs_and_says_what_a_store_lacks(tmp_path, capsys):
     import json
 
-    rng = np.random.default_rng(seed)
-    meta = json.loads((store / "meta.json").read_text())
-    dim = meta["dim"]
-    classes = len(meta["classes"])
-    proj = rng.normal(size=(width, dim)).astype(np.float32)
-    lift = np.linalg.pinv(proj)  # [d, width]: z whose projection points where the store's g does
-    for split in ("train", "test"):
-        g = np.load(store / split / "global.npy").astype(np.float32)
-        z = (g @ lift + 0.05 * rng.normal(size=(len(g), width))) * 3
-        np.save(store / split / "global_pre.npy", z.astype(np.float16))
-        f = z.astype(np.float16).astype(np.float32) @ proj
-        np.save(store / split / "global.npy", (f / np.linalg.norm(f, axis=-1, keepdims=True)).astype(np.float16))
-        if split == "train" and views:
-            noisy = f[:, None] + 0.3 * rng.normal(size=(len(f), views, dim))
-            np.save(store / split / "views_global.npy",
-                    (noisy / np.linalg.norm(noisy, axis=-1, keepdims=True)).astype(np.float16))
-    (store / "backbone").mkdir(exist_ok=True)
-    np.save(store / "backbone" / "visual_proj.npy", proj)
-    templates = np.load(store / "text" / "templates.npy")
-    np.save(store / "text" / "template_norms.npy", rng.uniform(5, 10, size=templates.shape[:2]).astype(np.float32))
-    prompts = np.load(store / "text" / "prompts.npy")
-    pairwise = prompts[:, None, None] + 0.4 * rng.normal(size=(classes, classes, slots, dim))
-    mask = np.ones((classes, classes, slots), dtype=bool)
-    mask[::2, :, -1] = False
-    pairwise /= np.linalg.norm(pairwise, axis=-1, keepdims=True)
-    pairwise[~mask] = 0
-    np.save(store / "text" / "pairwise.npy", pairwise.astype(np.float32))
-    np.save(store / "text" / "pairwise_norms.npy", (rng.uniform(5, 10, size=mask.shape) * mask).astype(np.float32))
-    np.save(store / "text" / "pairwise_mask.npy", mask)
-    meta["width"] = width
-    if views:
-        meta["views"] = {"count": views, "transform": "gaussian-noise", "params": {"noise": 0.25}, "seed": 0,
-                         "arrays": ["train/views_global.npy"]}
-    (store / "meta.json").write_text(json.dumps(meta))
-    return store
+    from conftest import make_random_store
+    from spacil.cli import main
+
+    run = ["run", "--method", "engine", "--init-cls", "4", "--increment", "4", "--quiet", "--set", "engine_epochs=3",
+           "--set", "engine_batch_size=8"]
+    full = make_random_store(tmp_path / "full", templates=2, width=20, pairwise=2, views=2)
+    assert main([*run, "--features", str(full), "--out", str(tmp_path / "a")]) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["complete"] and summary["avg_acc"] > 100 / 12 * 1.5  # well above chance
+    no_views = make_random_store(tmp_path / "no_views", templates=2, width=20, pairwise=2)
+    capsys.readouterr()
+    assert main([*run, "--features", str(no_views), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--views" in err and "engine.image_aug=0" in err
+    assert main([*run, "--features", str(no_views), "--out", str(tmp_path / "c"), "--set", "engine.image_aug=0"]) == 0
+    no_pairwise = make_random_store(tmp_path / "no_pairwise", templates=2, width=20, views=2)
+    capsys.readouterr()
+    assert main([*run, "--features", str(no_pairwise), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--pairwise-descriptions" in err
+    no_z = make_random_store(tmp_path / "no_z", templates=2, pairwise=2, views=2)
+    assert main([*run, "--features", str(no_z), "--out", str(tmp_path / "e")]) == 2
+    assert "global_pre" in capsys.readouterr().err

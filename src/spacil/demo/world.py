@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from spacil.store.format import write_store
+from spacil.fileio import atomic_save_npy
+from spacil.store.format import VIEWS_GLOBAL_FILE, write_store
+from spacil.store.pairwise import write_pairwise
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class WorldSpec:
     image_shift: float = 1.0  # strength of the image-side rotation and offset
     width: int = 96  # z's dimension (before the projection to d)
     seed: int = 7
+    views: int = 10  # stored views of each training image (ENGINE's image-augmentation term)
+    view_noise: float = 0.5  # how far a view's global feature moves (relative to the class noise)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -108,11 +112,22 @@ def make_world(path: str | Path, spec: WorldSpec = WorldSpec()) -> dict:
     global_pre = {name: lift_to_pre_projection(rows[0].astype(np.float32), visual_proj, rng).astype(np.float16)
                   for name, rows in (("train", train), ("test", test))}
     template_norms = rng.uniform(5.0, 15.0, size=templates.shape[:2]).astype(np.float32)
+    # ENGINE's inputs, drawn after everything else (every array above keeps its bytes): pairwise descriptions, and views
+    # of every training image (its global feature moved by noise, as a noisy copy of the image would move it)
+    engine_rng = np.random.default_rng([spec.seed, 19])
+    write_pairwise(path, *pairwise_descriptions(class_family, class_parts, part_text, general, engine_rng))
+    train_global = train[0].astype(np.float32)
+    noisy = train_global[:, None] + spec.view_noise * engine_rng.normal(size=(len(train_global), spec.views, d)) / np.sqrt(d)
+    (Path(path) / "train").mkdir(parents=True, exist_ok=True)
+    atomic_save_npy(Path(path) / VIEWS_GLOBAL_FILE, _unit(noisy).astype(np.float16))
+    views = {"count": spec.views, "transform": "generated", "params": {"noise": spec.view_noise}, "seed": spec.seed,
+             "arrays": [VIEWS_GLOBAL_FILE]}
     write_store(
         path, classes=names, dataset="demo", backbone={"model": "demo-world", "pretrained": None, "logit_scale": 100.0},
         splits={"train": train[:3], "test": test[:3]}, prompts=prompts.astype(np.float32), templates=templates,
         descriptions=(descriptions, mask), global_pre=global_pre, visual_proj=visual_proj, template_norms=template_norms,
-        extra_meta={"text": {"semantic_tokens": "sentence", "descriptions_source": "generated"},
+        extra_meta={"views": views,
+                    "text": {"semantic_tokens": "sentence", "descriptions_source": "generated", "pairwise_source": "generated"},
                     "generator": {"name": "spacil demo world", **spec.__dict__}},
     )
     return {"test_part_locations": test[3], "class_parts": class_parts, "grid": spec.grid, "names": names}

@@ -284,6 +284,8 @@ class Engine(Learner):
 
     name = "engine"
     needs_patches = False
+    train_arrays = ("global_pre",)  # and "views_global" when image_aug > 0 (set per instance, from the config)
+    eval_arrays = ("global_pre",)
 
     def __init__(self, config, context):
         super().__init__(config, context)
@@ -292,8 +294,8 @@ class Engine(Learner):
             raise InputError("engine: the feature store has no pre-projection features (train/global_pre.npy, "
                              "backbone/visual_proj.npy), which ENGINE's adapters and GDA read; add them with `spacil extract` "
                              "on the store again")
-        self.train_arrays = ("global_pre",) + (("views_global",) if self.knobs.image_aug > 0 else ())
-        self.eval_arrays = ("global_pre",)
+        if self.knobs.image_aug > 0:
+            self.train_arrays = ("global_pre", "views_global")
         device = context.device
         self.proj = context.visual_proj.float().to(device)  # [width, d]
         self.image_adapters = AdapterStack(context.dim, device)

@@ -28,13 +28,11 @@ from tqdm import tqdm
 from spacil.data import CLIP_MEAN, CLIP_STD, image_transform, open_dataset
 from spacil.errors import InputError
 from spacil.fileio import atomic_write_text, read_json
-from spacil.store.format import read_npy_header
+from spacil.store.format import VIEWS_GLOBAL_FILE, VIEWS_PRE_FILE, read_npy_header
 
 log = logging.getLogger(__name__)
 
 VIEWS_PROGRESS_FILE = ".views.progress.json"
-VIEWS_GLOBAL_FILE = "train/views_global.npy"
-VIEWS_PRE_FILE = "train/views_global_pre.npy"
 
 
 def _row_seed(seed: int, row: int, view: int) -> int:
@@ -224,20 +222,3 @@ def add_views(out: str | Path, dataset: str, data_root: str | Path, count: int, 
     record_path.unlink(missing_ok=True)
     log.info("%s: %d %s views of %d training images", out, count, transform.name, rows)
     return out
-
-
-def open_views(store_path: Path, meta: dict, rows: int, dim: int, width: Optional[int], array) -> dict[str, np.ndarray]:
-    """The views a finished store names in meta.json, checked: {"views_global": [n, V, d], "views_global_pre": [n, V, w]}.
-    `array(rel, shape)` opens and checks one array."""
-    record = meta.get("views")
-    if record is None:
-        return {}
-    count = record.get("count")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise InputError(f"{store_path / 'meta.json'}: 'views.count' is {count!r}, expected an integer >= 1")
-    found = {"views_global": array(VIEWS_GLOBAL_FILE, (rows, count, dim))}
-    if VIEWS_PRE_FILE in record.get("arrays", []):
-        if width is None:
-            raise InputError(f"{store_path / 'meta.json'}: names {VIEWS_PRE_FILE} but the store has no 'width'")
-        found["views_global_pre"] = array(VIEWS_PRE_FILE, (rows, count, width))
-    return found

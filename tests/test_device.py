@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from spacil import runner as runner_module
-from conftest import interrupt_at_task
+from conftest import interrupt_at_task, make_random_store
 from spacil.cli import main
 from spacil.config import build_config
 from spacil.ops.gaussian import GaussianBank
@@ -111,6 +111,33 @@ def test_every_placement_yields_the_same_batches(random_store, device):
     stopped = datas[3].batches(4)  # a pass left early stops its prefetch thread
     next(stopped)
     stopped.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extra_row_arrays_travel_like_the_global_rows(tmp_path, device):
+    """A learner's declared per-row arrays (here z, "global_pre") come in every batch beside the global rows, the same
+    float32 rows whether read per batch, resident, or streamed because they do not fit the budget."""
+    store = make_random_store(tmp_path / "store", width=24)
+    rows = np.arange(5, 60)
+    global_, z = (np.load(store / "train" / name, mmap_mode="r") for name in ("global.npy", "global_pre.npy"))
+    labels = np.load(store / "train" / "labels.npy")[rows]
+
+    def data(placement, budget=None):
+        return TaskData(0, runner_module._RowView(global_, rows), None, labels, torch.device(device), memory_budget=budget,
+                        placement=placement, extra={"global_pre": runner_module._RowView(z, rows)})
+
+    datas = [data("host"), data("resident"), data("resident", budget=55 * 16 * 2), data("stream")]
+    passes = [list(d.batches(8, torch.Generator().manual_seed(3), with_patches=False)) for d in datas]
+    assert set(datas[1]._resident) == {"global", "global_pre", "targets"}
+    assert set(datas[2]._resident) == {"global", "targets"}  # z did not fit: streamed
+    for batches in passes:
+        assert len(batches) == 7
+        for mine, reference in zip(batches, passes[0]):
+            assert list(mine.extra) == ["global_pre"] and mine.extra["global_pre"].dtype == torch.float32
+            assert torch.equal(mine.extra["global_pre"], reference.extra["global_pre"])
+            assert torch.equal(mine.extra["global_pre"].cpu(), torch.from_numpy(z[5 + mine.rows].astype(np.float32)))
+    taken = datas[1].take(np.array([40, 3]))
+    assert torch.equal(taken.extra["global_pre"].cpu(), torch.from_numpy(z[5 + np.array([3, 40])].astype(np.float32)))
 
 
 @pytest.mark.parametrize("placement", ["resident", "stream"])

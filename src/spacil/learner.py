@@ -8,8 +8,8 @@ seen so far. A learner never sees the store: what it gets is exactly what the pr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ class LearnerContext:
     logit_scale: float
     device: torch.device
     progress: bool = False  # show a progress bar over training steps
+    # the pre-projection extension: z's width and visual.proj [width, d] float32 on the CPU (None in a store without it)
+    width: Optional[int] = None
+    visual_proj: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,15 @@ class TaskInfo:
 
 @dataclass
 class FeatureBatch:
-    """global_ [B, d] float32, patches [B, N, d] float32 (None for global-only methods), targets [B] class positions."""
+    """global_ [B, d] float32, patches [B, N, d] float32 (None for global-only methods), targets [B] class positions;
+    extra: the further per-row arrays the learner declared (`Learner.train_arrays` / `eval_arrays`), name -> float32
+    [B, ...], e.g. "global_pre" -> z [B, width]."""
 
     global_: torch.Tensor
     patches: Optional[torch.Tensor]
     targets: Optional[torch.Tensor] = None
     rows: Optional[np.ndarray] = None  # row numbers inside the task, for per-image deterministic choices
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class TaskData:
@@ -73,18 +79,25 @@ class TaskData:
     - "stream": a background thread reads the next batches into (pinned, on CUDA) host memory while the device works on the
       current one: double buffering, for rows beyond the budget.
     The default, "auto", is "host" on the CPU, else "resident" within the budget and "stream" beyond it (decided per array:
-    global rows first, patch tokens when they also fit).
+    global rows first, then the extra arrays, patch tokens when they also fit).
+
+    `extra`: further per-row arrays (name -> [n, ...], rows on axis 0, e.g. "global_pre" -> z [n, width]), read, uploaded
+    or streamed exactly like the global rows and handed over in `FeatureBatch.extra` in every batch.
     """
 
     PLACEMENTS = ("auto", "host", "resident", "stream")
 
     def __init__(self, task: int, global_: np.ndarray, patches: Optional[np.ndarray], targets: np.ndarray, device: torch.device,
-                 memory_budget: Optional[int] = None, placement: str = "auto"):
+                 memory_budget: Optional[int] = None, placement: str = "auto", extra: Optional[Mapping[str, np.ndarray]] = None):
         if placement not in self.PLACEMENTS:
             raise ValueError(f"placement {placement!r}: expected one of {self.PLACEMENTS}")
         self.task = task
         self._global = global_
         self._patches = patches
+        self._extra = dict(extra or {})
+        for name, array in self._extra.items():
+            if name in ("global", "patches", "targets") or len(array) != len(targets):
+                raise ValueError(f"extra array {name!r}: a reserved name, or {len(array)} rows for {len(targets)} targets")
         self.targets = targets
         self.device = torch.device(device)
         self.memory_budget = memory_budget
@@ -101,9 +114,13 @@ class TaskData:
     def has_patches(self) -> bool:
         return self._patches is not None
 
+    @property
+    def extra_names(self) -> tuple[str, ...]:
+        return tuple(self._extra)
+
     # placement ---------------------------------------------------------------------------------------------------------
     def _arrays(self, with_patches: bool) -> dict[str, object]:
-        arrays = {"global": self._global}
+        arrays = {"global": self._global, **self._extra}
         if with_patches and self._patches is not None:
             arrays["patches"] = self._patches
         return arrays
@@ -154,7 +171,8 @@ class TaskData:
             targets = host["targets"].to(self.device, non_blocking=True)
         else:
             targets = torch.from_numpy(self.targets[rows]).to(self.device)
-        return FeatureBatch(tensors["global"], tensors.get("patches"), targets, rows)
+        extra = {name: tensors[name] for name in self._extra}
+        return FeatureBatch(tensors["global"], tensors.get("patches"), targets, rows, extra)
 
     def batches(self, batch_size: int, generator: Optional[torch.Generator] = None, with_patches: bool = True) -> Iterator[FeatureBatch]:
         """Shuffled batches when a (CPU) generator is given, in order otherwise. The order is drawn on the CPU, so a run's
@@ -260,6 +278,10 @@ class Learner:
 
     name = "base"
     needs_patches = False  # whether the runner must read patch tokens for this method
+    # further per-row store arrays this method reads (e.g. "global_pre": z), in training and in evaluation; the runner
+    # checks the store has them (a one-line error saying how to add them) and hands them over in FeatureBatch.extra
+    train_arrays: tuple[str, ...] = ()
+    eval_arrays: tuple[str, ...] = ()
 
     def __init__(self, config: Config, context: LearnerContext):
         self.config = config

@@ -25,9 +25,10 @@ from spacil.devices import device_name, memory_budget, resolve_device
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
 from spacil.store.format import FeatureStore, rows_as_tensor
+from spacil.store.rows import row_arrays
 from spacil.fileio import atomic_write_text
 from spacil.learner import Learner, LearnerContext, TaskData, TaskInfo
-from spacil.methods import create_learner
+from spacil.methods import METHODS, create_learner
 from spacil.metrics import TaskEvaluation, accuracy_matrix, evaluate_task, summarise
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,12 @@ class Run:
         self.store = store
         self.out = Path(out)
         self.echo = echo or (lambda line: None)
-        context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device, progress)
+        learner_class = METHODS.get(config.method)
+        for split, names in (("train", getattr(learner_class, "train_arrays", ())),
+                             ("test", getattr(learner_class, "eval_arrays", ()))):
+            row_arrays(store, split, names, config.method)  # a missing one: exit 2 before anything is written
+        proj = None if store.visual_proj is None else torch.from_numpy(np.array(store.visual_proj, dtype=np.float32))
+        context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device, progress, store.width, proj)
         self.learner: Learner = create_learner(config, context)
         data = config.data
         self.sizes = task_sizes(store.num_classes, data.init_cls, data.increment)
@@ -181,9 +187,12 @@ class Run:
         split = self.store.split(split_name)
         rows = self._rows_of(split_name, positions)
         patches = split.patches if self.learner.needs_patches else None
+        names = self.learner.train_arrays if split_name == "train" else self.learner.eval_arrays
+        extra = {name: _RowView(array, rows)
+                 for name, array in row_arrays(self.store, split_name, names, self.config.method).items()}
         return TaskData(task, _RowView(split.global_, rows), None if patches is None else _RowView(patches, rows),
                         self.position_of[split.labels[rows]], self.device,
-                        memory_budget=memory_budget(self.device, self.config.train.device_memory_budget))
+                        memory_budget=memory_budget(self.device, self.config.train.device_memory_budget), extra=extra)
 
     def _task_data(self, task: int) -> TaskData:
         start, end = self.bounds[task]

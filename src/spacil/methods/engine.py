@@ -290,14 +290,11 @@ class Engine(Learner):
     def __init__(self, config, context):
         super().__init__(config, context)
         self.knobs = config.engine
-        if context.visual_proj is None:
-            raise InputError("engine: the feature store has no pre-projection features (train/global_pre.npy, "
-                             "backbone/visual_proj.npy), which ENGINE's adapters and GDA read; add them with `spacil extract` "
-                             "on the store again")
         if self.knobs.image_aug > 0:
             self.train_arrays = ("global_pre", "views_global")
         device = context.device
-        self.proj = context.visual_proj.float().to(device)  # [width, d]
+        # [width, d]; the runner refuses a store without z before a learner exists (store.rows.row_arrays)
+        self.proj = None if context.visual_proj is None else context.visual_proj.float().to(device)
         self.image_adapters = AdapterStack(context.dim, device)
         self.text_adapters = AdapterStack(context.dim, device)
         self.text0 = torch.zeros(0, context.dim, device=device)  # [S, d] template 0, un-normalised

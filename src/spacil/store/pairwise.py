@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from spacil.errors import InputError
+from spacil.store.encoder import store_encoder
 from spacil.fileio import atomic_save_npy, read_json
 
 PAIRWISE_FILE = "text/pairwise.npy"
@@ -111,16 +112,7 @@ def add_pairwise(out: str | Path, file: str | Path, model: str = "ViT-B-16", pre
     meta = read_json(meta_path)
     names = list(meta.get("classes") or [])
     pairs = read_pairwise(file, names)  # a bad file fails before the model is built
-    if backbone is None:
-        from spacil.backbone import FrozenCLIP
-        from spacil.devices import resolve_device
-
-        backbone = FrozenCLIP(model, pretrained, resolve_device(device), meta.get("precision", "fp32"))
-    else:
-        backbone = backbone.with_precision(meta.get("precision", "fp32"))
-    if backbone.info.to_dict() != meta.get("backbone"):
-        raise InputError(f"{meta_path}: the store was encoded with another model ({meta.get('backbone', {}).get('model')}, "
-                         f"{meta.get('backbone', {}).get('pretrained')}); its text features must come from the same one")
+    backbone = store_encoder(meta, meta_path, model, pretrained, device, backbone)
 
     def encode(texts):
         units, lengths = backbone.encode_texts_with_norms(texts)

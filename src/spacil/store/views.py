@@ -28,6 +28,7 @@ from tqdm import tqdm
 from spacil.data import CLIP_MEAN, CLIP_STD, image_transform, open_dataset
 from spacil.errors import InputError
 from spacil.fileio import atomic_write_text, read_json
+from spacil.store.encoder import store_encoder
 from spacil.store.format import VIEWS_GLOBAL_FILE, VIEWS_PRE_FILE, read_npy_header
 
 log = logging.getLogger(__name__)
@@ -148,16 +149,7 @@ def add_views(out: str | Path, dataset: str, data_root: str | Path, count: int, 
     if meta.get("views") is not None:
         raise InputError(f"{meta_path}: the store has views made otherwise ({meta['views'].get('count')} "
                          f"{meta['views'].get('transform')}, seed {meta['views'].get('seed')}); extract into another --out")
-    if backbone is None:
-        from spacil.backbone import FrozenCLIP
-        from spacil.devices import resolve_device
-
-        backbone = FrozenCLIP(model, pretrained, resolve_device(device), meta.get("precision", "fp32"))
-    else:
-        backbone = backbone.with_precision(meta.get("precision", "fp32"))
-    if backbone.info.to_dict() != meta.get("backbone"):
-        raise InputError(f"{meta_path}: the store was encoded with another model ({meta.get('backbone', {}).get('model')}, "
-                         f"{meta.get('backbone', {}).get('pretrained')}); its views must come from the same one")
+    backbone = store_encoder(meta, meta_path, model, pretrained, device, backbone)
     names, splits = open_dataset(dataset, data_root, names_file)
     split = splits["train"]
     header = read_npy_header(out / "train" / "global.npy")

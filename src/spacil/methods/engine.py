@@ -330,6 +330,12 @@ class Engine(Learner):
         if info.pairwise is not None:
             self.pairwise = info.pairwise.float().to(device)
             self.pairwise_counts = info.pairwise_counts.to(device)
+            empty = [name for name, count in zip(info.names, self.pairwise_counts[-len(info.names):].sum(dim=1).tolist())
+                     if count == 0]
+            if empty and self.knobs.text_des > 0:  # the official code stops at a KeyError there
+                raise InputError(f"engine: class '{empty[0]}' has no pairwise description against any class seen so far "
+                                 f"({len(empty)} such classes in task {info.task + 1}); complete the pairwise descriptions "
+                                 f"file, or set engine.text_des=0")
         generator = task_generator(self.config, info.task, stream=_STREAM_ADAPTER_INIT)
         self.image_adapters.add(generator)
         self.text_adapters.add(generator)

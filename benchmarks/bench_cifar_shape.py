@@ -3,6 +3,7 @@ synthetic values), against the time to extract such a store with ViT-B-16 (from 
 
     python benchmarks/bench_cifar_shape.py --method simplecil
     python benchmarks/bench_cifar_shape.py --method spa
+    python benchmarks/bench_cifar_shape.py --method engine    (adds z, views and pairwise descriptions to the store once)
 
 The store is generated once (about 12 GB) and reused. Per-task times come from the run's own log.
 """
@@ -57,6 +58,46 @@ def make_store(path: Path, train: int = 50_000, test: int = 10_000, classes: int
     (path / "meta.json").write_text(json.dumps(meta))
 
 
+def add_engine_arrays(path: Path, width: int = 768, views: int = 10, slots: int = 5, chunk: int = 5000) -> None:
+    """What ENGINE reads besides the rows (once, kept with the store): z (`global_pre.npy`, fp16) and visual.proj such that
+    g = normalise(z @ proj) is close to the stored g, per-template text features with their norms, pairwise descriptions
+    [100, 100, 5, 512] and `views` stored views of every training image."""
+    meta = json.loads((path / "meta.json").read_text())
+    if "views" in meta:
+        return
+    rng = np.random.default_rng(1)
+    dim, classes = meta["dim"], len(meta["classes"])
+    proj = (rng.standard_normal((width, dim), dtype=np.float32) / np.sqrt(width)).astype(np.float32)
+    lift = np.linalg.pinv(proj).astype(np.float32)  # [d, width]
+    for split in ("train", "test"):
+        g = np.load(path / split / "global.npy", mmap_mode="r")
+        z = open_memmap(path / split / "global_pre.npy", mode="w+", dtype=np.float16, shape=(len(g), width))
+        v = open_memmap(path / split / "views_global.npy", mode="w+", dtype=np.float16,
+                        shape=(len(g), views, dim)) if split == "train" else None
+        for start in range(0, len(g), chunk):
+            rows = np.asarray(g[start:start + chunk], dtype=np.float32)
+            z[start:start + chunk] = 10 * (rows @ lift) + rng.standard_normal((len(rows), width), dtype=np.float32) * 0.01
+            if v is not None:
+                noisy = rows[:, None] + rng.standard_normal((len(rows), views, dim), dtype=np.float32) * 0.03
+                v[start:start + chunk] = _unit(noisy)
+        z.flush()
+        del z, v
+    (path / "backbone").mkdir(exist_ok=True)
+    np.save(path / "backbone" / "visual_proj.npy", proj)
+    prompts = np.load(path / "text" / "prompts.npy")
+    templates = _unit(prompts[:, None] + rng.normal(size=(classes, 3, dim)) * 0.02).astype(np.float32)
+    np.save(path / "text" / "templates.npy", templates)
+    np.save(path / "text" / "template_norms.npy", rng.uniform(6, 10, size=(classes, 3)).astype(np.float32))
+    pairwise = _unit(prompts[:, None, None] + rng.standard_normal((classes, classes, slots, dim), dtype=np.float32) * 0.05)
+    np.save(path / "text" / "pairwise.npy", pairwise.astype(np.float32))
+    np.save(path / "text" / "pairwise_norms.npy", rng.uniform(6, 10, size=(classes, classes, slots)).astype(np.float32))
+    np.save(path / "text" / "pairwise_mask.npy", np.ones((classes, classes, slots), dtype=bool))
+    meta["width"] = width
+    meta["views"] = {"count": views, "transform": "gaussian-noise", "params": {"noise": 0.25}, "seed": 0,
+                     "arrays": ["train/views_global.npy"]}
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", default="simplecil")
@@ -68,6 +109,8 @@ def main() -> None:
     store = Path(args.store)
     start = time.perf_counter()
     make_store(store)
+    if args.method == "engine":
+        add_engine_arrays(store)
     made = time.perf_counter() - start
     FeatureStore(store)
     out = Path(args.out) / args.method

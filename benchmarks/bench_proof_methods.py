@@ -32,12 +32,13 @@ RUNS = (
 )
 
 
-def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="spacil_proof_bench_"))
+def run_on_demo_world(runs, prefix: str) -> tuple[list, dict]:
+    """Each (name, config tree) of `runs` on a fresh demo world, one after the other in this process: (table rows, data)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     store = work / "world"
     make_world(store, WorldSpec())
     rows, data = [], {}
-    for name, extra in RUNS:
+    for name, extra in runs:
         tree = {**DEMO_OVERRIDES, "train": {"epochs": EPOCHS}, "data": {"features": str(store)}}
         for key, value in extra.items():
             tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
@@ -50,6 +51,11 @@ def main() -> None:
         rows.append((f"{name} ({summary['label']})", f"avg {summary['avg_acc']:.2f}, last {summary['last_acc']:.2f}, "
                      f"forgetting {summary['forgetting']:.2f}, {seconds:.1f} s"))
     shutil.rmtree(work, ignore_errors=True)
+    return rows, data
+
+
+def main() -> None:
+    rows, data = run_on_demo_world(RUNS, "spacil_proof_bench_")
     spec = WorldSpec()
     write_result("proof_methods_demo", "PROOF, SimpleCIL and SPA on the demo world", rows,
                  {"runs": data, "world": {"classes": spec.num_classes, "train_per_class": spec.train_per_class,

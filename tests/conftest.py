@@ -45,12 +45,14 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def make_random_store(path: Path, num_classes: int = 12, dim: int = 16, num_patches: int = 9, tokens: int = 3,
                       train: int = 8, test: int = 4, seed: int = 0, ragged: bool = True, templates: int = 0,
-                      unbalanced: bool = False, width: int = 0) -> Path:
+                      unbalanced: bool = False, width: int = 0, pairwise: int = 0, views: int = 0) -> Path:
     """A small store written with plain numpy.save, as another program following INTERFACES.md would.
     templates: also write text/templates.npy (and text/template_norms.npy) with that many tokens per class; unbalanced:
     class c has between half and one and a half times the images per class (a different count for each class); width:
     also write the pre-projection features z [n, width] and backbone/visual_proj.npy [width, dim] (drawn after the
-    rest, from their own generator, so every other array is the same with or without them)."""
+    rest, from their own generator, so every other array is the same with or without them); pairwise: also ENGINE's
+    pairwise descriptions with that many slots per pair (ragged); views: also that many stored views of every training
+    image (both from a third generator)."""
     import json
 
     from spacil.demo.world import lift_to_pre_projection
@@ -86,10 +88,28 @@ def make_random_store(path: Path, num_classes: int = 12, dim: int = 16, num_patc
         np.save(path / "text" / "template_norms.npy", pre_rng.uniform(5, 15, size=(num_classes, templates)).astype(np.float32))
     meta = {"format": "spacil-features", "version": 1, "dim": dim, "num_patches": num_patches,
             "classes": [f"class {i}" for i in range(num_classes)], "dataset": "random", "backbone": {"logit_scale": 50.0}}
+    engine_rng = np.random.default_rng([seed, 19])
+    if pairwise:
+        prompts = np.load(path / "text" / "prompts.npy")
+        pair_units = unit(prompts[:, None, None] + 0.5 * engine_rng.normal(size=(num_classes, num_classes, pairwise, dim)))
+        pair_mask = np.ones((num_classes, num_classes, pairwise), dtype=bool)
+        pair_mask[::2, :, -1] = False
+        pair_units[~pair_mask] = 0
+        np.save(path / "text" / "pairwise.npy", pair_units.astype(np.float32))
+        np.save(path / "text" / "pairwise_norms.npy",
+                (engine_rng.uniform(5, 10, size=pair_mask.shape) * pair_mask).astype(np.float32))
+        np.save(path / "text" / "pairwise_mask.npy", pair_mask)
+    if views:
+        train_global = np.load(path / "train" / "global.npy").astype(np.float32)
+        noisy = unit(train_global[:, None] + 0.3 * engine_rng.normal(size=(len(train_global), views, dim)))
+        np.save(path / "train" / "views_global.npy", noisy.astype(np.float16))
     if width:
         (path / "backbone").mkdir()
         np.save(path / "backbone" / "visual_proj.npy", proj)
         meta["width"] = width
+    if views:
+        meta["views"] = {"count": views, "transform": "gaussian-noise", "params": {"noise": 0.25}, "seed": 0,
+                         "arrays": ["train/views_global.npy"]}
     (path / "meta.json").write_text(json.dumps(meta))
     return path
 

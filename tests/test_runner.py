@@ -32,10 +32,11 @@ def test_same_command_twice_gives_identical_summary(random_store, tmp_path, meth
 
 
 # Every registered method, and SPA with each of its parts switched off: methods added later are covered automatically.
-# Settings that keep a method small here (its own sections' epochs, RanPAC's projection width).
+# Settings that keep a method small here (its own sections' epochs and batches, RanPAC's projection width).
 SMALL_SETTINGS = {
     "ranpac": ("--set", "ranpac.M=64"),
     "bofa": ("--set", "stage1_epochs=2", "--set", "stage2_epochs=2", "--set", "bofa_batch_size=8", "--set", "Kt=4"),
+    "engine": ("--set", "engine_epochs=2", "--set", "engine_batch_size=8"),
 }
 CONFIGURATIONS = [(name, SMALL_SETTINGS.get(name, ())) for name in METHODS] + [
     ("spa", ("--set", f"ablation.{part}=false")) for part in AblationConfig.model_fields
@@ -47,9 +48,9 @@ SMALL_BATCHES = ("--set", "epochs=2", "--set", "batch_size=8")
 
 @pytest.fixture()
 def rich_store(tmp_path) -> Path:
-    """Templates (the no-LLM ablation's tokens), a different number of images for every class, and z (the pre-projection
-    features RanPAC and BOFA read)."""
-    return make_random_store(tmp_path / "rich_store", templates=3, unbalanced=True, width=24)
+    """Templates (the no-LLM ablation's tokens), a different number of images for every class, z (what RanPAC and BOFA read),
+    pairwise descriptions and stored views (what ENGINE reads)."""
+    return make_random_store(tmp_path / "rich_store", templates=3, unbalanced=True, width=24, pairwise=2, views=3)
 
 
 def _state(path: Path) -> dict:
@@ -158,7 +159,9 @@ def test_bad_values_exit_2_with_one_line(random_store, tmp_path, capsys):
 
 def _perturb_later_classes(store, after_task: int, seed: int):
     """Replace everything of the classes of tasks after `after_task`: their number of images in each split, their
-    features, names, prompts, templates and descriptions. Rows of earlier classes keep their values and their order."""
+    features (z and stored views too), names, prompts, templates and their norms, descriptions, and every pairwise
+    description that involves a later class (its row and its column). Rows of earlier classes keep their values and their
+    order."""
     meta = json.loads((store / "meta.json").read_text())
     num_classes = len(meta["classes"])
     order = class_order(num_classes, 1993)
@@ -171,16 +174,23 @@ def _perturb_later_classes(store, after_task: int, seed: int):
         counts = {c: int(rng.integers(1, 2 * max(1, int((labels == c).sum())) + 2)) for c in later}
         new_labels = np.concatenate([labels[keep], np.repeat(later, [counts[c] for c in later])]).astype(np.int64)
         np.save(store / split / "labels.npy", new_labels)
-        for name in ("global.npy", "patches.npy", "global_pre.npy"):
+        for name in ("global.npy", "patches.npy", "global_pre.npy", "views_global.npy"):
             if not (store / split / name).exists():
                 continue
             array = np.load(store / split / name)
             fresh = rng.normal(size=(len(new_labels) - int(keep.sum()), *array.shape[1:]))
             fresh /= np.linalg.norm(fresh, axis=-1, keepdims=True)
             np.save(store / split / name, np.concatenate([array[keep], fresh.astype(array.dtype)]))
-    for name in ("prompts.npy", "descriptions.npy", "templates.npy"):
+    for name in ("prompts.npy", "descriptions.npy", "templates.npy", "template_norms.npy", "pairwise.npy",
+                 "pairwise_norms.npy"):
+        if not (store / "text" / name).exists():
+            continue
         array = np.load(store / "text" / name)
-        array[later] = rng.normal(size=array[later].shape)
+        draw = (lambda shape: rng.uniform(1, 10, size=shape)) if name.endswith("norms.npy") else \
+            (lambda shape: rng.normal(size=shape))
+        array[later] = draw(array[later].shape)
+        if name.startswith("pairwise"):  # how an earlier class differs from a later one: later too
+            array[:, later] = draw(array[:, later].shape)
         np.save(store / "text" / name, array)
     for c in later:
         meta["classes"][c] = f"renamed {c}"

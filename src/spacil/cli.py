@@ -55,6 +55,11 @@ def _add_extract(sub) -> None:
                    "each rank uses cuda:LOCAL_RANK")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="autocast precision of the encoders (default: the store's when resuming, else bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--views", type=int, default=0, help="also encode N views of every training image (ENGINE; docs/extraction.md)")
+    p.add_argument("--view-transform", default=None, help="gaussian-noise (ENGINE's, the default) or flip-jitter")
+    p.add_argument("--view-noise", type=float, default=None, help="gaussian-noise's std (default 0.25)")
+    p.add_argument("--view-seed", type=int, default=0, help="the views' seed (each image's view v: its own generator)")
+    p.add_argument("--pairwise-descriptions", help="ENGINE's pairwise descriptions (JSON) to encode into the store")
     p.add_argument("--names-file", help="class names to check against the folders (a warning on mismatch, never a shift)")
     from spacil.data.check import add_names_and_templates
 
@@ -140,14 +145,21 @@ def cmd_run(args) -> int:
 
 def cmd_extract(args) -> int:
     from spacil.describe.descriptions import load_descriptions
+    from spacil.store.additions import add_engine_inputs, check_view_request
     from spacil.store.extract import extract_store
 
+    check_view_request(args.views, args.view_transform, args.view_noise)
     descriptions = load_descriptions(args.descriptions).sentences if args.descriptions else None
     extract_store(args.dataset, args.data_root, args.out, model=args.model, pretrained=args.pretrained, dtype=args.dtype,
                   batch_size=args.batch_size, workers=args.workers, device=args.device, names_file=args.names_file,
                   class_names=args.class_names, templates=args.templates, descriptions=descriptions,
                   descriptions_source=args.descriptions, semantic_tokens=args.semantic_tokens, progress=not args.quiet,
                   precision=args.precision, pre_projection=args.pre_projection)
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # one process adds ENGINE's inputs to the finished store
+        add_engine_inputs(args.out, args.dataset, args.data_root, model=args.model, pretrained=args.pretrained,
+                          device=args.device, pairwise_descriptions=args.pairwise_descriptions, views=args.views,
+                          view_transform=args.view_transform, view_noise=args.view_noise, view_seed=args.view_seed,
+                          batch_size=args.batch_size, names_file=args.names_file, progress=not args.quiet)
     if not args.quiet and int(os.environ.get("RANK", "0") or 0) == 0:
         print(f"feature store written: {args.out}")
     return 0

@@ -32,6 +32,13 @@ class DataConfig(_Section):
     names_file: Optional[str] = None  # optional class names to check against the folders (never shifts names)
     class_names: Optional[str] = None  # class names by folder index (JSON list, {dataset: [names]}, or one per line)
     templates: Optional[str] = None  # prompt templates replacing the data set's (JSON list or one per line, with {})
+    # ENGINE's inputs, added to the store when it lacks them (store/pairwise.py, store/views.py): a pairwise descriptions
+    # file (ENGINE's JSON format), and `views` stored views of every training image under `view_transform`
+    pairwise_descriptions: Optional[str] = None
+    views: int = Field(0, ge=0)
+    view_transform: Literal["gaussian-noise", "flip-jitter"] = "gaussian-noise"
+    view_noise: float = Field(0.25, ge=0)  # gaussian-noise's std
+    view_seed: int = 0
     init_cls: int = Field(10, ge=1)
     increment: int = Field(10, ge=1)
     shuffle: bool = True  # class order = np.random.seed(seed); np.random.permutation(C)
@@ -179,6 +186,31 @@ class BOFAConfig(_Section):
     covariance_ridge: float = Field(1e-4, ge=0)  # OLF.update_old_features: cov + 1e-4 * I
 
 
+class EngineConfig(_Section):
+    """ENGINE (Zhou et al., ICCV 2025; methods/engine.py). Defaults: the official exps/engine/cifar_0_10.json
+    (github.com/LAMDA-CL/ICCV25-ENGINE); the packaged configs set each data set's values. Official names where they clash
+    with no other section's leaf; `engine_*` for the training keys, `stat_weight` for the official `stat`."""
+
+    text_des: float = Field(2.0, ge=0)  # weight of the description term
+    image_aug: float = Field(0.5, ge=0)  # weight of the image-augmentation term (needs stored views unless 0)
+    rerank: float = Field(0.5, ge=0, le=1)  # weight of the rerank logits against the adapter logits
+    stat_weight: float = Field(0.8, ge=0, le=1)  # official `stat`: weight of the GDA logits
+    sample_num: int = Field(0, ge=0)  # old classes replayed per batch (0: every old class, once)
+    sample_noise: float = Field(0.25, ge=0)  # std of the noise added to a replayed class mean
+    rerank_top: int = Field(5, ge=1)  # classes the rerank re-scores
+    rerank_draws: int = Field(3, ge=1)  # Engine.rerank: `for _ in range(3)` random descriptions per pair, averaged
+    engine_epochs: int = Field(10, ge=0)  # official `tuned_epoch` (and the cosine's T_max)
+    engine_lr: float = Field(0.05, gt=0)  # official `init_lr`
+    engine_min_lr: float = Field(0.0, ge=0)  # official `min_lr` (eta_min)
+    engine_batch_size: int = Field(64, ge=1)  # official `batch_size`
+    engine_weight_decay: float = Field(0.05, ge=0)  # official `weight_decay`
+    engine_optimizer: Literal["sgd", "adam"] = "sgd"  # adam = AdamW, as in the official code
+    engine_momentum: float = Field(0.9, ge=0, lt=1)  # optim.SGD(..., momentum=0.9)
+    # which stored view an image's augmentation term compares it with: view (epoch mod V) in epoch `epoch` (with V >= the
+    # epochs, every epoch sees a fresh noise draw of every image, as the official per-batch noise), or one drawn per batch
+    view_schedule: Literal["per-epoch", "per-batch"] = "per-epoch"
+
+
 class Config(_Section):
     method: str = "spa"
     seed: int = Field(1993, ge=0, le=2**32 - 1)  # numpy.random.seed takes 0..2**32-1
@@ -192,12 +224,13 @@ class Config(_Section):
     proof: ProofConfig = ProofConfig()
     ranpac: RanPACConfig = RanPACConfig()
     bofa: BOFAConfig = BOFAConfig()
+    engine: EngineConfig = EngineConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-_SECTIONS = ("data", "spa", "ablation", "train", "llm", "rapf", "proof", "ranpac", "bofa")
+_SECTIONS = ("data", "spa", "ablation", "train", "llm", "rapf", "proof", "ranpac", "bofa", "engine")
 
 
 def _leaf_paths() -> dict[str, list[str]]:

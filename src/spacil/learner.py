@@ -51,6 +51,12 @@ class TaskInfo:
     descriptions: Optional[torch.Tensor]
     description_mask: Optional[torch.Tensor]
     templates: Optional[torch.Tensor]
+    # template_norms [n_new, K]: the per-template features' norms before normalisation (None when the store has none);
+    # pairwise [S, S, M, d]: the un-normalised pairwise descriptions among every class seen so far (this task's included),
+    # seen order on both axes, with pairwise_counts [S, S] real slots per pair (None when the store has none)
+    template_norms: Optional[torch.Tensor] = None
+    pairwise: Optional[torch.Tensor] = None
+    pairwise_counts: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 from spacil.config import Config
 from spacil.errors import InputError
 from spacil.fileio import make_dirs
+from spacil.store.additions import missing_additions
 from spacil.store.format import read_meta
 
 
@@ -53,6 +54,18 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
         finally:
             lock.release()
     meta = read_meta(store / "meta.json")
+    if missing_additions(store, data.pairwise_descriptions, data.views):
+        from filelock import FileLock
+
+        from spacil.store.additions import add_engine_inputs
+
+        with FileLock(store_lock_path(store)):  # the other runs of a sweep wait, then find them there
+            add_engine_inputs(store, data.dataset, data.data_root, model=data.model, pretrained=data.pretrained,
+                              device=config.device, pairwise_descriptions=data.pairwise_descriptions, views=data.views,
+                              view_transform=data.view_transform,
+                              view_noise=data.view_noise if data.view_transform == "gaussian-noise" else None,
+                              view_seed=data.view_seed, names_file=data.names_file, progress=progress)
+        meta = read_meta(store / "meta.json")
     text = meta.get("text") or {}
     recorded = text.get("semantic_tokens") if isinstance(text, dict) else None
     if recorded and recorded != config.spa.semantic_tokens and config.method == "spa" and config.ablation.llm_descriptions:
@@ -61,3 +74,4 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
             f"{config.spa.semantic_tokens}; re-embed with `spacil extract ... --semantic-tokens {config.spa.semantic_tokens}`"
         )
     return store
+

@@ -188,8 +188,13 @@ class Run:
             return None if array is None else rows_as_tensor(array, class_ids, self.device)
 
         mask = None if store.description_mask is None else torch.from_numpy(np.asarray(store.description_mask[class_ids])).to(self.device)
+        pairwise = counts = None
+        if store.pairwise is not None:  # among the classes seen so far only: nothing of a later class is read
+            units, slots = store.pairwise.block(self.order[:end])
+            pairwise, counts = torch.from_numpy(units).to(self.device), torch.from_numpy(slots).to(self.device)
         return TaskInfo(task, list(range(start, end)), [store.classes[c] for c in class_ids], rows(store.prompts),
-                        rows(store.descriptions), mask, rows(store.templates))
+                        rows(store.descriptions), mask, rows(store.templates),
+                        rows(store.template_norms), pairwise, counts)
 
     def _split_data(self, split_name: str, task: int, positions: list[int]) -> TaskData:
         """The rows of `split_name` whose classes sit at `positions` of the class order, as a lazy TaskData."""

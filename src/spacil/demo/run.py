@@ -1,7 +1,7 @@
 """`spacil demo`: the embedded default. Offline, no download, a few minutes on 2 CPU cores.
 
 1. Writes the demo world (`spacil.demo.world`) as a feature store and runs zero-shot, SimpleCIL, fine-tune, RAPF, RanPAC,
-   BOFA (both on the world's pre-projection z), SPA, SPA's six ablations and PROOF (which keeps 20 exemplar feature rows
+   BOFA (both on the world's pre-projection z), ENGINE, SPA, SPA's six ablations and PROOF (which keeps 20 exemplar feature rows
    per class: the one method here that stores old data) on it, through the same runner as any benchmark; prints one
    table and writes the report with its pictures.
 2. Draws which patches SPA picks for a few test images (for the true class and for a sibling class).
@@ -50,6 +50,7 @@ RUNS = (
     ("proof_20_exemplars_per_class", "proof", {"proof": {"fixed_memory": True, "memory_per_class": 20}}),
     ("ranpac", "ranpac", RANPAC_DEMO),
     ("bofa", "bofa", {}),
+    ("engine", "engine", {}),
     ("spa", "spa", {}),
     ("spa_global_only", "spa", {"ablation": {"patch_branch": False}}),
     ("spa_no_ot", "spa", {"ablation": {"optimal_transport": False}}),
@@ -75,6 +76,8 @@ def _run_one(name: str, method: str, extra: dict, store: Path, runs: Path, epoch
                                           "data": {"features": str(store)}}), extra)
     if method == "proof":  # PROOF trains with its own section (official hyper-parameter names); same epochs as the others
         tree = _merge(tree, {"proof": {"tuned_epoch": epochs}})
+    if method == "engine":  # so does ENGINE
+        tree = _merge(tree, {"engine": {"engine_epochs": epochs}})
     config = build_config(tree, source="demo")
     folder = runs / name
     if (folder / "summary.json").exists():

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from spacil.store.format import write_store
+from spacil.fileio import atomic_save_npy
+from spacil.store.format import VIEWS_GLOBAL_FILE, write_store
+from spacil.store.pairwise import write_pairwise
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class WorldSpec:
     image_shift: float = 1.0  # strength of the image-side rotation and offset
     width: int = 96  # z's dimension (before the projection to d)
     seed: int = 7
+    views: int = 10  # stored views of each training image (ENGINE's image-augmentation term)
+    view_noise: float = 0.5  # how far a view's global feature moves (relative to the class noise)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -108,11 +112,45 @@ def make_world(path: str | Path, spec: WorldSpec = WorldSpec()) -> dict:
     global_pre = {name: lift_to_pre_projection(rows[0].astype(np.float32), visual_proj, rng).astype(np.float16)
                   for name, rows in (("train", train), ("test", test))}
     template_norms = rng.uniform(5.0, 15.0, size=templates.shape[:2]).astype(np.float32)
+    # ENGINE's inputs, drawn after everything else (every array above keeps its bytes): pairwise descriptions, and views
+    # of every training image (its global feature moved by noise, as a noisy copy of the image would move it)
+    engine_rng = np.random.default_rng([spec.seed, 19])
+    write_pairwise(path, *pairwise_descriptions(class_family, class_parts, part_text, general, engine_rng))
+    train_global = train[0].astype(np.float32)
+    noisy = train_global[:, None] + spec.view_noise * engine_rng.normal(size=(len(train_global), spec.views, d)) / np.sqrt(d)
+    (Path(path) / "train").mkdir(parents=True, exist_ok=True)
+    atomic_save_npy(Path(path) / VIEWS_GLOBAL_FILE, _unit(noisy).astype(np.float16))
+    views = {"count": spec.views, "transform": "generated", "params": {"noise": spec.view_noise}, "seed": spec.seed,
+             "arrays": [VIEWS_GLOBAL_FILE]}
     write_store(
         path, classes=names, dataset="demo", backbone={"model": "demo-world", "pretrained": None, "logit_scale": 100.0},
         splits={"train": train[:3], "test": test[:3]}, prompts=prompts.astype(np.float32), templates=templates,
         descriptions=(descriptions, mask), global_pre=global_pre, visual_proj=visual_proj, template_norms=template_norms,
-        extra_meta={"text": {"semantic_tokens": "sentence", "descriptions_source": "generated"},
+        extra_meta={"views": views,
+                    "text": {"semantic_tokens": "sentence", "descriptions_source": "generated", "pairwise_source": "generated"},
                     "generator": {"name": "spacil demo world", **spec.__dict__}},
     )
     return {"test_part_locations": test[3], "class_parts": class_parts, "grid": spec.grid, "names": names}
+
+
+def pairwise_descriptions(class_family: np.ndarray, class_parts: np.ndarray, part_text: np.ndarray, general: np.ndarray,
+                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ENGINE's pairwise descriptions of the world (store/pairwise.py layout): des[a][b] holds the text of every part class
+    a shows and class b does not (b a sibling: the parts they do not share; b of another family: all of a's parts), and
+    des[a][a] a's general sentence with all its parts. part_text [C, P, d] and general [C, 1, d] are unit vectors.
+
+    -> (units [C, C, P + 1, d], norms [C, C, P + 1] drawn in [6, 10] like a CLIP text feature's, mask [C, C, P + 1])."""
+    classes, parts, dim = part_text.shape
+    units = np.zeros((classes, classes, parts + 1, dim), dtype=np.float32)
+    mask = np.zeros((classes, classes, parts + 1), dtype=bool)
+    for a in range(classes):
+        for b in range(classes):
+            if a == b:
+                chosen = np.concatenate([general[a], part_text[a]])
+            else:
+                other = set(class_parts[b].tolist()) if class_family[a] == class_family[b] else set()
+                chosen = part_text[a][[i for i, part in enumerate(class_parts[a]) if part not in other]]
+            units[a, b, :len(chosen)] = chosen
+            mask[a, b, :len(chosen)] = True
+    norms = (rng.uniform(6, 10, size=mask.shape) * mask).astype(np.float32)
+    return units, norms, mask

@@ -393,6 +393,8 @@ def add_describe_parsers(sub, parser_class) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", help="where the CLIP encodes the samples: auto (CUDA when available), cpu, cuda[:N]")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--pairwise", action="store_true", help="ENGINE's pairwise descriptions (text only, one request per "
+                   "pair of classes) in ENGINE's JSON format, for `spacil extract --pairwise-descriptions`")
 
     d = sub.add_parser("descriptions", help="work with descriptions files")
     dsub = d.add_subparsers(dest="descriptions_command", required=True, parser_class=parser_class)
@@ -411,6 +413,14 @@ def dispatch(args) -> int:
         overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in _DESCRIBE_FLAGS.items()
                                             if getattr(args, flag) is not None]
         config = load_config(args.config, overrides) if args.config else build_config({}, overrides, source="--set")
+        if args.pairwise:
+            from spacil.describe.pairwise import describe_pairwise
+
+            names, _ = open_dataset(args.dataset, args.data_root)
+            chosen = [name for name in names if args.classes is None or name in args.classes]
+            failed = describe_pairwise(chosen, args.out, config.llm, dataset_spec(args.dataset).domain,
+                                       progress=not args.quiet)
+            return 0 if not failed else 1
         knobs = config.spa
         outcome = describe_dataset(args.dataset, args.data_root, args.out, config.llm, knobs.num_descriptions,
                                    knobs.visual_samples, knobs.sample_strategy, args.classes, args.features, config.data.model,

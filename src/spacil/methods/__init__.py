@@ -7,6 +7,7 @@ from types import MappingProxyType
 from spacil.errors import InputError
 from spacil.learner import Learner, LearnerContext
 from spacil.methods.bofa import BOFA
+from spacil.methods.engine import Engine
 from spacil.methods.finetune import FineTune
 from spacil.methods.proof import Proof
 from spacil.methods.ranpac import RanPAC
@@ -16,7 +17,7 @@ from spacil.methods.spa import SPA
 from spacil.methods.zeroshot import ZeroShot
 
 METHODS: "MappingProxyType[str, type[Learner]]" = MappingProxyType({
-    cls.name: cls for cls in (SPA, ZeroShot, SimpleCIL, FineTune, RAPF, Proof, RanPAC, BOFA)
+    cls.name: cls for cls in (SPA, ZeroShot, SimpleCIL, FineTune, RAPF, Proof, RanPAC, BOFA, Engine)
 })
 
 

@@ -55,7 +55,15 @@ SPECS = tuple(
     ArraySpec("text/descriptions.npy", False, _FLOAT, ("classes", "tokens", "dim"), True),
     ArraySpec("text/description_mask.npy", False, ("bool",), ("classes", "tokens"), False),
     ArraySpec(TEMPLATE_NORMS_FILE, False, ("float32",), ("classes", "templates"), False),
+    # the pairwise descriptions (store/pairwise.py) and the stored views (store/views.py)
+    ArraySpec("text/pairwise_mask.npy", False, ("bool",), ("classes", "classes", "pairwise_slots"), False),
+    ArraySpec("text/pairwise.npy", False, ("float32",), ("classes", "classes", "pairwise_slots", "dim"), True),
+    ArraySpec("text/pairwise_norms.npy", False, ("float32",), ("classes", "classes", "pairwise_slots"), False),
+    ArraySpec("train/views_global.npy", False, _FLOAT, ("n_train", "views", "dim"), True),
+    ArraySpec("train/views_global_pre.npy", False, _FLOAT, ("n_train", "views", "width"), False),
 )
+# Token arrays whose padding rows are not unit vectors, and the masks that say which rows are real.
+_MASKS = {"text/descriptions.npy": "text/description_mask.npy", "text/pairwise.npy": "text/pairwise_mask.npy"}
 # The pre-projection extension: read only when meta.json names "width", and then required.
 PRE_PROJECTION_SPECS = tuple(
     ArraySpec(f"{split}/{PRE_PROJECTION_FILE}", True, _FLOAT, (f"n_{split}", "width"), False) for split in SPLITS
@@ -94,9 +102,9 @@ def check_store(path: str | Path, progress: Optional[Callable[[int], None]] = No
         array = _open_checked(path, spec, sizes, findings, arrays)
         if array is not None:
             arrays[spec.rel] = array
-    if "text/descriptions.npy" in arrays and "text/description_mask.npy" not in arrays and \
-            not (path / "text/description_mask.npy").exists():
-        findings.append(f"{path / 'text/description_mask.npy'}: missing array (text/descriptions.npy needs it)")
+    for tokens, mask in _MASKS.items():
+        if tokens in arrays and mask not in arrays and not (path / mask).exists():
+            findings.append(f"{path / mask}: missing array ({tokens} needs it)")
     findings += _image_path_faults(path, sizes)
     for spec in specs:
         if spec.rel in arrays:
@@ -194,8 +202,8 @@ def _scan(file: Path, spec: ArraySpec, array: np.ndarray, sizes: dict[str, int],
     if not spec.unit and array.dtype.kind != "f":
         return findings
     mask = None
-    if spec.rel == "text/descriptions.npy" and "text/description_mask.npy" in arrays:
-        mask = np.asarray(arrays["text/description_mask.npy"])  # [C, M]: only real tokens are unit vectors
+    if _MASKS.get(spec.rel) in arrays:
+        mask = np.asarray(arrays[_MASKS[spec.rel]])  # [C, (C,) M]: only real tokens are unit vectors
     non_finite, first_non_finite = 0, None
     off_unit, first_off_unit = 0, None
     for start, chunk in _chunks(file, array):
@@ -218,7 +226,7 @@ def _scan(file: Path, spec: ArraySpec, array: np.ndarray, sizes: dict[str, int],
         wrong = finite & (np.abs(norms - 1.0) > UNIT_TOLERANCE)
         if mask is not None:
             wrong &= mask[start:start + len(chunk)]
-        elif spec.rel == "text/descriptions.npy":
+        elif spec.rel in _MASKS:
             wrong &= norms != 0  # no usable mask: zero rows are taken for padding
         if wrong.any():
             off_unit += int(wrong.sum())

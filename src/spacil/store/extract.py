@@ -753,8 +753,14 @@ def _finish(out: Path, spec, names, backbone: FrozenCLIP, descriptions, descript
     if with_pre:
         meta["width"] = backbone.width  # last: the pre-projection arrays are read only when meta.json names it
     meta_path = out / "meta.json"
-    if meta_path.exists() and descriptions is None:
-        meta["text"] = read_json(meta_path).get("text", meta["text"])
+    if meta_path.exists():
+        old_meta = read_json(meta_path)
+        if descriptions is None:
+            meta["text"] = old_meta.get("text", meta["text"])
+        elif "pairwise_source" in (old_meta.get("text") or {}):
+            meta["text"]["pairwise_source"] = old_meta["text"]["pairwise_source"]
+        if "views" in old_meta:  # added to the finished store (store/views.py): its arrays stay, so does their record
+            meta["views"] = old_meta["views"]
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     _remove(out / PROGRESS_FILE)  # first: from here on the folder reads as a finished store
     for record in sorted(out.glob(RANK_PROGRESS_GLOB)):

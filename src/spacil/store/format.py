@@ -17,6 +17,7 @@ import numpy as np
 
 from spacil.errors import InputError
 from spacil.fileio import atomic_save_npy, atomic_write_text, make_dirs, read_json
+from spacil.store.pairwise import open_pairwise
 
 FORMAT = "spacil-features"
 VERSION = 1
@@ -143,6 +144,9 @@ class SplitFeatures:
     patches: Optional[np.ndarray]
     labels: np.ndarray
     global_pre: Optional[np.ndarray] = None
+    # stored views (store/views.py), train split only: g [n, V, d] and z [n, V, width] of V altered copies of each image
+    views_global: Optional[np.ndarray] = None
+    views_global_pre: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -191,6 +195,15 @@ class FeatureStore:
         for array, rel in ((self.visual_proj, VISUAL_PROJ_FILE), (self.template_norms, TEMPLATE_NORMS_FILE)):
             if array is not None and array.dtype != np.float32:
                 raise InputError(f"{self.path / rel}: dtype {array.dtype}, expected float32")
+
+        # pairwise descriptions (store/pairwise.py), None when the store has none
+        self.pairwise = open_pairwise(self.path, len(self.classes), self.dim, self._array)
+        # stored views (store/views.py), read only when meta.json names them
+        train = self._splits["train"]
+        for name, array in open_views(self.path, self.meta, len(train), self.dim, self.width, self._array).items():
+            if array.dtype != train.global_.dtype:
+                raise InputError(f"{self.path / 'train' / (name + '.npy')}: dtype {array.dtype}, expected {train.global_.dtype}")
+            setattr(train, name, array)
 
     @property
     def num_classes(self) -> int:
@@ -257,6 +270,28 @@ def require_pre_projection(store: FeatureStore, method: str) -> None:
         f"`spacil extract --dataset {store.dataset} --data-root DATA --out {store.path}` (with the store's --model, "
         f"--pretrained and --dtype) again: a finished store only has z encoded and added, its other arrays are kept"
     )
+
+
+# Stored views (store/views.py writes them): train split only, rows on axis 0; meta.json's "views" names them.
+VIEWS_GLOBAL_FILE = "train/views_global.npy"
+VIEWS_PRE_FILE = "train/views_global_pre.npy"
+
+
+def open_views(store_path: Path, meta: dict, rows: int, dim: int, width: Optional[int], array) -> dict[str, np.ndarray]:
+    """The views a finished store names in meta.json, checked: {"views_global": [n, V, d], "views_global_pre": [n, V, w]}.
+    `array(rel, shape)` opens and checks one array."""
+    record = meta.get("views")
+    if record is None:
+        return {}
+    count = record.get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InputError(f"{store_path / 'meta.json'}: 'views.count' is {count!r}, expected an integer >= 1")
+    found = {"views_global": array(VIEWS_GLOBAL_FILE, (rows, count, dim))}
+    if VIEWS_PRE_FILE in record.get("arrays", []):
+        if width is None:
+            raise InputError(f"{store_path / 'meta.json'}: names {VIEWS_PRE_FILE} but the store has no 'width'")
+        found["views_global_pre"] = array(VIEWS_PRE_FILE, (rows, count, width))
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------------------------

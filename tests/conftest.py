@@ -11,7 +11,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that would download fails at once instead of reaching out
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# ../shared/reference beside the checkout; SPACIL_REFERENCE names another copy (a worktree elsewhere)
+REFERENCE = Path(os.environ.get("SPACIL_REFERENCE") or Path(__file__).resolve().parents[2] / "shared" / "reference")
 
 
 @pytest.fixture(scope="session")

@@ -209,9 +209,9 @@ def test_a_kill_at_any_file_operation_resumes_byte_identical(tiny_model, tmp_pat
                 break
         extract(out)
         assert _files(out) == whole, f"the rerun after a kill at file operation {kills} differs"
-    # the store record, 2 splits x (2 maps + labels), 5 batches x (2 writes + 2 flushes + record), 2 text arrays, meta.json,
+    # the store record, 2 splits x (2 maps + labels + image paths), 5 batches x (2 writes + 2 flushes + record), 2 text arrays, meta.json,
     # 2 records removed
-    assert kills == 1 + 2 * 3 + 5 * 5 + 2 + 1 + 2
+    assert kills == 1 + 2 * 4 + 5 * 5 + 2 + 1 + 2
 
 
 def test_meta_json_not_json_is_one_line(tiny_model, shapes_root, tmp_path, capsys):

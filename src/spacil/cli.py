@@ -56,6 +56,9 @@ def _add_extract(sub) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="autocast precision of the encoders (default: the store's when resuming, else bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--names-file", help="class names to check against the folders (a warning on mismatch, never a shift)")
+    from spacil.data.check import add_names_and_templates
+
+    add_names_and_templates(p)
     p.add_argument("--descriptions", help="a descriptions file whose sentences become the store's semantic tokens")
     p.add_argument("--semantic-tokens", default="sentence", choices=["sentence", "word"])
     p.add_argument("--quiet", action="store_true")
@@ -93,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller world and fewer epochs (for smoke tests)")
     demo.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     _add_extract(sub)
+    from spacil.data.check import add_data_parser
+
+    add_data_parser(sub)
     _add_run(sub)
     _add_report(sub)
     _add_check(sub)
@@ -135,11 +141,18 @@ def cmd_extract(args) -> int:
     descriptions = load_descriptions(args.descriptions).sentences if args.descriptions else None
     extract_store(args.dataset, args.data_root, args.out, model=args.model, pretrained=args.pretrained, dtype=args.dtype,
                   batch_size=args.batch_size, workers=args.workers, device=args.device, names_file=args.names_file,
-                  descriptions=descriptions, descriptions_source=args.descriptions, semantic_tokens=args.semantic_tokens,
-                  progress=not args.quiet, precision=args.precision)
+                  class_names=args.class_names, templates=args.templates, descriptions=descriptions,
+                  descriptions_source=args.descriptions, semantic_tokens=args.semantic_tokens, progress=not args.quiet, precision=args.precision)
     if not args.quiet and int(os.environ.get("RANK", "0") or 0) == 0:
         print(f"feature store written: {args.out}")
     return 0
+
+
+def cmd_data(args) -> int:
+    from spacil.data.check import run_data_check
+
+    return run_data_check(args.dataset, args.data_root, class_names=args.class_names, names_file=args.names_file,
+                          templates=args.templates, quiet=args.quiet)
 
 
 def cmd_report(args) -> int:
@@ -180,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"run": cmd_run, "extract": cmd_extract, "report": cmd_report, "demo": cmd_demo,
-                   "check": cmd_check, "sweep": cmd_sweep}.get(args.command)
+                   "check": cmd_check, "sweep": cmd_sweep, "data": cmd_data}.get(args.command)
         if handler is None:
             from spacil.describe.client import dispatch
 

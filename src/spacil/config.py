@@ -23,13 +23,15 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the features come from and how the classes are split into tasks."""
 
-    dataset: str = "cifar224"
+    dataset: str = "cifar224"  # a benchmark key, or folder:NAME for an ImageFolder tree <data_root>/NAME (docs/data.md)
     features: Optional[str] = None  # a feature store (INTERFACES.md); when set, nothing else is read
     data_root: Optional[str] = None  # used to extract a store when `features` does not exist yet
     model: str = "ViT-B-16"
     pretrained: Optional[str] = "laion400m_e32"  # a tag of open_clip or a local checkpoint file
     descriptions: Optional[str] = None  # a descriptions file whose sentences become semantic tokens at extraction
     names_file: Optional[str] = None  # optional class names to check against the folders (never shifts names)
+    class_names: Optional[str] = None  # class names by folder index (JSON list, {dataset: [names]}, or one per line)
+    templates: Optional[str] = None  # prompt templates replacing the data set's (JSON list or one per line, with {})
     init_cls: int = Field(10, ge=1)
     increment: int = Field(10, ge=1)
     shuffle: bool = True  # class order = np.random.seed(seed); np.random.permutation(C)

@@ -37,7 +37,8 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
             if not (store / "meta.json").is_file():  # another process may have finished it while this one waited
                 descriptions = load_descriptions(data.descriptions).sentences if data.descriptions else None
                 extract_store(data.dataset, data.data_root, store, model=data.model, pretrained=data.pretrained,
-                              device=config.device, names_file=data.names_file, descriptions=descriptions,
+                              device=config.device, names_file=data.names_file, class_names=data.class_names,
+                              templates=data.templates, descriptions=descriptions,
                               descriptions_source=data.descriptions, semantic_tokens=config.spa.semantic_tokens,
                               progress=progress)
     meta = read_meta(store / "meta.json")

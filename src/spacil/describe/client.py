@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from spacil.config import LLMConfig
 from spacil.data import DatasetSpec, dataset_spec, open_dataset
+from spacil.data.check import add_names_and_templates
 from spacil.describe.descriptions import (DescriptionSet, default_token_counter, import_descriptions, load_descriptions, parse_answer, template_descriptions, validate_descriptions)
 from spacil.errors import InputError
 from spacil.describe.sampling import choose_samples, compose_grid
@@ -151,11 +152,13 @@ def describe_dataset(
     echo: Callable[[str], None] = print,
     warn: Callable[[str], None] = None,
     device: str = "auto",
+    class_names: Optional[str] = None,
+    templates: Optional[str] = None,
 ) -> "DescribeOutcome":
     """Write a descriptions file for `dataset` at `out` (see the module doc). Returns what is in the file at the end and
     what failed in this run. `echo` gets the summary; `warn` (standard error by default) every failure."""
     warn = warn or _warn
-    spec: DatasetSpec = dataset_spec(dataset)
+    spec: DatasetSpec = dataset_spec(dataset, templates)
     out = Path(out)
     api_key = None
     if mode == "openai":
@@ -165,7 +168,7 @@ def describe_dataset(
                              f"(choose another variable with --api-key-env, or --llm none for template descriptions)")
     elif mode != "none":
         raise InputError(f"--llm {mode}: expected openai or none")
-    names, splits = open_dataset(dataset, data_root)
+    names, splits = open_dataset(dataset, data_root, class_names=class_names, templates=templates)
     wanted = list(range(len(names)))
     if classes:
         lookup = {n: i for i, n in enumerate(names)}
@@ -359,6 +362,7 @@ _DESCRIBE_FLAGS = {
     "max_concurrency": "llm.max_concurrency", "timeout": "llm.timeout", "max_retries": "llm.max_retries",
     "max_attempts": "llm.max_attempts", "num_descriptions": "spa.num_descriptions", "visual_samples": "spa.visual_samples",
     "sample_strategy": "spa.sample_strategy", "clip_model": "data.model", "pretrained": "data.pretrained", "seed": "seed",
+    "class_names": "data.class_names", "templates": "data.templates",
 }
 
 
@@ -370,6 +374,7 @@ def add_describe_parsers(sub, parser_class) -> None:
     p.add_argument("--llm", default="openai", choices=["openai", "none"], help="none: template descriptions (no-LLM ablation)")
     p.add_argument("--config", help="a run config whose spa.*, llm.* and data.model/pretrained values are the defaults")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_names_and_templates(p)
     p.add_argument("--model", help="the LLM (default gpt-5)")
     p.add_argument("--base-url", help="an OpenAI-compatible server (default: the SDK's, or OPENAI_BASE_URL)")
     p.add_argument("--api-key-env", help="the environment variable holding the key (default OPENAI_API_KEY)")
@@ -409,7 +414,8 @@ def dispatch(args) -> int:
         outcome = describe_dataset(args.dataset, args.data_root, args.out, config.llm, knobs.num_descriptions,
                                    knobs.visual_samples, knobs.sample_strategy, args.classes, args.features, config.data.model,
                                    config.data.pretrained or None, config.seed, args.llm, progress=not args.quiet, echo=print,
-                                   device=args.device)
+                                   device=args.device, class_names=config.data.class_names,
+                                   templates=config.data.templates)
         return 0 if not outcome.failed else 1
     if args.command == "descriptions" and args.descriptions_command == "import":
         if args.num_descriptions < 1:

@@ -3,7 +3,7 @@
 Two levels:
 - `quick_check(path)`: what every `spacil run` (and `spacil extract` on an existing store) does before any work: meta.json
   parses and has its keys, every array exists, its header parses, its dtype and shape fit the others, its size on disk is
-  what its header says (not truncated), labels lie in range. Raises the first fault as an InputError; returns the store.
+  what its header says (not truncated), labels lie in range; each split's image_paths.json, when there, has one path per row. Raises the first fault as an InputError; returns the store.
 - `check_store(path)`: everything, every fault found (not only the first), one line each: the cheap checks above plus a
   streaming pass over every row, in chunks of bounded size (a 12 GB store needs no more than a chunk of memory), for
   non-finite values and rows that are not unit vectors (every feature in the store is L2-normalised; INTERFACES.md).
@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.store.format import PROGRESS_FILE, SPLITS, FeatureStore, open_npy, read_meta
+from spacil.store.format import IMAGE_PATHS_FILE, PROGRESS_FILE, SPLITS, FeatureStore, open_npy, read_image_paths, read_meta
 
 # Largest chunk read at once by the streaming pass (bytes of the stored array).
 CHUNK_BYTES = 32 << 20
@@ -85,9 +85,28 @@ def check_store(path: str | Path, progress: Optional[Callable[[int], None]] = No
     if "text/descriptions.npy" in arrays and "text/description_mask.npy" not in arrays and \
             not (path / "text/description_mask.npy").exists():
         findings.append(f"{path / 'text/description_mask.npy'}: missing array (text/descriptions.npy needs it)")
+    findings += _image_path_faults(path, sizes)
     for spec in SPECS:
         if spec.rel in arrays:
             findings += _scan(path / spec.rel, spec, arrays[spec.rel], sizes, arrays, progress)
+    return findings
+
+
+def _image_path_faults(path: Path, sizes: dict[str, int]) -> list[str]:
+    """`<split>/image_paths.json` (optional; INTERFACES.md extension): a list of non-empty strings, one per row."""
+    findings = []
+    for split in SPLITS:
+        file = path / split / IMAGE_PATHS_FILE
+        if not file.exists():
+            continue
+        try:
+            paths = read_image_paths(file)
+        except InputError as err:
+            findings.append(str(err))
+            continue
+        rows = sizes.get(f"n_{split}")
+        if rows is not None and len(paths) != rows:
+            findings.append(f"{file}: {len(paths)} image paths for the {rows} rows of {split}/global.npy")
     return findings
 
 

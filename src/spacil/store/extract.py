@@ -6,8 +6,9 @@ a kill at any instant (SIGKILL included) leaves a folder the next run completes 
 
 1. `.progress.json` (the store record: settings fingerprint, devices) is written first, before any other file; whether an
    extraction is new or resumed is decided by it alone (a folder with nothing but interrupted temporary files is new).
-2. For every split with no row recorded done, the maps `global.npy` and `patches.npy` are (re-)created, then `labels.npy`
-   is saved: labels are on disk before any row.
+2. A split whose `image_paths.json` names other images than the tree now has (a broken file removed since) loses its
+   rows from every rank record. For every split with no row recorded done, the maps `global.npy` and `patches.npy` are
+   (re-)created, then `labels.npy`, then `image_paths.json` are saved: labels and image paths are on disk before any row.
 3. Each process ("rank") appends the rows it has written *and flushed* to its own `.progress.rank<R>.json`
    (`{"done": {split: [[start, end], ...]}}`, row ranges); a batch counts as done only once it is there.
 4. Text features, then `meta.json` are written when every batch is recorded done; then the records are removed
@@ -45,11 +46,11 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from spacil.backbone import FrozenCLIP
-from spacil.data import (CLIP_MEAN, CLIP_STD, DatasetSpec, SplitIndex, dataset_spec, image_transform, normalise_name,
-                         open_dataset)
+from spacil.data import CLIP_MEAN, CLIP_STD, DatasetIndex, DatasetSpec, SplitIndex, image_transform, index_dataset, normalise_name
 from spacil.devices import resolve_device, resolve_precision
 from spacil.errors import InputError
-from spacil.store.format import (FORMAT, PROGRESS_FILE, SPLITS, VERSION, pad_token_sets, read_npy_header, write_text_features)
+from spacil.store.format import (FORMAT, IMAGE_PATHS_FILE, PROGRESS_FILE, SPLITS, VERSION, pad_token_sets, read_image_paths,
+                                 read_npy_header, write_text_features)
 from spacil.fileio import atomic_save_npy, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -455,6 +456,8 @@ def extract_store(
     workers: Optional[int] = None,
     device: str | torch.device = "auto",
     names_file: Optional[str] = None,
+    class_names: Optional[str] = None,
+    templates: Optional[str] = None,
     descriptions: Optional[dict[str, list[str]]] = None,
     descriptions_source: Optional[str] = None,
     semantic_tokens: str = "sentence",
@@ -469,6 +472,9 @@ def extract_store(
     the store's when resuming, else bf16 on CUDA and fp32 on the CPU). `workers`: image-decoding processes (None: the
     machine's cores on CUDA, 0 on the CPU). `max_batches` stops this process after that many batches (to test resuming).
     `backbone` reuses an already built model (it must be the one `model` and `pretrained` name; its device is used).
+    `class_names`: names by folder index (`--class-names`); `names_file`: only compared with the names (`--names-file`);
+    `templates`: a templates file replacing the data set's. The tree is listed and its names checked (`spacil data check`
+    without opening the images) before anything is built or written.
     """
     if dtype not in _TORCH_DTYPES:
         raise InputError(f"--dtype {dtype}: expected float16 or float32")
@@ -476,20 +482,22 @@ def extract_store(
         raise InputError(f"--batch-size {batch_size}: expected at least 1")
     if workers is not None and workers < 0:
         raise InputError(f"--workers {workers}: expected 0 or more")
-    spec = dataset_spec(dataset)
-    names, splits = open_dataset(dataset, data_root, names_file)
+    data = index_dataset(dataset, data_root, class_names=class_names, names_file=names_file, templates=templates)
+    data.raise_first_fault()
     out = Path(out)
     world, run_device = _join_world(backbone.device if backbone is not None else device)
     try:
-        return _extract(spec, names, splits, out, model, pretrained, dtype, batch_size, workers, run_device, world,
+        return _extract(data, out, model, pretrained, dtype, batch_size, workers, run_device, world,
                         descriptions, descriptions_source, semantic_tokens, max_batches, progress, backbone, precision)
     finally:
         world.close()
 
 
-def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_size, workers, device: torch.device,
+def _extract(data: DatasetIndex, out: Path, model, pretrained, dtype, batch_size, workers, device: torch.device,
              world: _World, descriptions, descriptions_source, semantic_tokens, max_batches, progress, backbone,
              precision) -> Path:
+    spec, names, splits = data.spec, data.names, data.splits
+    provenance = {"image_root": str(data.root), "class_names_source": data.names_source}
     progress_path = out / PROGRESS_FILE
     meta_path = out / "meta.json"
     # Everything below up to the first barrier only reads, so that every rank sees the folder as rank 0 found it.
@@ -519,7 +527,7 @@ def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_siz
             raise InputError(f"--dtype {dtype}: {out} is a complete store of {stored_dtype} rows; a complete store only has its "
                              f"text features refreshed, so extract into another --out")
     elif recorded is not None:
-        if recorded_fingerprint != fingerprint:
+        if _without_counts(recorded_fingerprint, out) != _without_counts(fingerprint, out):
             raise InputError(
                 f"{progress_path}: an unfinished extraction with other settings (data set, model, dtype or batch size); "
                 f"use another --out or delete {out}"
@@ -534,7 +542,7 @@ def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_siz
         if world.rank == 0:
             log.info("%s: store complete; refreshing its text features only", out)
             _finish(out, spec, names, backbone, descriptions, descriptions_source, semantic_tokens,
-                    provenance={k: old_meta[k] for k in ("precision", "device") if k in old_meta})
+                    provenance={**provenance, **{k: old_meta[k] for k in ("precision", "device") if k in old_meta}})
         return out
 
     files = {split: _SplitFiles(out / split / "global.npy", out / split / "patches.npy", counts[split], backbone.dim,
@@ -559,7 +567,7 @@ def _extract(spec, names, splits, out: Path, model, pretrained, dtype, batch_siz
         if all(_covered(done[split], start, end) for split, start, end in _batches(counts, batch_size)):
             devices = read_json(progress_path).get("devices", [device.type])
             _finish(out, spec, names, backbone, descriptions, descriptions_source, semantic_tokens,
-                    provenance={"precision": precision, "device": "+".join(devices)})
+                    provenance={**provenance, "precision": precision, "device": "+".join(devices)})
     return out
 
 
@@ -576,6 +584,8 @@ def _prepare(out: Path, recorded: Optional[dict], fingerprint: dict, device: tor
             for lo, hi in current[split]:
                 legacy[split] = _add_range(legacy[split], lo, hi)
         atomic_write_text(out / rank_progress_file(0), json.dumps({"done": legacy}))
+    for split in SPLITS:
+        _forget_rows_of_other_images(out, split, splits[split])
     devices = sorted(set((recorded or {}).get("devices", [])) | {device.type})
     state = {"fingerprint": fingerprint, "devices": devices}
     if recorded != state:
@@ -587,6 +597,40 @@ def _prepare(out: Path, recorded: Optional[dict], fingerprint: dict, device: tor
         (out / split).mkdir(exist_ok=True)
         files[split].create()
         atomic_save_npy(out / split / "labels.npy", splits[split].labels)
+        atomic_write_text(out / split / IMAGE_PATHS_FILE, json.dumps(list(splits[split].paths)))
+
+
+def _without_counts(fingerprint: dict, out: Path) -> dict:
+    """The settings a resumed extraction must share with the recorded one. Row counts are left to the image paths where
+    every split records them (`_forget_rows_of_other_images`): a broken image removed since changes a count."""
+    if all((out / split / IMAGE_PATHS_FILE).is_file() for split in SPLITS):
+        return {k: v for k, v in fingerprint.items() if k != "counts"}
+    return fingerprint
+
+
+def _forget_rows_of_other_images(out: Path, split: str, index: SplitIndex) -> None:
+    """Rank 0: when the images of `split` are no longer those its rows were encoded from (a broken file was removed or
+    another added), its rows are dropped from every rank record, so that the split is encoded anew; the other split keeps
+    its rows. A repaired file (same paths) changes nothing: its row was never recorded done, as a batch with an unreadable image
+    stops the run before it is encoded."""
+    recorded = out / split / IMAGE_PATHS_FILE
+    if not recorded.is_file() or _recorded_paths(recorded) == list(index.paths):
+        return
+    log.warning("spacil: warning: %s: the images of split '%s' changed since the interrupted run; encoding it anew",
+                out, split)
+    for record in sorted(out.glob(RANK_PROGRESS_GLOB)):
+        done = read_json(record).get("done", {})
+        if done.get(split):
+            atomic_write_text(record, json.dumps({"done": {**done, split: []}}))
+    # the paths file stays until the split's files are made anew: a kill before then repeats this, never skips it
+
+
+def _recorded_paths(file: Path) -> Optional[list]:
+    """The image paths an interrupted run recorded; None when that file is damaged (then it is written anew)."""
+    try:
+        return read_image_paths(file)
+    except InputError:
+        return None
 
 
 class _BatchRows(torch.utils.data.Sampler):

@@ -22,6 +22,7 @@ FORMAT = "spacil-features"
 VERSION = 1
 SPLITS = ("train", "test")
 PROGRESS_FILE = ".progress.json"
+IMAGE_PATHS_FILE = "image_paths.json"  # <split>/image_paths.json: each row's image, relative to meta["image_root"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -102,6 +103,19 @@ def read_meta(meta_path: str | Path) -> dict:
     return meta
 
 
+def read_image_paths(file: str | Path) -> list[str]:
+    """A `<split>/image_paths.json`: a JSON list of strings (InputError naming the file otherwise)."""
+    try:
+        paths = json.loads(Path(file).read_text())
+    except OSError as err:
+        raise InputError(f"{file}: cannot read ({err.strerror})") from None
+    except ValueError as err:
+        raise InputError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise InputError(f"{file}: expected a JSON list of image paths (strings)")
+    return paths
+
+
 def rows_as_tensor(array: np.ndarray, rows, device=None):
     """Rows of a (memory-mapped, possibly fp16) array -> a float32 torch tensor on `device`."""
     import torch
@@ -168,6 +182,17 @@ class FeatureStore:
 
     def split(self, name: str) -> SplitFeatures:
         return self._splits[name]
+
+    def image_paths(self, split: str) -> Optional[list[str]]:
+        """The image of every row of `split` (row order), POSIX paths relative to `meta["image_root"]` (CIFAR-100:
+        `<split>/<index>`); None for a store without `<split>/image_paths.json` (spacil before 0.3, generated worlds)."""
+        file = self.path / split / IMAGE_PATHS_FILE
+        if not file.is_file():
+            return None
+        paths = read_image_paths(file)
+        if len(paths) != len(self._splits[split]):
+            raise InputError(f"{file}: {len(paths)} image paths for the {len(self._splits[split])} rows of the split")
+        return paths
 
     def _array(self, rel: str, shape: tuple) -> np.ndarray:
         file = self.path / rel

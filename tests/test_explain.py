@@ -220,3 +220,18 @@ def test_bad_arguments_are_one_line(world, tmp_path, capsys):
     assert "no image given" in _one_line_error(capsys, ["explain", run, *options])
     assert "not a readable image" in _one_line_error(capsys, ["explain", run, str(world["descriptions"]), *options])
     assert "missing; not a run folder" in _one_line_error(capsys, ["explain", str(tmp_path), photo, *options])
+
+
+def test_word_tokens_are_mapped_to_their_sentences(world, tiny_model, shapes_root, tmp_path):
+    store = tmp_path / "store"
+    extract_store("shapes", shapes_root, store, model=tiny_model, pretrained=None, batch_size=8, device="cpu",
+                  descriptions=load_descriptions(world["descriptions"]).sentences,
+                  descriptions_source=str(world["descriptions"]), semantic_tokens="word", progress=False)
+    tree = {"device": "cpu", "data": {"features": str(store), "init_cls": 2, "increment": 2}, "train": {"epochs": 1},
+            "spa": {"top_k_patches": 4, "semantic_tokens": "word"}}
+    Run(build_config(tree), FeatureStore(store), tmp_path / "run").run()
+    (path,) = explain_images(tmp_path / "run", world["photos"][:1], out=tmp_path / "out", device="cpu", echo=lambda line: None)
+    (explained,) = json.loads(path.read_text())["explained"]
+    words = [len(s.rstrip(".").split()) + 1 for s in explained["sentences"]]  # "a photo of a red square." : 6 words + "."
+    assert explained["token_sentence"] == [i for i, n in enumerate(words) for _ in range(n)]
+    assert np.array(explained["plan"]).shape == (4, sum(words))

@@ -210,11 +210,12 @@ def explain_features(run: LoadedRun, global_: torch.Tensor, patches: torch.Tenso
                              if scores is not None else {})} for c in order[:top]]
         record["explained"] = []
         if scores is not None and scores.plan is not None:
-            columns = [order[0]] + [c for c in (given[b] if given else None,) if c is not None and c != order[0]]
-            for role, column in zip(("predicted", "given"), columns):
-                record["explained"].append(_patch_record(learner, scores, b, column, names[column], role, sentences))
-            if given and given[b] is not None and given[b] == order[0]:
-                record["explained"][0]["role"] = "predicted and given"
+            wanted = given[b] if given else None
+            drawn = [("predicted and given" if wanted == order[0] else "predicted", order[0])]
+            if wanted is not None and wanted != order[0]:
+                drawn.append(("given", wanted))
+            record["explained"] = [_patch_record(learner, scores, b, column, names[column], role, sentences)
+                                   for role, column in drawn]
         records.append(record)
     return records
 

@@ -68,25 +68,29 @@ def _expected_size(panels: list[str]) -> tuple[int, int]:
     return round(sum(PANEL_WIDTHS[p] for p in panels) * DPI), round(HEIGHT * DPI)
 
 
-def _runner_logits(run_dir: Path, photos: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _runner_logits(run_dir: Path, photos: list[Path], device: str = "cpu") -> torch.Tensor:
     """The photos encoded here, then scored through the runner's prediction path (TaskData batches -> learner.logits)."""
     from PIL import Image
 
-    run = load_run(run_dir, device="cpu")
+    run = load_run(run_dir, device=device)
     backbone = load_backbone(run.store, run.device)
     images = [Image.open(p).convert("RGB") for p in photos]
     global_, patches = encode_pil_images(backbone, images, str(run.store.split("test").global_.dtype))
-    data = TaskData(0, global_.numpy(), patches.numpy(), np.zeros(len(images), dtype=np.int64), run.device)
+    data = TaskData(0, global_.cpu().numpy(), patches.cpu().numpy(), np.zeros(len(images), dtype=np.int64), run.device)
     logits = [run.learner.logits(batch) for batch in data.batches(run.config.train.eval_batch_size)]
-    return torch.cat(logits), global_, patches
+    return torch.cat(logits).cpu()
 
 
-def test_spa_figure_and_numbers_are_the_learners(world, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_spa_figure_and_numbers_are_the_learners(world, tmp_path, device):
     out = tmp_path / "out"
-    written = explain_images(world["runs"]["spa"], world["photos"], class_name="Green_Circle", out=out, device="cpu",
+    written = explain_images(world["runs"]["spa"], world["photos"], class_name="Green_Circle", out=out, device=device,
                              top=3, echo=lambda line: None)
     assert [p.name for p in written] == ["astronaut.json", "chelsea.json", "coffee.json"]
-    logits, _, _ = _runner_logits(world["runs"]["spa"], world["photos"])
+    logits = _runner_logits(world["runs"]["spa"], world["photos"], device)
     for b, path in enumerate(written):
         text = path.read_text()
         record = json.loads(text)
@@ -121,7 +125,7 @@ def test_what_each_run_really_uses(world, tmp_path, variant):
     lines = []
     (path,) = explain_images(world["runs"][variant], world["photos"][1:2], out=tmp_path, device="cpu", echo=lines.append)
     record = json.loads(path.read_text())
-    logits, _, _ = _runner_logits(world["runs"][variant], world["photos"][1:2])
+    logits = _runner_logits(world["runs"][variant], world["photos"][1:2])
     np.testing.assert_allclose(record["logits"], logits[0].numpy(), atol=1e-5, rtol=0)
     from PIL import Image
 
@@ -206,9 +210,15 @@ def test_missing_backbone_weights_name_the_file(world, tiny_model, tmp_path, cap
     assert "open_clip_pytorch_model.bin: missing" in _one_line_error(capsys, argv)
     shutil.rmtree(model)
     assert "open_clip_config.json: missing" in _one_line_error(capsys, argv)
+    assert "--pretrained" in _one_line_error(capsys, argv + ["--pretrained", str(tmp_path / "w.pt")])  # local-dir: its own
     meta["backbone"]["model"], meta["backbone"]["pretrained"] = "ViT-B-16", str(tmp_path / "ViT-B-16.pt")
     (store / "meta.json").write_text(json.dumps(meta))
     assert "ViT-B-16.pt: missing" in _one_line_error(capsys, argv)
+    assert "moved.pt: missing" in _one_line_error(capsys, argv + ["--pretrained", str(tmp_path / "moved.pt")])
+    meta["backbone"]["pretrained"] = "laion400m_e32"  # an open_clip tag, not cached here and no network
+    (store / "meta.json").write_text(json.dumps(meta))
+    err = _one_line_error(capsys, argv)
+    assert "weights of ViT-B-16 'laion400m_e32' are missing" in err and "--pretrained FILE" in err
 
 
 def test_bad_arguments_are_one_line(world, tmp_path, capsys):

@@ -97,6 +97,7 @@ def _add_explain(sub) -> None:
     p.add_argument("--class", dest="class_name", help="the true class: its picked patches and plan are drawn too")
     p.add_argument("--top", type=int, default=5, help="classes in the score chart")
     p.add_argument("--descriptions", help="the descriptions file, when it moved since extraction")
+    p.add_argument("--pretrained", help="the backbone's checkpoint file, when it moved since extraction (sha256 checked)")
     p.add_argument("--out", default="explain", help="where <image>.png and <image>.json go")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
 
@@ -199,7 +200,7 @@ def cmd_explain(args) -> int:
     from spacil.explain import explain_images
 
     explain_images(args.run, args.images, store=args.store, class_name=args.class_name, top=args.top, out=args.out,
-                   device=args.device, descriptions=args.descriptions, rows=args.row)
+                   device=args.device, descriptions=args.descriptions, rows=args.row, pretrained=args.pretrained)
     return 0
 
 

@@ -84,26 +84,40 @@ def load_run(run_dir: str | Path, store: Optional[str | Path] = None, device: st
     return LoadedRun(config, features, learner, class_index, resolved)
 
 
-def load_backbone(store: FeatureStore, device: torch.device):
-    """The frozen CLIP the store's meta.json names, in its precision; InputError naming the missing file when the weights
-    cannot be had, or the checkpoint when it is not the one the store was encoded with."""
+def load_backbone(store: FeatureStore, device: torch.device, pretrained: Optional[str] = None):
+    """The frozen CLIP the store's meta.json names, in its precision (`pretrained`: its checkpoint file, when it is no
+    longer where meta.json says). InputError naming the missing file when the weights cannot be had, or the checkpoint
+    when it is not the one the store was encoded with."""
+    import open_clip
+
     from spacil.backbone import FrozenCLIP, local_dir_checkpoint
 
     meta_path = store.path / "meta.json"
     backbone = store.backbone
-    model, pretrained = backbone.get("model"), backbone.get("pretrained")
+    model = backbone.get("model")
     if not model:
         raise InputError(f"{meta_path}: 'backbone.model' missing; the store does not say which CLIP encoded it")
     if model.startswith("local-dir:"):
+        if pretrained is not None:
+            raise InputError(f"--pretrained {pretrained}: the store's backbone is {model}, which loads the weights in its own folder")
         folder = Path(model[len("local-dir:"):])
-        config_file = folder / "open_clip_config.json"
-        if not config_file.is_file():
-            raise InputError(f"{config_file}: missing (the backbone {meta_path} names)")
+        if not (folder / "open_clip_config.json").is_file():
+            raise InputError(f"{folder / 'open_clip_config.json'}: missing (the backbone {meta_path} names)")
         if backbone.get("checkpoint_sha256") and local_dir_checkpoint(model) is None:
             raise InputError(f"{folder / 'open_clip_pytorch_model.bin'}: missing (the weights of the backbone {meta_path} names)")
-    elif pretrained and (Path(pretrained).suffix or "/" in pretrained) and not Path(pretrained).is_file():
-        raise InputError(f"{pretrained}: missing (the checkpoint of the backbone {meta_path} names)")
-    clip = FrozenCLIP(model, pretrained or None, str(device), store.meta.get("precision", "fp32"))
+    pretrained = pretrained or backbone.get("pretrained") or None
+    is_file = pretrained is not None and (Path(pretrained).suffix != "" or "/" in pretrained)
+    if is_file and not Path(pretrained).is_file():
+        raise InputError(f"{pretrained}: missing (the checkpoint of the backbone {meta_path} names); pass it with --pretrained FILE")
+    try:
+        clip = FrozenCLIP(model, pretrained, str(device), store.meta.get("precision", "fp32"))
+    except InputError as err:
+        if "could not be downloaded" not in str(err):  # a tag open_clip would have to download: say which weights
+            raise
+        source = open_clip.get_pretrained_cfg(model, pretrained) or {}
+        raise InputError(f"{meta_path}: the weights of {model} '{pretrained}' are missing (not in open_clip's cache, no network "
+                         f"to fetch {source.get('hf_hub') or source.get('url') or 'them'}); pass the checkpoint with "
+                         f"--pretrained FILE") from None
     recorded = backbone.get("checkpoint_sha256")
     if recorded and clip.info.checkpoint_sha256 and clip.info.checkpoint_sha256 != recorded:
         raise InputError(f"{pretrained or model}: not the checkpoint {meta_path} was encoded with (sha256 differs)")
@@ -395,7 +409,7 @@ def _read_images(run: LoadedRun, images: Sequence[str | Path], rows: Sequence[st
 
 def explain_images(run_dir: str | Path, images: Sequence[str | Path] = (), store: Optional[str | Path] = None,
                    class_name: Optional[str] = None, top: int = 5, out: str | Path = "explain", device: str = "auto",
-                   descriptions: Optional[str | Path] = None, rows: Sequence[str] = (),
+                   descriptions: Optional[str | Path] = None, rows: Sequence[str] = (), pretrained: Optional[str] = None,
                    echo: Callable[[str], None] = print) -> list[Path]:
     """Write `<image>.png` and `<image>.json` per image (a file, or a stored row `SPLIT:INDEX`, whose true class is drawn
     as `--class` is) to `out`; returns the JSON paths."""
@@ -412,7 +426,7 @@ def explain_images(run_dir: str | Path, images: Sequence[str | Path] = (), store
             raise InputError(f"--class {class_name}: not a class this run has seen ({len(run.names)} classes, e.g. "
                              f"'{run.names[0]}')")
         given = [matches[0]] * len(pictures)
-    backbone = load_backbone(run.store, run.device)
+    backbone = load_backbone(run.store, run.device, pretrained)
     learner = run.learner
     patch_branch = isinstance(learner, SPA) and learner.ablation.patch_branch
     if not isinstance(learner, SPA):

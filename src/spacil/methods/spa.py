@@ -12,7 +12,7 @@ from their stored Gaussians.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator, Optional
 
 import torch
@@ -301,9 +301,8 @@ class SPA(Learner):
     def explain(self, batch: FeatureBatch) -> SPAScores:
         """The scores `logits` predicts with and every quantity they come from, for a (small) batch."""
         parts = list(self._prediction_scores(batch))
-        fields = {name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
-                  for name in SPAScores.__dataclass_fields__}
-        return SPAScores(**fields)
+        return SPAScores(**{field.name: None if getattr(parts[0], field.name) is None
+                            else torch.cat([getattr(part, field.name) for part in parts]) for field in fields(SPAScores)})
 
     # checkpointing -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -39,6 +39,7 @@ HEIGHT = 4.5
 PANEL_WIDTHS = {"photo": 4.0, "sentences": 5.0, "scores": 3.5}
 LINKS_PER_SENTENCE = 3  # patches each sentence is linked to: those its plan column sends most mass to
 DISPLAY_PIXELS = 448  # the photo is drawn downscaled to this long side
+IMAGES_PER_BATCH = 16  # images encoded and scored together
 
 
 @dataclass
@@ -433,9 +434,12 @@ def explain_images(run_dir: str | Path, images: Sequence[str | Path] = (), store
         echo(f"explain: {learner.label} has no patch-level evidence; drawing its class scores only")
     sentences = token_sentences(run, backbone, descriptions) if patch_branch else None
     dtype = str(run.store.split("test").global_.dtype)
-    with torch.no_grad():
-        global_, patches = encode_pil_images(backbone, pictures, dtype)
-    records = explain_features(run, global_.to(run.device), patches.to(run.device), sentences, top, given)
+    records = []
+    for start in range(0, len(pictures), IMAGES_PER_BATCH):
+        with torch.no_grad():
+            global_, patches = encode_pil_images(backbone, pictures[start:start + IMAGES_PER_BATCH], dtype)
+        records += explain_features(run, global_.to(run.device), patches.to(run.device), sentences, top,
+                                    None if given is None else given[start:start + IMAGES_PER_BATCH])
     grid = tuple(int(g) for g in backbone.model.visual.grid_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

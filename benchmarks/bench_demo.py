@@ -19,7 +19,8 @@ import sync_docs
 from _common import add_device_argument, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
-PICTURES = {"curves.png": "demo_curves.png", "matrix_spa.png": "demo_spa_matrix.png", "patch_selection.png": "demo_patch_selection.png"}
+PICTURES = {"curves.png": "demo_curves.png", "matrix_spa.png": "demo_spa_matrix.png", "patch_selection.png": "demo_patch_selection.png",
+            "image_path/explain/test_5.png": "demo_explain.png"}
 
 
 def main() -> None:

@@ -23,6 +23,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert summaries["simplecil"]["avg_acc"] > 3 * chance
     image = json.loads((out / "image_path" / "runs" / "image_spa" / "summary.json").read_text())
     assert image["complete"] and len(image["curve"]) == 2
+    explained = json.loads((out / "image_path" / "explain" / "test_5.json").read_text())  # spacil explain of one image
+    assert explained["method"] == "spa" and explained["explained"] and (out / "image_path" / "explain" / "test_5.png").is_file()
     # run again: everything finished is reused
     assert main(["demo", "--out", str(out), "--quick"]) == 0
 

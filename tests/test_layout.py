@@ -24,7 +24,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("learner", ("spacil.learner",)),
     ("methods", ("spacil.methods",)),
     ("runner", ("spacil.runner", "spacil.runlock", "spacil.pipeline")),
-    ("report", ("spacil.report",)),
+    ("report", ("spacil.report", "spacil.explain")),
     ("sweep", ("spacil.sweep",)),
     ("demo", ("spacil.demo",)),
     ("cli", ("spacil.cli", "spacil.__main__")),

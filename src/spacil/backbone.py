@@ -57,7 +57,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _local_dir_checkpoint(model_name: str) -> Optional[Path]:
+def local_dir_checkpoint(model_name: str) -> Optional[Path]:
     folder = Path(model_name[len("local-dir:"):])
     for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin", "model.safetensors"):
         if (folder / name).is_file():
@@ -77,7 +77,7 @@ def create_open_clip(model: str, pretrained: Optional[str], device: str = "cpu")
         if pretrained and (Path(pretrained).suffix or "/" in pretrained):  # a weights file that would be ignored
             raise InputError(f"--pretrained {pretrained}: a local-dir: model loads the weights in its own folder ({folder}); "
                              f"put them there or use --model ARCH --pretrained FILE")
-        ckpt = _local_dir_checkpoint(model)
+        ckpt = local_dir_checkpoint(model)
         checkpoint_hash = file_sha256(ckpt) if ckpt else None
         pretrained = None
     elif model.startswith("hf-hub:"):

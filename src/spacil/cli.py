@@ -95,6 +95,20 @@ def _add_sweep(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="what a run's learner saw in photos: picked patches, transport plan, class scores")
+    p.add_argument("run", help="a run folder (its checkpoints/last.pt)")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--row", action="append", default=[], metavar="SPLIT:INDEX", help="a stored image of the store, by row")
+    p.add_argument("--store", help="the run's feature store (default: the one its config.yaml names)")
+    p.add_argument("--class", dest="class_name", help="the true class: its picked patches and plan are drawn too")
+    p.add_argument("--top", type=int, default=5, help="classes in the score chart")
+    p.add_argument("--descriptions", help="the descriptions file, when it moved since extraction")
+    p.add_argument("--pretrained", help="the backbone's checkpoint file, when it moved since extraction (sha256 checked)")
+    p.add_argument("--out", default="explain", help="where <image>.png and <image>.json go")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spacil", description="SPA for class-incremental learning on a frozen CLIP")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -110,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_check(sub)
     _add_sweep(sub)
+    _add_explain(sub)
     from spacil.describe.client import add_describe_parsers
 
     add_describe_parsers(sub, _Parser)
@@ -198,6 +213,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from spacil.explain import explain_images
+
+    explain_images(args.run, args.images, store=args.store, class_name=args.class_name, top=args.top, out=args.out,
+                   device=args.device, descriptions=args.descriptions, rows=args.row, pretrained=args.pretrained)
+    return 0
+
+
 def cmd_check(args) -> int:
     from spacil.store.check import main_check
 
@@ -210,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"run": cmd_run, "extract": cmd_extract, "report": cmd_report, "demo": cmd_demo,
-                   "check": cmd_check, "sweep": cmd_sweep, "data": cmd_data}.get(args.command)
+                   "check": cmd_check, "sweep": cmd_sweep, "data": cmd_data, "explain": cmd_explain}.get(args.command)
         if handler is None:
             from spacil.describe.client import dispatch
 

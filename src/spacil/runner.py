@@ -118,27 +118,7 @@ class Run:
             atomic_write_text(path, dump_config(self.config))
 
     def _load_checkpoint(self, path: Path) -> None:
-        """Load checkpoints/last.pt with weights_only=True: tensors, numbers, strings, lists and dicts, never code."""
-        try:
-            # tensors come back on the CPU, whichever device wrote them; each learner places its own state (PROOF keeps its
-            # exemplars on the CPU)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "unsupported global" in str(err).lower():  # a pickled class or function: the one way a pickle runs code
-                raise InputError(f"{path}: refused: it holds Python objects other than tensors, numbers, strings, lists "
-                                 f"and dicts (loading it could run code)") from None
-            raise InputError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:200]})") from None
-        except (RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError, KeyError) as err:
-            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-            raise InputError(f"{path}: not a readable checkpoint, truncated or damaged ({reason})") from None
-        if not isinstance(state, dict) or not isinstance(state.get("learner"), dict) or not isinstance(state.get("evaluations"), list):
-            raise InputError(f"{path}: not a spacil checkpoint (expected a dict with 'learner' and 'evaluations')")
-        try:
-            self.learner.load_state_dict(state["learner"])
-            evaluations = [TaskEvaluation(**e) for e in state["evaluations"]]
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
-            raise InputError(f"{path}: does not hold a '{self.config.method}' learner of this config "
-                             f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+        evaluations = load_checkpoint(path, self.learner, self.config.method)
         if len(evaluations) > len(self.sizes):
             raise InputError(f"{path}: holds {len(evaluations)} finished tasks, this run has {len(self.sizes)}")
         self.evaluations = evaluations
@@ -273,6 +253,31 @@ class Run:
         self._log(f"Average Accuracy: {summary['avg_acc']:.2f}  Last Accuracy: {summary['last_acc']:.2f}  "
                   f"Forgetting: {summary['forgetting']:.2f}")
         return summary
+
+
+def load_checkpoint(path: Path, learner: Learner, method: str) -> list[TaskEvaluation]:
+    """Load checkpoints/last.pt into `learner` with weights_only=True: tensors, numbers, strings, lists and dicts, never
+    code. Returns the finished tasks' evaluations."""
+    try:
+        # tensors come back on the CPU, whichever device wrote them; each learner places its own state (PROOF keeps its
+        # exemplars on the CPU)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "unsupported global" in str(err).lower():  # a pickled class or function: the one way a pickle runs code
+            raise InputError(f"{path}: refused: it holds Python objects other than tensors, numbers, strings, lists "
+                             f"and dicts (loading it could run code)") from None
+        raise InputError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError, KeyError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise InputError(f"{path}: not a readable checkpoint, truncated or damaged ({reason})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("learner"), dict) or not isinstance(state.get("evaluations"), list):
+        raise InputError(f"{path}: not a spacil checkpoint (expected a dict with 'learner' and 'evaluations')")
+    try:
+        learner.load_state_dict(state["learner"])
+        return [TaskEvaluation(**e) for e in state["evaluations"]]
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+        raise InputError(f"{path}: does not hold a '{method}' learner of this config "
+                         f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
 
 
 def _check_plain(value, where: str) -> None:

@@ -42,6 +42,9 @@ RANPAC_DEMO = {"ranpac": {"M": 1250}}
 # The demo's table (Markdown), written next to report.md; the README's demo table is this file of a full demo.
 TABLE_FILE = "demo_table.md"
 
+# The generated test image `spacil demo` explains (docs/explain.md shows its figure).
+EXPLAIN_ROW = "test:5"
+
 RUNS = (
     ("zeroshot", "zeroshot", {}),
     ("simplecil", "simplecil", {}),
@@ -137,9 +140,11 @@ def plot_patch_selection(store: Path, world: dict, top_k: int, path: Path, image
 
 
 def image_level_path(out: Path, echo, device: str = "auto") -> dict:
-    """Generated images -> tiny random-weight open_clip -> feature store -> SimpleCIL and SPA runs."""
+    """Generated images -> tiny random-weight open_clip -> feature store -> SimpleCIL and SPA runs -> `spacil explain` of
+    one test image."""
     from spacil.backbone import write_tiny_model
-    from spacil.describe.descriptions import template_descriptions
+    from spacil.describe.descriptions import DescriptionSet, template_descriptions
+    from spacil.explain import explain_images
     from spacil.data import DATASETS
     from spacil.store.extract import extract_store
     from spacil.demo.shapes import write_shapes_dataset
@@ -150,10 +155,13 @@ def image_level_path(out: Path, echo, device: str = "auto") -> dict:
     store = out / "store"
     if not (store / "meta.json").exists():
         descriptions = template_descriptions(names, DATASETS["shapes"].templates)
+        descriptions_file = (out / "descriptions.json").resolve()  # the file the store names, where explain reads sentences
+        DescriptionSet(dataset="shapes", source="templates", classes={n: {"descriptions": s} for n, s in descriptions.items()}
+                       ).save(descriptions_file)
         from spacil.devices import device_name, resolve_device
 
         extract_store("shapes", data_root, store, model=model, pretrained=None, batch_size=16, descriptions=descriptions,
-                      descriptions_source="templates", progress=False, device=device_name(resolve_device(device)))
+                      descriptions_source=str(descriptions_file), progress=False, device=device_name(resolve_device(device)))
     results = {}
     for method in ("simplecil", "spa"):
         folder = _run_one(f"image_{method}", method, {"data": {"init_cls": 2, "increment": 2}, "spa": {"top_k_patches": 4}},
@@ -162,6 +170,8 @@ def image_level_path(out: Path, echo, device: str = "auto") -> dict:
     echo(f"image-level path (tiny random-weight CLIP, {len(names)} generated classes): extract -> store -> run works; "
          f"SimpleCIL {results['simplecil']['avg_acc']:.1f}, SPA {results['spa']['avg_acc']:.1f} average accuracy "
          f"(random weights: the numbers mean nothing, the plumbing is the point)")
+    explain_images(out / "runs" / "image_spa", rows=[EXPLAIN_ROW], out=out / "explain", device=device, echo=lambda line: None)
+    echo(f"spacil explain of one generated test image: {out / 'explain' / EXPLAIN_ROW.replace(':', '_')}.png")
     return results
 
 

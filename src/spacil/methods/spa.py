@@ -12,7 +12,8 @@ from their stored Gaussians.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,22 @@ ABLATION_LABELS = {
     "gaussian_calibration": "no calibration",
     "llm_descriptions": "template tokens",
 }
+
+
+@dataclass
+class SPAScores:
+    """What SPA's logits are made of, for B images and the C seen classes (columns in `seen_positions` order); `spacil
+    explain` draws them. logits [B, C] = logit_scale * (global_ + patch_weight * patch); global_ [B, C] the global score
+    z^g; patch [B, C] the patch score z^p; relevance [B, C, N] the frozen relevance of every patch; indices [B, C, k] the
+    kept patches; plan [B, C, k, M] the transport plan (the uniform plan without OT). Everything but logits and global_ is
+    None without the patch branch; relevance and indices also for pseudo-features."""
+
+    logits: torch.Tensor
+    global_: torch.Tensor
+    patch: Optional[torch.Tensor] = None
+    relevance: Optional[torch.Tensor] = None
+    indices: Optional[torch.Tensor] = None
+    plan: Optional[torch.Tensor] = None
 
 
 def _pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,24 +141,26 @@ class SPA(Learner):
             self.text_projector.to(device)
 
     # scoring -----------------------------------------------------------------------------------------------------------
-    def _select(self, patches: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-        """patches [B, N, d] frozen -> (indices [B, C, k] of the kept patches, their relevance [B, C, k])."""
+    def _select(self, patches: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """patches [B, N, d] frozen -> (relevance [B, C, N] of every patch, indices [B, C, k] of the kept patches, their
+        relevance [B, C, k])."""
         semantic, mask = self.semantic.to(patches.device), self.semantic_mask.to(patches.device)
         relevance = patch_relevance(patches, semantic, mask, self.knobs.relevance, self._mask_full)
         if self.ablation.semantic_selection:
-            return select_top_k(relevance, self.knobs.top_k_patches)
+            return (relevance, *select_top_k(relevance, self.knobs.top_k_patches))
         batch, classes, num_patches = relevance.shape
         indices = random_patches(batch, classes, num_patches, self.knobs.top_k_patches, generator).to(patches.device)
-        return indices, relevance.gather(-1, indices)
+        return relevance, indices, relevance.gather(-1, indices)
 
-    def _patch_scores(self, similarity: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    def _patch_scores(self, similarity: torch.Tensor, relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """similarity [B, C, k, M] of the kept patches with the class tokens (projected), relevance [B, C, k] (needed only for
-        patch_weights=relevance) -> o [B, C]."""
+        patch_weights=relevance) -> (o [B, C], the plan [B, C, k, M])."""
         mask = self.semantic_mask.to(similarity.device)  # [C, M]
         log_b = uniform_log_weights(mask).expand(similarity.shape[0], -1, -1)
         if not self.ablation.optimal_transport:
             weights = torch.exp(log_b).unsqueeze(2) / similarity.shape[2]  # the uniform plan: mean of the cosines
-            return (weights * similarity).sum(dim=(-1, -2))
+            plan = weights.expand_as(similarity)
+            return (plan * similarity).sum(dim=(-1, -2)), plan
         if self.knobs.patch_weights == "relevance":
             log_a = torch.log_softmax(relevance / self.knobs.relevance_temperature, dim=-1)
         else:
@@ -152,26 +171,28 @@ class SPA(Learner):
                 plan = sinkhorn_log(cost, log_a, log_b, self.knobs.ot_epsilon, self.knobs.ot_iters)
         else:
             plan = sinkhorn_log(cost, log_a, log_b, self.knobs.ot_epsilon, self.knobs.ot_iters)
-        return (plan * similarity).sum(dim=(-1, -2))
+        return (plan * similarity).sum(dim=(-1, -2)), plan
 
-    def _logits(self, global_: torch.Tensor, patches: Optional[torch.Tensor], indices: Optional[torch.Tensor],
-                relevance: Optional[torch.Tensor]) -> torch.Tensor:
+    def _scores(self, global_: torch.Tensor, patches: Optional[torch.Tensor], indices: Optional[torch.Tensor],
+                relevance: Optional[torch.Tensor]) -> SPAScores:
         """global_ [B, d]; patches [B, N, d] frozen tokens; indices [B, C, k] kept patches (None: every token is kept for
-        every class, as for pseudo-samples with N = k); relevance [B, C, k] -> logits [B, C]."""
+        every class, as for pseudo-samples with N = k); relevance [B, C, k] -> the scores (logits [B, C], their parts)."""
         device = global_.device
         text, image = self.text_projector, self.image_projector  # on the run's device since begin_task / load_state_dict
-        scores = image(global_) @ text(self.prompts.to(device)).T
-        if self.ablation.patch_branch:
-            semantic = text(self.semantic.to(device))  # [C, M, d]
-            similarity = token_similarity(image(patches), semantic)  # [B, N, C, M]
-            similarity = similarity.permute(0, 2, 1, 3)  # [B, C, N, M], a view
-            if indices is not None:
-                tokens = similarity.shape[-1]
-                similarity = similarity.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, tokens))
-            patch_scores = self._patch_scores(similarity, relevance)
-            patch_scores = torch.where(self.semantic_present.to(device), patch_scores, torch.zeros_like(patch_scores))
-            scores = scores + self.knobs.patch_weight * patch_scores
-        return self.context.logit_scale * scores
+        global_scores = image(global_) @ text(self.prompts.to(device)).T
+        if not self.ablation.patch_branch:
+            return SPAScores(self.context.logit_scale * global_scores, global_scores)
+        semantic = text(self.semantic.to(device))  # [C, M, d]
+        similarity = token_similarity(image(patches), semantic)  # [B, N, C, M]
+        similarity = similarity.permute(0, 2, 1, 3)  # [B, C, N, M], a view
+        if indices is not None:
+            tokens = similarity.shape[-1]
+            similarity = similarity.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, tokens))
+        patch_scores, plan = self._patch_scores(similarity, relevance)
+        # a class without descriptions has no semantic tokens: its patch score is exactly 0
+        patch_scores = torch.where(self.semantic_present.to(device), patch_scores, torch.zeros_like(patch_scores))
+        logits = self.context.logit_scale * (global_scores + self.knobs.patch_weight * patch_scores)
+        return SPAScores(logits, global_scores, patch_scores, indices=indices, plan=plan)
 
     def _pseudo_batch(self, generator: torch.Generator) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
         """Pseudo-features of every old class: (global [P, d], patches [P, k, d] or None, targets [P])."""
@@ -186,11 +207,16 @@ class SPA(Learner):
             patches = F.normalize(tokens, dim=-1).view(len(targets), k, -1)
         return F.normalize(global_, dim=-1), patches, targets
 
+    def _real_scores(self, batch: FeatureBatch, generator: Optional[torch.Generator]) -> SPAScores:
+        if not self.ablation.patch_branch:
+            return self._scores(batch.global_, None, None, None)
+        relevance, indices, kept = self._select(batch.patches, generator)
+        scores = self._scores(batch.global_, batch.patches, indices, kept)
+        scores.relevance = relevance
+        return scores
+
     def _real_logits(self, batch: FeatureBatch, generator: Optional[torch.Generator]) -> torch.Tensor:
-        indices = relevance = None
-        if self.ablation.patch_branch:
-            indices, relevance = self._select(batch.patches, generator)
-        return self._logits(batch.global_, batch.patches, indices, relevance)
+        return self._real_scores(batch, generator).logits
 
     def _pseudo_logits(self, global_: torch.Tensor, patches: Optional[torch.Tensor]) -> torch.Tensor:
         relevance = None
@@ -198,7 +224,7 @@ class SPA(Learner):
             mask = self.semantic_mask.to(patches.device)
             relevance = relevance_from_similarity(token_similarity(patches, self.semantic.to(patches.device)), mask,
                                                   self.knobs.relevance, self._mask_full)
-        return self._logits(global_, patches, None, relevance)
+        return self._scores(global_, patches, None, relevance).logits
 
     # hooks -------------------------------------------------------------------------------------------------------------
     def fit_task(self, data: TaskData) -> None:
@@ -270,22 +296,31 @@ class SPA(Learner):
             if self.ablation.patch_branch:
                 self.patch_bank.add(position, *patch_moments.moments(i))
 
-    def logits(self, batch: FeatureBatch) -> torch.Tensor:
-        """Logits [B, C] of the seen classes. In the random-patch ablation one generator serves a whole evaluation (it
-        starts after `end_task`), so every test batch gets fresh patches, not row i of every batch the same ones."""
+    def _prediction_scores(self, batch: FeatureBatch) -> Iterator[SPAScores]:
+        """The scores prediction uses, part by part of the batch (in row order). In the random-patch ablation one generator
+        serves a whole evaluation (it starts after `end_task`), so every test batch gets fresh patches, not row i of every
+        batch the same ones."""
         if self._eval_generator is None:
             self._eval_generator = task_generator(self.config, len(self.seen_positions), stream=5,
                                                   device=self.context.device)
         generator = self._eval_generator
         if not self.ablation.patch_branch:
-            return self._logits(batch.global_, None, None, None)
+            yield self._real_scores(batch, generator)
+            return
         per_image = batch.patches.shape[1] * self.semantic.shape[0] * self.semantic.shape[1]
         step = max(1, _PREDICT_SIMILARITY_BUDGET // per_image)
-        parts = []
         for start in range(0, len(batch.global_), step):
-            part = FeatureBatch(batch.global_[start:start + step], batch.patches[start:start + step])
-            parts.append(self._real_logits(part, generator))
-        return torch.cat(parts)
+            yield self._real_scores(FeatureBatch(batch.global_[start:start + step], batch.patches[start:start + step]), generator)
+
+    def logits(self, batch: FeatureBatch) -> torch.Tensor:
+        return torch.cat([part.logits for part in self._prediction_scores(batch)])
+
+    @torch.no_grad()
+    def explain(self, batch: FeatureBatch) -> SPAScores:
+        """The scores `logits` predicts with and every quantity they come from, for a (small) batch."""
+        parts = list(self._prediction_scores(batch))
+        return SPAScores(**{field.name: None if getattr(parts[0], field.name) is None
+                            else torch.cat([getattr(part, field.name) for part in parts]) for field in fields(SPAScores)})
 
     # checkpointing -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -44,7 +44,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +71,13 @@ def rank_progress_file(rank: int) -> str:
     return f".progress.rank{rank}.json"
 
 
+def resize_to_uint8(transform):
+    """`image_transform`'s resize and crop, ending in a uint8 tensor [3, H, W] (its ToTensor and Normalize: `_Normalise`)."""
+    from torchvision import transforms
+
+    return transforms.Compose([*transform.transforms[:2], transforms.PILToTensor()])
+
+
 class _ImageRows(torch.utils.data.Dataset):
     """Images of one split as uint8 tensors [3, H, W], resized and cropped by `image_transform`'s first two steps; its
     ToTensor and Normalize run batched on the encoding device (`_Normalise`): a quarter of the bytes to pin and copy, and
@@ -78,10 +85,8 @@ class _ImageRows(torch.utils.data.Dataset):
     process can stop with one clear line whatever the number of loader workers."""
 
     def __init__(self, split: SplitIndex, transform):
-        from torchvision import transforms
-
         self.split = split
-        self.resize = transforms.Compose([*transform.transforms[:2], transforms.PILToTensor()])
+        self.resize = resize_to_uint8(transform)
         self.size = transform.transforms[1].size
 
     def __len__(self) -> int:
@@ -107,6 +112,16 @@ class _Normalise:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True).to(torch.float32).div(255).sub_(self.mean).div_(self.std)
+
+
+def encode_pil_images(backbone: FrozenCLIP, images: Sequence, dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL images -> (g [B, d], P [B, N, d]) float32 on the backbone's device, as extraction writes a store's rows: the same
+    resize, crop and normalisation, the backbone's precision, rounded to the store's `dtype`."""
+    resize = resize_to_uint8(image_transform(backbone.image_size))
+    batch = torch.stack([resize(image.convert("RGB")) for image in images])
+    global_, patches = backbone.encode_images(_Normalise(backbone.device)(batch))
+    cast = _TORCH_DTYPES[dtype]
+    return global_.to(cast).float(), patches.to(cast).float()
 
 
 def class_prompt_features(backbone: FrozenCLIP, names: list[str], templates: tuple[str, ...]

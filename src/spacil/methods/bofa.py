@@ -108,9 +108,9 @@ class BOFA(Learner):
         super().__init__(config, context)
         self.knobs = config.bofa
         device = context.device
-        if context.visual_proj is None:
-            raise InputError("bofa: the feature store has no backbone/visual_proj.npy (the pre-projection extension)")
-        self.W0 = context.visual_proj.float().T.contiguous().to(device)  # [d, width] visual.proj^T, frozen
+        # [d, width] visual.proj^T, frozen (the runner checks the store has it; none: a learner built only for its label)
+        proj = context.visual_proj if context.visual_proj is not None else torch.zeros(int(context.width or 0), context.dim)
+        self.W0 = proj.float().T.contiguous().to(device)
         d, width = self.W0.shape
         self.W_task = self.W0.clone()  # stage-1 weight, carried over from task to task (OLF.W_task)
         self.W_sum = torch.zeros_like(self.W0)  # sum of the finished tasks' weights (OLF.W_list)
@@ -188,6 +188,8 @@ class BOFA(Learner):
         `prepare_for_new_task`, `prepare_for_stage2` and `end_task`."""
         device = self.context.device
         knobs = self.knobs
+        if self.context.visual_proj is None:
+            raise InputError("bofa: the feature store has no backbone/visual_proj.npy (the pre-projection extension)")
         self._update_statistics(data)
         column = self.columns_of_positions().to(device)
         if self.lam == 0:  # `if self.t_lam == 0`: searched until it is not 0

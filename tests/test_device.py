@@ -207,6 +207,20 @@ def test_gaussian_sampling_is_reproducible_on_the_device(device, cov_type):
 
 # Training stays short for every method: a few steps per task is all a placement or resume check needs.
 SHORT = ["epochs=1", "proof.tuned_epoch=1", "proof.tuned_batch_size=8", "adapter_epochs=1", "adapter_batch_size=8"]
+# and the knobs of methods with sections of their own (RanPAC's projection width, BOFA's and ENGINE's epochs and batches)
+SHORT_BY_METHOD = {"ranpac": ["ranpac.M=64"], "bofa": ["stage1_epochs=1", "stage2_epochs=1", "bofa_batch_size=8", "Kt=4"],
+                   "engine": ["engine_epochs=1", "engine_batch_size=8"]}
+
+
+def _short(method: str) -> list[str]:
+    return SHORT + SHORT_BY_METHOD.get(method, [])
+
+
+@pytest.fixture()
+def method_store(tmp_path):
+    """What every registered method reads: z (RanPAC, BOFA, ENGINE), per-template text features, pairwise descriptions
+    and stored views (ENGINE)."""
+    return make_random_store(tmp_path / "method_store", templates=3, width=24, pairwise=2, views=3)
 
 
 def _tensors_of(value, path: str, seen: set):
@@ -231,19 +245,19 @@ def _tensors_of(value, path: str, seen: set):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_a_resume_places_every_learners_state_on_its_device(random_store, tmp_path, monkeypatch, method):
+def test_a_resume_places_every_learners_state_on_its_device(method_store, tmp_path, monkeypatch, method):
     """Checkpoints load to the CPU and each learner places its own state: resumed where the context says `meta` (standing
     in for a GPU), every tensor is there but for what the learner keeps on the CPU by design (PROOF's exemplars), which
     stays on the CPU. Every registered method, so methods added later are covered."""
     learner_class = METHODS[method]
     original = interrupt_at_task(monkeypatch, learner_class, 2)
-    assert _run(random_store, tmp_path / "r", method, *SHORT) == 130
+    assert _run(method_store, tmp_path / "r", method, *_short(method)) == 130
     monkeypatch.setattr(learner_class, "fit_task", original)
     config = build_config(yaml.safe_load((tmp_path / "r" / "config.yaml").read_text()))
     monkeypatch.setattr(runner_module, "resolve_device", lambda name: torch.device("meta"))
     with warnings.catch_warnings():  # (spacil's main reset the filters) loading into meta tensors copies nothing, and says so
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-        run = runner_module.Run(config, FeatureStore(random_store), tmp_path / "r", resume=True)
+        run = runner_module.Run(config, FeatureStore(method_store), tmp_path / "r", resume=True)
     learner = run.learner
     assert run.first_task == 2 and learner.context.device.type == "meta" and len(learner.seen_positions) == 6
     placed = {"meta": [], "cpu": []}
@@ -262,17 +276,17 @@ def test_a_resume_places_every_learners_state_on_its_device(random_store, tmp_pa
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", list(METHODS))
-def test_a_resume_on_the_device_ends_as_an_uninterrupted_run(random_store, tmp_path, monkeypatch, method, device):
+def test_a_resume_on_the_device_ends_as_an_uninterrupted_run(method_store, tmp_path, monkeypatch, method, device):
     """Interrupted after two tasks and resumed, on the device: the same metrics and the same final checkpoint to the bit
     (on CUDA this needs deterministic sums, and PROOF's exemplars back on the CPU after the load)."""
-    assert _run(random_store, tmp_path / "whole", method, *SHORT, device=device) == 0
+    assert _run(method_store, tmp_path / "whole", method, *_short(method), device=device) == 0
     learner_class = METHODS[method]
     original = interrupt_at_task(monkeypatch, learner_class, 2)
-    assert _run(random_store, tmp_path / "cut", method, *SHORT, device=device) == 130
+    assert _run(method_store, tmp_path / "cut", method, *_short(method), device=device) == 130
     monkeypatch.setattr(learner_class, "fit_task", original)
-    args = ["run", "--features", str(random_store), "--out", str(tmp_path / "cut"), "--method", method, "--device", device,
+    args = ["run", "--features", str(method_store), "--out", str(tmp_path / "cut"), "--method", method, "--device", device,
             "--resume", *RUN]
-    assert main(args + [item for knob in SHORT for item in ("--set", knob)]) == 0
+    assert main(args + [item for knob in _short(method) for item in ("--set", knob)]) == 0
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
     whole, cut = (torch.load(tmp_path / name / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
                   for name in ("whole", "cut"))

@@ -242,6 +242,6 @@ def test_word_tokens_are_mapped_to_their_sentences(world, tiny_model, shapes_roo
     Run(build_config(tree), FeatureStore(store), tmp_path / "run").run()
     (path,) = explain_images(tmp_path / "run", world["photos"][:1], out=tmp_path / "out", device="cpu", echo=lambda line: None)
     (explained,) = json.loads(path.read_text())["explained"]
-    words = [len(s.rstrip(".").split()) + 1 for s in explained["sentences"]]  # "a photo of a red square." : 6 words + "."
+    words = [len(s.rstrip(".").split()) for s in explained["sentences"]]  # "a photo of a red square.": 6 words ('.' dropped)
     assert explained["token_sentence"] == [i for i, n in enumerate(words) for _ in range(n)]
     assert np.array(explained["plan"]).shape == (4, sum(words))

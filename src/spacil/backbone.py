@@ -251,11 +251,16 @@ class FrozenCLIP:
         projection and the normalisation in fp32, as for sentences."""
         ids = self._tokenize([text])
         tokens = self._text_transformer(ids)
-        end = int(ids[0].argmax())  # the EOT token has the largest id
-        words = [i for i in range(1, end) if not self._is_punctuation(int(ids[0, i]))]
+        words = self.word_token_positions(ids[0])
         with torch.autocast(device_type=self.device.type, enabled=False):
             x = self._project_text(self.model.ln_final(tokens[0, words].float()))
             return F.normalize(x, dim=-1)
+
+    def word_token_positions(self, ids: torch.Tensor) -> list[int]:
+        """One tokenised text [L] -> the positions `semantic_tokens=word` keeps: between the start and the EOT token (the
+        largest id), punctuation-only tokens left out."""
+        end = int(ids.argmax())
+        return [i for i in range(1, end) if not self._is_punctuation(int(ids[i]))]
 
     def _is_punctuation(self, token_id: int) -> bool:
         """Whether a token is punctuation only ('.', ',', '!)'): it names no visual part, so `semantic_tokens=word` drops it

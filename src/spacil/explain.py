@@ -180,8 +180,8 @@ def token_sentences(run: LoadedRun, backbone, descriptions: Optional[str | Path]
 
 
 def _word_count(backbone, text: str) -> int:
-    """Word tokens `FrozenCLIP.encode_text_tokens` yields for `text`: between the start and the end token."""
-    return int(backbone.tokenizer([text])[0].argmax()) - 1
+    """Word tokens `FrozenCLIP.encode_text_tokens` yields for `text` (its positions without punctuation-only tokens)."""
+    return len(backbone.word_token_positions(backbone.tokenizer([text])[0]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -333,16 +333,19 @@ def test_worker_threads_use_the_runs_gpu(fake_cuda, monkeypatch, tmp_path, run_d
     assert [start for start, _ in batches] == [0, 4, 8]
     assert pinned_on and set(pinned_on) == {expected}
 
-    files = {split: extract_module._SplitFiles(tmp_path / split / "global.npy", tmp_path / split / "patches.npy", 4, 3, 2,
-                                               "float16") for split in SPLITS}
+    files = {split: extract_module._SplitFiles({"global": (tmp_path / split / "global.npy", (4, 3)),
+                                                "patches": (tmp_path / split / "patches.npy", (4, 2, 3))}, "float16")
+             for split in SPLITS}
+    for split in SPLITS:
+        (tmp_path / split).mkdir()
     for split_files in files.values():
-        (tmp_path / split_files.global_path.parent.name).mkdir()
         split_files.create()
         split_files.read_offsets()
     waited_on = []
     writer = extract_module._RowWriter(files, tmp_path / "record.json", {split: [] for split in SPLITS}, None,
                                        torch.device(run_device))
-    staged = extract_module._Staged(torch.ones(2, 3, dtype=torch.float16), torch.ones(2, 2, 3, dtype=torch.float16),
+    staged = extract_module._Staged({"global": torch.ones(2, 3, dtype=torch.float16),
+                                     "patches": torch.ones(2, 2, 3, dtype=torch.float16)},
                                     wait=lambda: waited_on.append(fake_cuda.current_device()))
     writer.submit("train", 0, 2, staged)
     writer.close()

@@ -45,7 +45,7 @@ def write_error(path: str | Path, err: OSError) -> InputError:
     path = Path(path)
     reason = err.strerror or type(err).__name__
     return InputError(f"{path}: cannot write ({reason}; {_free_space(path)})"
-                      + ("; make room and run the same command again" if err.errno in _FULL else ""))
+                      + ("; make room and run the command again (a `spacil run` with --resume)" if err.errno in _FULL else ""))
 
 
 @contextlib.contextmanager

@@ -63,6 +63,11 @@ class SPAConfig(_Section):
     cov_shrink: float = Field(1e-4, ge=0)
     cov_type: Literal["full", "diag"] = "full"
     pseudo_per_class: int = Field(4, ge=0)
+    # Beyond the paper (SPEC.md; docs/method.md, "SPA at scale"): the patch branch for each sample's N classes of highest
+    # global score only (0: every seen class, exact SPA), and P pseudo-samples per batch over the old classes instead of
+    # pseudo_per_class per old class (0: pseudo_per_class)
+    class_shortlist: int = Field(0, ge=0)
+    pseudo_per_batch: int = Field(0, ge=0)
 
 
 class AblationConfig(_Section):
@@ -87,6 +92,7 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(256, ge=1)
     # GiB of device memory a task's feature rows may occupy on a GPU (train rows per task, test rows per evaluation);
     # null: half of the device's free memory when the task starts. Rows beyond it stream in batch by batch. Unused on CPU.
+    # The same figure bounds the working memory of one chunk of SPA's scoring, on the CPU too (spacil.devices.working_memory).
     device_memory_budget: Optional[float] = Field(None, ge=0)
 
 
@@ -369,5 +375,17 @@ def differing_keys(saved: dict, config: Config, ignore: tuple[str, ...] = PLACEM
     return differ
 
 
+def config_notes(config: Config) -> list[str]:
+    """What a resolved config accepts but does not use, one sentence each; `dump_config` writes them as comments at the top
+    of config.yaml (comments: the file still parses and compares as the config alone)."""
+    notes = []
+    if config.spa.class_shortlist and not config.ablation.patch_branch:
+        notes.append(f"spa.class_shortlist={config.spa.class_shortlist} is ignored: ablation.patch_branch=false scores "
+                     f"no patches to shortlist")
+    return notes
+
+
 def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The resolved config as YAML, its notes (`config_notes`) as leading comments."""
+    comments = "".join(f"# note: {note}\n" for note in config_notes(config))
+    return comments + yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -77,9 +77,45 @@ def memory_budget(device: torch.device, gib: Optional[float] = None) -> Optional
         return None
     if gib is not None:
         return int(gib * 2**30)
+    return _half_free_share(device)
+
+
+def _half_free_share(device: torch.device) -> int:
+    """Half of this process's share of the GPU's memory, never more than half of what is free now (CUDA only)."""
     free, total = torch.cuda.mem_get_info(device)
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return min(free + cached, total // processes_per_gpu()) // 2
+
+
+# On the CPU the working memory of one chunk of scoring is at most this much: larger chunks are no faster there (the
+# transport solver works on cache-sized blocks anyway, docs/benchmarks/scale.md), and a fixed size keeps the chunks, so
+# the float rounding of a run, the same on every machine with memory to spare.
+CPU_WORKING_BYTES = 1 << 30
+
+
+def working_memory(device: torch.device, gib: Optional[float] = None) -> int:
+    """Bytes one chunk of scoring (SPA's patch branch: relevance, selection, transport, and in training what the backward
+    pass keeps) may occupy on `device`: the one budget of scoring, training and evaluation. `gib` GiB when given (the
+    `train.device_memory_budget` knob, which also bounds a task's resident rows); else on a GPU the figure `memory_budget`
+    gives the rows (half of what is free: rows and a chunk together stay within what was free), and on the CPU half of
+    the memory available now, at most CPU_WORKING_BYTES."""
+    if gib is not None:
+        return int(gib * 2**30)
+    if device.type == "cuda":
+        return _half_free_share(device)
+    return min(_available_host_bytes() // 2, CPU_WORKING_BYTES)
+
+
+def _available_host_bytes() -> int:
+    """The host memory available to new allocations (Linux's MemAvailable; the physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def processes_per_gpu() -> int:

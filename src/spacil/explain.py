@@ -195,6 +195,8 @@ def _shows(learner: Learner) -> str:
         return "global score only (no patch branch)"
     parts = ["random patches" if not learner.ablation.semantic_selection else "top-k patches by relevance",
              "the uniform plan (no OT)" if not learner.ablation.optimal_transport else "the OT plan"]
+    if learner.knobs.class_shortlist:
+        parts.append(f"patches scored for the {learner.knobs.class_shortlist} classes of highest global score")
     return ", ".join(parts)
 
 
@@ -229,18 +231,22 @@ def explain_features(run: LoadedRun, global_: torch.Tensor, patches: torch.Tenso
             drawn = [("predicted and given" if wanted == order[0] else "predicted", order[0])]
             if wanted is not None and wanted != order[0]:
                 drawn.append(("given", wanted))
+            # with spa.class_shortlist, a class outside the image's shortlist has no patch evidence (its patch score is the
+            # stand-in): it is listed in `outside_shortlist` instead
             record["explained"] = [_patch_record(learner, scores, b, column, names[column], role, sentences)
-                                   for role, column in drawn]
+                                   for role, column in drawn if scores.slot(b, column) is not None]
+            record["outside_shortlist"] = [names[column] for _, column in drawn if scores.slot(b, column) is None]
         records.append(record)
     return records
 
 
 def _patch_record(learner: SPA, scores, b: int, column: int, name: str, role: str, sentences) -> dict:
     real = learner.semantic_mask[column].cpu()
-    plan = scores.plan[b, column].cpu()[:, real]  # [k, real tokens]
+    slot = scores.slot(b, column)  # the column itself unless the scores hold a class shortlist
+    plan = scores.plan[b, slot].cpu()[:, real]  # [k, real tokens]
     texts, sentence_of = sentences[column] if sentences else ([], [])
-    return {"class": name, "column": column, "role": role, "picked": scores.indices[b, column].cpu().tolist(),
-            "relevance": scores.relevance[b, column].cpu().tolist(), "plan": plan.tolist(),
+    return {"class": name, "column": column, "role": role, "picked": scores.indices[b, slot].cpu().tolist(),
+            "relevance": scores.relevance[b, slot].cpu().tolist(), "plan": plan.tolist(),
             "sentences": texts, "token_sentence": sentence_of}
 
 

@@ -18,15 +18,13 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from spacil.devices import working_memory
 from spacil.errors import InputError
 from spacil.ops.gaussian import GaussianBank, MomentAccumulator
 from spacil.learner import FeatureBatch, Learner, TaskData, TaskInfo, make_optimizer, step_bar, steps_per_task, task_generator
 from spacil.ops.ot import sinkhorn_log, uniform_log_weights
 from spacil.ops.patch_selection import (patch_relevance, random_patches, relevance_from_similarity, select_top_k, token_similarity)
 from spacil.ops.projectors import ProjectorStack
-
-# Above this many patch-token similarities ([B, N, C, M] elements) prediction splits the batch, to bound memory.
-_PREDICT_SIMILARITY_BUDGET = 1 << 25
 
 ABLATION_LABELS = {
     "patch_branch": "global only",
@@ -52,6 +50,17 @@ class SPAScores:
     relevance: Optional[torch.Tensor] = None
     indices: Optional[torch.Tensor] = None
     plan: Optional[torch.Tensor] = None
+    # with spa.class_shortlist: shortlist [B, S] the logit columns the patch branch scored for each image, and the class
+    # axis of relevance, indices and plan runs over those S slots (`slot` finds a column's); None: every column
+    shortlist: Optional[torch.Tensor] = None
+
+    def slot(self, b: int, column: int) -> Optional[int]:
+        """Where logit column `column` of image b sits on the class axis of relevance, indices and plan (None: outside
+        the image's shortlist, its patch score is the stand-in)."""
+        if self.shortlist is None:
+            return column
+        hits = (self.shortlist[b] == column).nonzero()
+        return int(hits[0, 0]) if len(hits) else None
 
 
 def _pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +94,7 @@ class SPA(Learner):
         self._mask_full = True  # whether semantic_mask is all True (known on the host, so scoring never asks the device)
         self.semantic_present = torch.zeros(0, dtype=torch.bool, device=device)  # [C]: classes with real semantic tokens
         self._eval_generator: Optional[torch.Generator] = None  # random-patch ablation: one stream per evaluation
+        self._eval_budget = 0  # bytes a chunk of prediction's scoring may use, measured when an evaluation starts
         self.image_projector = ProjectorStack(dim, self.knobs.projector).to(device)
         self.text_projector = ProjectorStack(dim, self.knobs.projector).to(device)
         self.global_bank = GaussianBank(dim, self.knobs.cov_type, self.knobs.cov_shrink, device)
@@ -141,21 +151,122 @@ class SPA(Learner):
             self.text_projector.to(device)
 
     # scoring -----------------------------------------------------------------------------------------------------------
-    def _select(self, patches: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """patches [B, N, d] frozen -> (relevance [B, C, N] of every patch, indices [B, C, k] of the kept patches, their
-        relevance [B, C, k])."""
-        semantic, mask = self.semantic.to(patches.device), self.semantic_mask.to(patches.device)
-        relevance = patch_relevance(patches, semantic, mask, self.knobs.relevance, self._mask_full)
-        if self.ablation.semantic_selection:
-            return (relevance, *select_top_k(relevance, self.knobs.top_k_patches))
-        batch, classes, num_patches = relevance.shape
-        indices = random_patches(batch, classes, num_patches, self.knobs.top_k_patches, generator).to(patches.device)
-        return relevance, indices, relevance.gather(-1, indices)
+    def _text_features(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(prompts [C, d], semantic tokens [C, M, d]) of the seen classes through the text projector (semantic None without
+        the patch branch). Computed once per step or evaluation: every chunk of samples scores against the same ones."""
+        device = self.context.device
+        prompts = self.text_projector(self.prompts.to(device))
+        semantic = self.text_projector(self.semantic.to(device)) if self.ablation.patch_branch else None
+        return prompts, semantic
 
-    def _patch_scores(self, similarity: torch.Tensor, relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """similarity [B, C, k, M] of the kept patches with the class tokens (projected), relevance [B, C, k] (needed only for
-        patch_weights=relevance) -> (o [B, C], the plan [B, C, k, M])."""
-        mask = self.semantic_mask.to(similarity.device)  # [C, M]
+    def _shortlist(self, global_scores: torch.Tensor, labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """global_scores [B, C], labels [B] logit columns (training) -> the columns [B, S] the patch branch scores for each
+        sample: its `class_shortlist` classes of highest global score, and in training its label and the N highest others
+        (S = min(N + 1, C): one width for every sample). None: every column (class_shortlist 0)."""
+        count = self.knobs.class_shortlist
+        if count == 0:
+            return None
+        ranking = global_scores.detach()
+        if labels is not None:
+            ranking = ranking.scatter(1, labels.unsqueeze(1), float("inf"))
+            count += 1
+        return ranking.topk(min(count, ranking.shape[1]), dim=1).indices
+
+    def _pair_bytes(self, tokens: int, shortlisted: bool) -> int:
+        """The working memory of scoring one (sample, class) pair whose sample has `tokens` patch tokens: the frozen and
+        the projected similarities of every token to the class's M tokens, its relevance, and about 12 [k, M] blocks (kept
+        similarities, cost, plan, the solver's buffers, what the backward pass keeps); with a shortlist also the class's
+        tokens gathered for the sample (frozen and projected)."""
+        width, dim, k = self.semantic.shape[1], self.context.dim, min(self.knobs.top_k_patches, tokens)
+        floats = 2 * tokens * width + tokens + 12 * k * width + (2 * width * dim if shortlisted else 0)
+        return 4 * floats
+
+    def _rows_per_chunk(self, tokens: int, columns: int, budget: int) -> int:
+        """How many samples one chunk scores against `columns` classes within `budget` bytes (at least one: a single sample
+        beyond the budget is split over classes instead, in `_scores`)."""
+        shortlisted = self.knobs.class_shortlist > 0
+        return max(1, budget // max(1, columns * self._pair_bytes(tokens, shortlisted)))
+
+    def _scores(self, global_: torch.Tensor, patches: Optional[torch.Tensor], text: tuple[torch.Tensor, Optional[torch.Tensor]],
+                pseudo: bool = False, labels: Optional[torch.Tensor] = None, random_picks: Optional[torch.Tensor] = None,
+                budget: Optional[int] = None, detail: bool = False) -> SPAScores:
+        """The scores of B samples against every seen class.
+
+        global_ [B, d]; patches [B, N, d] the frozen tokens of real images (top-k per class by relevance, or the
+        `random_picks` [B, >=1, k] of the random-patch ablation), or with `pseudo` pseudo-patches [B, k, d] (every one
+        kept); text: `_text_features()`; labels [B] logit columns, always in the shortlist (training); budget: bytes a chunk
+        of classes may use (None: all at once); detail: keep relevance, indices and plan (`explain`)."""
+        prompts, semantic = text
+        global_scores = self.image_projector(global_) @ prompts.T  # [B, C]
+        if not self.ablation.patch_branch:
+            return SPAScores(self.context.logit_scale * global_scores, global_scores)
+        columns = self._shortlist(global_scores, labels)
+        projected = self.image_projector(patches)
+        width = len(self.semantic) if columns is None else columns.shape[1]
+        step = width
+        if budget is not None:
+            step = max(1, budget // max(1, len(global_) * self._pair_bytes(patches.shape[1], columns is not None)))
+        parts = [self._patch_part(patches, projected, semantic, columns, slice(start, start + step), pseudo, random_picks,
+                                  detail) for start in range(0, width, step)]
+        patch_scores = torch.cat([part[0] for part in parts], dim=1)  # [B, width]
+        if columns is not None:
+            # outside the shortlist: the smallest patch score inside it (detached: a constant of the sample), so no class
+            # outside outranks one inside on the patch score, and an image's prediction is always a shortlisted class
+            stand_in = patch_scores.detach().amin(dim=1, keepdim=True)
+            patch_scores = stand_in.expand(-1, global_scores.shape[1]).scatter(1, columns, patch_scores)
+        logits = self.context.logit_scale * (global_scores + self.knobs.patch_weight * patch_scores)
+        scores = SPAScores(logits, global_scores, patch_scores, shortlist=columns)
+        if detail:
+            scores.relevance, scores.indices, scores.plan = (
+                None if parts[0][i] is None else torch.cat([part[i] for part in parts], dim=1) for i in (1, 2, 3))
+        return scores
+
+    def _patch_part(self, patches: torch.Tensor, projected: torch.Tensor, semantic: torch.Tensor,
+                    columns: Optional[torch.Tensor], part: slice, pseudo: bool, random_picks: Optional[torch.Tensor],
+                    detail: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The patch branch for the classes `part` of every class (columns None) or of each sample's shortlist (columns
+        [B, S]) -> (patch scores [B, c], relevance [B, c, N], indices [B, c, k], plan [B, c, k, M]; the last three None
+        unless `detail`, relevance and indices also None for pseudo-samples). patches [B, N, d] frozen, projected: them
+        through the image projector; semantic [C, M, d] projected tokens."""
+        if columns is None:  # the same classes for every sample: [c, M, d] tokens, [c, M] mask, [c] present
+            frozen, tokens = self.semantic[part], semantic[part]
+            mask, present = self.semantic_mask[part], self.semantic_present[part]
+            relevance_mask = mask
+        else:  # each sample its own classes: [B, c, M, d], [B, c, M], [B, c]
+            chosen = columns[:, part]
+            frozen, tokens = self.semantic[chosen], semantic[chosen]
+            mask, present = self.semantic_mask[chosen], self.semantic_present[chosen]
+            relevance_mask = mask.unsqueeze(1)  # broadcast over the tokens axis of [B, N, c, M]
+        knobs, classes = self.knobs, frozen.shape[-3]
+        relevance = indices = kept = None
+        if pseudo:
+            similarity = token_similarity(projected, tokens).permute(0, 2, 1, 3)  # [B, c, k, M]
+            if knobs.patch_weights == "relevance":  # only the relevance weights need it
+                with torch.no_grad():
+                    kept = relevance_from_similarity(token_similarity(patches, frozen), relevance_mask, knobs.relevance,
+                                                     self._mask_full)
+        else:
+            with torch.no_grad():  # frozen relevance [B, c, N]
+                relevance = relevance_from_similarity(token_similarity(patches, frozen), relevance_mask, knobs.relevance,
+                                                      self._mask_full)
+                if self.ablation.semantic_selection:
+                    indices, kept = select_top_k(relevance, knobs.top_k_patches)
+                else:
+                    indices = random_picks[:, :1].expand(-1, classes, -1)
+                    kept = relevance.gather(-1, indices)
+            similarity = token_similarity(projected, tokens).permute(0, 2, 1, 3)  # [B, c, N, M], a view
+            similarity = similarity.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, similarity.shape[-1]))
+        patch_scores, plan = self._patch_scores(similarity, kept, mask)
+        # a class without descriptions has no semantic tokens: its patch score is exactly 0
+        patch_scores = torch.where(present, patch_scores, torch.zeros_like(patch_scores))
+        if not detail:
+            return patch_scores, None, None, None
+        return patch_scores, relevance, indices, plan
+
+    def _patch_scores(self, similarity: torch.Tensor, relevance: Optional[torch.Tensor],
+                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """similarity [B, c, k, M] of the kept patches with the class tokens (projected), relevance [B, c, k] (needed only
+        for patch_weights=relevance), mask [c, M] or [B, c, M] the classes' real tokens -> (o [B, c], the plan [B, c, k, M])."""
         log_b = uniform_log_weights(mask).expand(similarity.shape[0], -1, -1)
         if not self.ablation.optimal_transport:
             weights = torch.exp(log_b).unsqueeze(2) / similarity.shape[2]  # the uniform plan: mean of the cosines
@@ -173,58 +284,87 @@ class SPA(Learner):
             plan = sinkhorn_log(cost, log_a, log_b, self.knobs.ot_epsilon, self.knobs.ot_iters)
         return (plan * similarity).sum(dim=(-1, -2)), plan
 
-    def _scores(self, global_: torch.Tensor, patches: Optional[torch.Tensor], indices: Optional[torch.Tensor],
-                relevance: Optional[torch.Tensor]) -> SPAScores:
-        """global_ [B, d]; patches [B, N, d] frozen tokens; indices [B, C, k] kept patches (None: every token is kept for
-        every class, as for pseudo-samples with N = k); relevance [B, C, k] -> the scores (logits [B, C], their parts)."""
-        device = global_.device
-        text, image = self.text_projector, self.image_projector  # on the run's device since begin_task / load_state_dict
-        global_scores = image(global_) @ text(self.prompts.to(device)).T
-        if not self.ablation.patch_branch:
-            return SPAScores(self.context.logit_scale * global_scores, global_scores)
-        semantic = text(self.semantic.to(device))  # [C, M, d]
-        similarity = token_similarity(image(patches), semantic)  # [B, N, C, M]
-        similarity = similarity.permute(0, 2, 1, 3)  # [B, C, N, M], a view
-        if indices is not None:
-            tokens = similarity.shape[-1]
-            similarity = similarity.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, tokens))
-        patch_scores, plan = self._patch_scores(similarity, relevance)
-        # a class without descriptions has no semantic tokens: its patch score is exactly 0
-        patch_scores = torch.where(self.semantic_present.to(device), patch_scores, torch.zeros_like(patch_scores))
-        logits = self.context.logit_scale * (global_scores + self.knobs.patch_weight * patch_scores)
-        return SPAScores(logits, global_scores, patch_scores, indices=indices, plan=plan)
+    def _random_picks(self, patches: torch.Tensor, generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+        """The random-patch ablation's k patches of each image [B, C, k] (the same for every class), drawn once per batch,
+        before any chunking, so chunks never change the draws; None when patches are selected by relevance."""
+        if not self.ablation.patch_branch or self.ablation.semantic_selection:
+            return None
+        picks = random_patches(len(patches), len(self.semantic), patches.shape[1], self.knobs.top_k_patches, generator)
+        return picks.to(patches.device)
 
     def _pseudo_batch(self, generator: torch.Generator) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
-        """Pseudo-features of every old class: (global [P, d], patches [P, k, d] or None, targets [P])."""
-        count = self.knobs.pseudo_per_class
-        if not self.ablation.gaussian_calibration or count == 0 or len(self.global_bank) == 0:
+        """Pseudo-features of the old classes: (global [P, d], patches [P, k, d] or None, target positions [P]).
+        pseudo_per_batch 0: pseudo_per_class of every old class; P > 0: P of them, each class equally likely (a random
+        permutation of the old classes per full pass, its first P mod (old classes) for the rest)."""
+        bank = self.global_bank
+        per_batch, count = self.knobs.pseudo_per_batch, self.knobs.pseudo_per_class
+        if not self.ablation.gaussian_calibration or len(bank) == 0 or (per_batch == 0 and count == 0):
             return None
-        global_, targets = self.global_bank.sample(count, generator)
+        k = self.knobs.top_k_patches
         patches = None
+        if per_batch == 0:
+            global_, targets = bank.sample(count, generator)
+            if self.ablation.patch_branch:
+                tokens, _ = self.patch_bank.sample(count * k, generator)
+                patches = F.normalize(tokens, dim=-1).view(len(targets), k, -1)
+            return F.normalize(global_, dim=-1), patches, targets
+        old = len(bank)
+        device = bank.means.device
+        passes, rest = divmod(per_batch, old)
+        slots = torch.cat([torch.randperm(old, generator=generator, device=device) for _ in range(passes)]
+                          + [torch.randperm(old, generator=generator, device=device)[:rest]])
+        global_ = bank.sample_slots(slots, 1, generator).squeeze(1)
         if self.ablation.patch_branch:
-            k = self.knobs.top_k_patches
-            tokens, _ = self.patch_bank.sample(count * k, generator)
-            patches = F.normalize(tokens, dim=-1).view(len(targets), k, -1)
-        return F.normalize(global_, dim=-1), patches, targets
-
-    def _real_scores(self, batch: FeatureBatch, generator: Optional[torch.Generator]) -> SPAScores:
-        if not self.ablation.patch_branch:
-            return self._scores(batch.global_, None, None, None)
-        relevance, indices, kept = self._select(batch.patches, generator)
-        scores = self._scores(batch.global_, batch.patches, indices, kept)
-        scores.relevance = relevance
-        return scores
+            patches = F.normalize(self.patch_bank.sample_slots(slots, k, generator), dim=-1)
+        return F.normalize(global_, dim=-1), patches, bank.positions_of(slots)
 
     def _real_logits(self, batch: FeatureBatch, generator: Optional[torch.Generator]) -> torch.Tensor:
-        return self._real_scores(batch, generator).logits
+        """The logits [B, C] of a batch of real images, unchunked (benchmarks)."""
+        picks = None if batch.patches is None else self._random_picks(batch.patches, generator)
+        return self._scores(batch.global_, batch.patches, self._text_features(), random_picks=picks).logits
 
     def _pseudo_logits(self, global_: torch.Tensor, patches: Optional[torch.Tensor]) -> torch.Tensor:
-        relevance = None
-        if patches is not None and self.knobs.patch_weights == "relevance":  # only the relevance weights need it
-            mask = self.semantic_mask.to(patches.device)
-            relevance = relevance_from_similarity(token_similarity(patches, self.semantic.to(patches.device)), mask,
-                                                  self.knobs.relevance, self._mask_full)
-        return self._scores(global_, patches, None, relevance).logits
+        """The logits [P, C] of pseudo-samples, unchunked (benchmarks)."""
+        return self._scores(global_, patches, self._text_features(), pseudo=True).logits
+
+    def step_gradients(self, batch: FeatureBatch, targets: torch.Tensor, generator: torch.Generator,
+                       budget: Optional[int] = None) -> torch.Tensor:
+        """One training step's loss (returned, detached) and its gradients, accumulated into the projectors' .grad: the
+        cross-entropy over all seen classes of the batch (targets [B] logit columns) and of the pseudo-features drawn from
+        `generator`. The samples are scored in chunks within `budget` bytes (None: one chunk), each chunk's backward pass
+        run before the next is scored, so memory does not grow with the batch; the text side is projected once and its
+        gradient, summed over the chunks, goes back through the text projector at the end. The same gradients as one
+        chunk (the loss is a mean over samples, each sample's logits depend on it alone), to float rounding."""
+        device = self.context.device
+        picks = None if batch.patches is None else self._random_picks(batch.patches, generator)
+        groups = [(batch.global_, batch.patches, targets, picks, False)]
+        pseudo = self._pseudo_batch(generator)
+        if pseudo is not None:
+            global_, patches, positions = pseudo
+            column = self.columns_of_positions().to(device)
+            groups.append((global_.to(device), None if patches is None else patches.to(device), column[positions.to(device)],
+                           None, True))
+        total = sum(len(group[2]) for group in groups)
+        text = self._text_features()
+        leaves = tuple(None if t is None else t.detach().requires_grad_(t.requires_grad) for t in text)
+        loss_total = torch.zeros((), device=device)
+        for global_, patches, labels, random_picks, pseudo_rows in groups:
+            rows = len(labels)
+            if budget is not None and patches is not None:
+                width = len(self.semantic) if self.knobs.class_shortlist == 0 else min(self.knobs.class_shortlist + 1, len(self.semantic))
+                rows = self._rows_per_chunk(patches.shape[1], width, budget)
+            for start in range(0, len(labels), rows):
+                part = slice(start, start + rows)
+                scores = self._scores(global_[part], None if patches is None else patches[part], leaves, pseudo_rows,
+                                      labels[part], None if random_picks is None else random_picks[part], budget)
+                loss = F.cross_entropy(scores.logits, labels[part], reduction="sum") / total
+                if loss.requires_grad:
+                    loss.backward()
+                loss_total += loss.detach()
+        outputs = [(t, leaf.grad) for t, leaf in zip(text, leaves) if t is not None and leaf.grad is not None]
+        if outputs:
+            torch.autograd.backward([t for t, _ in outputs], [grad for _, grad in outputs])
+        return loss_total
 
     # hooks -------------------------------------------------------------------------------------------------------------
     def fit_task(self, data: TaskData) -> None:
@@ -235,6 +375,7 @@ class SPA(Learner):
         optimizer, schedule = make_optimizer(params, train, steps_per_task(len(data), train))
         device = self.context.device
         column = self.columns_of_positions().to(device)
+        budget = working_memory(device, train.device_memory_budget)  # measured once per task
         batch_generator = task_generator(self.config, data.task, stream=1)  # the batch order is drawn on the CPU
         sample_generator = task_generator(self.config, data.task, stream=2, device=device)
         self.image_projector.train()
@@ -242,17 +383,8 @@ class SPA(Learner):
         bar = step_bar(self.context, steps_per_task(len(data), train), data.task)
         for _ in range(train.epochs):
             for batch in data.batches(train.batch_size, batch_generator, with_patches=self.ablation.patch_branch):
-                logits = self._real_logits(batch, sample_generator)
-                targets = column[batch.targets.to(device)]
-                pseudo = self._pseudo_batch(sample_generator)
-                if pseudo is not None:
-                    global_, patches, positions = pseudo
-                    device = logits.device
-                    logits = torch.cat([logits, self._pseudo_logits(global_.to(device), None if patches is None else patches.to(device))])
-                    targets = torch.cat([targets, column[positions].to(device)])
-                loss = F.cross_entropy(logits, targets)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.step_gradients(batch, column[batch.targets.to(device)], sample_generator, budget)
                 optimizer.step()
                 schedule.step()
                 bar.update(1)
@@ -296,21 +428,26 @@ class SPA(Learner):
             if self.ablation.patch_branch:
                 self.patch_bank.add(position, *patch_moments.moments(i))
 
-    def _prediction_scores(self, batch: FeatureBatch) -> Iterator[SPAScores]:
-        """The scores prediction uses, part by part of the batch (in row order). In the random-patch ablation one generator
-        serves a whole evaluation (it starts after `end_task`), so every test batch gets fresh patches, not row i of every
-        batch the same ones."""
+    def _prediction_scores(self, batch: FeatureBatch, detail: bool = False) -> Iterator[SPAScores]:
+        """The scores prediction uses, part by part of the batch (in row order), each part within the working-memory budget
+        (measured once per evaluation; the [B, N, C, M] relevance is split over images and, for one image beyond the
+        budget, over classes). In the random-patch ablation one generator serves a whole evaluation (it starts after
+        `end_task`), so every test batch gets fresh patches, not row i of every batch the same ones."""
         if self._eval_generator is None:
             self._eval_generator = task_generator(self.config, len(self.seen_positions), stream=5,
                                                   device=self.context.device)
-        generator = self._eval_generator
+            self._eval_budget = working_memory(self.context.device, self.config.train.device_memory_budget)
+        text = self._text_features()
         if not self.ablation.patch_branch:
-            yield self._real_scores(batch, generator)
+            yield self._scores(batch.global_, None, text)
             return
-        per_image = batch.patches.shape[1] * self.semantic.shape[0] * self.semantic.shape[1]
-        step = max(1, _PREDICT_SIMILARITY_BUDGET // per_image)
+        picks = self._random_picks(batch.patches, self._eval_generator)
+        width = len(self.semantic) if self.knobs.class_shortlist == 0 else min(self.knobs.class_shortlist, len(self.semantic))
+        step = self._rows_per_chunk(batch.patches.shape[1], width, self._eval_budget)
         for start in range(0, len(batch.global_), step):
-            yield self._real_scores(FeatureBatch(batch.global_[start:start + step], batch.patches[start:start + step]), generator)
+            part = slice(start, start + step)
+            yield self._scores(batch.global_[part], batch.patches[part], text,
+                               random_picks=None if picks is None else picks[part], budget=self._eval_budget, detail=detail)
 
     def logits(self, batch: FeatureBatch) -> torch.Tensor:
         return torch.cat([part.logits for part in self._prediction_scores(batch)])
@@ -318,7 +455,7 @@ class SPA(Learner):
     @torch.no_grad()
     def explain(self, batch: FeatureBatch) -> SPAScores:
         """The scores `logits` predicts with and every quantity they come from, for a (small) batch."""
-        parts = list(self._prediction_scores(batch))
+        parts = list(self._prediction_scores(batch, detail=True))
         return SPAScores(**{field.name: None if getattr(parts[0], field.name) is None
                             else torch.cat([getattr(part, field.name) for part in parts]) for field in fields(SPAScores)})
 

@@ -95,6 +95,23 @@ class GaussianBank:
         positions = self._position_tensor.repeat_interleave(count)
         return draws.reshape(classes * count, self.dim), positions
 
+    def sample_slots(self, slots: torch.Tensor, count: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Draw `count` features of the stored class in each slot of `slots` [P] (indices into `positions`, on the bank's
+        device) -> features [P, count, d]. Only the chosen classes' factors are read: the cost follows P, not the classes."""
+        noise = torch.randn(len(slots), count, self.dim, generator=generator, device=self.means.device)
+        factors = self.factors[slots]
+        if self.cov_type == "full":
+            draws = torch.baddbmm(self.means[slots].unsqueeze(1), noise, factors.transpose(1, 2))
+        else:
+            draws = self.means[slots].unsqueeze(1) + noise * factors.unsqueeze(1)
+        return draws
+
+    def positions_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots [P] -> the class positions stored there [P] (on the slots' device)."""
+        if len(self._position_tensor) != len(self.positions):  # positions set from outside (checkpoint, benchmark)
+            self._position_tensor = torch.tensor(self.positions, dtype=torch.long, device=self.means.device)
+        return self._position_tensor[slots]
+
     def state_dict(self) -> dict:
         return {"positions": list(self.positions), "means": self.means, "factors": self.factors}
 

@@ -13,8 +13,13 @@ import torch
 
 
 def token_similarity(patches: torch.Tensor, semantic: torch.Tensor) -> torch.Tensor:
-    """patches [B, N, d], semantic [C, M, d] -> cosines [B, N, C, M] from one matrix product (no [B, C, N, d] tensor)."""
+    """patches [B, N, d], semantic [C, M, d] (the same classes for every image) or [B, C, M, d] (each image its own, as
+    with SPA's class shortlist) -> cosines [B, N, C, M] from one (batched) matrix product (no [B, C, N, d] tensor)."""
     batch, num_patches, dim = patches.shape
+    if semantic.dim() == 4:
+        classes, tokens = semantic.shape[1:3]
+        flat = torch.bmm(patches, semantic.reshape(batch, classes * tokens, dim).transpose(1, 2))
+        return flat.view(batch, num_patches, classes, tokens)
     classes, tokens, _ = semantic.shape
     flat = patches.reshape(batch * num_patches, dim) @ semantic.reshape(classes * tokens, dim).T
     return flat.view(batch, num_patches, classes, tokens)

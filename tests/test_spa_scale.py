@@ -1,0 +1,171 @@
+"""SPA at scale (issue 23): the class shortlist, the per-batch pseudo-sample budget and chunked scoring."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import assert_same_state, interrupt_at_task
+from spacil.cli import main
+from spacil.config import build_config, dump_config
+from spacil.learner import FeatureBatch, LearnerContext, TaskInfo, task_generator
+from spacil.methods.spa import SPA
+
+CLASSES, OLD, DIM, TOKENS, PATCHES = 7, 4, 16, 3, 9
+
+
+def _learner(overrides: dict, empty_class: int = -1) -> tuple[SPA, FeatureBatch]:
+    """A learner after begin_task of 7 classes, projectors away from zero, Gaussians of the first 4 classes stored (they
+    are the old classes pseudo-samples come from), class `empty_class` without semantic tokens; and a batch of 5 images."""
+    g = torch.Generator().manual_seed(5)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    config = build_config({"train": {"epochs": 0}, **overrides})
+    learner = SPA(config, LearnerContext(DIM, PATCHES, 100.0, torch.device("cpu")))
+    mask = torch.ones(CLASSES, TOKENS, dtype=torch.bool)
+    mask[1, 2:] = False
+    if empty_class >= 0:
+        mask[empty_class] = False
+    learner.begin_task(TaskInfo(0, list(range(CLASSES)), [f"c{i}" for i in range(CLASSES)],
+                                unit(torch.randn(CLASSES, DIM, generator=g)),
+                                unit(torch.randn(CLASSES, TOKENS, DIM, generator=g)) * mask[..., None], mask, None))
+    with torch.no_grad():
+        for stack in (learner.image_projector, learner.text_projector):
+            stack.layers[0].weight.normal_(std=0.1, generator=g)
+            stack.layers[0].bias.normal_(std=0.05, generator=g)
+    for position in range(OLD):
+        for bank in (learner.global_bank, learner.patch_bank):
+            bank.add(position, torch.randn(DIM, generator=g, dtype=torch.float64) * 0.3, torch.eye(DIM, dtype=torch.float64) * 0.02)
+    batch = FeatureBatch(unit(torch.randn(5, DIM, generator=g)), unit(torch.randn(5, PATCHES, DIM, generator=g)),
+                         torch.tensor([0, 4, 5, 6, 2]))
+    return learner, batch
+
+
+def _twin(learner: SPA, overrides: dict) -> SPA:
+    """A learner with the same state and other knobs."""
+    tree = learner.config.to_dict()
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        tree[section][name] = value
+    twin = SPA(build_config(tree), learner.context)
+    twin.load_state_dict(learner.state_dict())
+    for stack in (twin.image_projector, twin.text_projector):  # the current task's projectors train (loading froze them)
+        stack.layers[-1].requires_grad_(True)
+    return twin
+
+
+def _gradients(learner: SPA, batch: FeatureBatch, budget=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The loss and the trainable parameters' gradients of one step (pseudo-samples from the task's generator)."""
+    params = learner.image_projector.trainable() + learner.text_projector.trainable()
+    for param in params:
+        param.grad = None
+    generator = task_generator(learner.config, 1, stream=2)
+    loss = learner.step_gradients(batch, batch.targets, generator, budget)
+    return loss, [param.grad.clone() for param in params]
+
+
+VARIANTS = [{}, {"spa.patch_weights": "relevance", "spa.pseudo_per_batch": 6},
+            {"ablation.semantic_selection": False}, {"ablation.optimal_transport": False, "spa.relevance": "mean"},
+            {"spa.ot_grad": "unroll", "spa.ot_iters": 7}]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "defaults")
+def test_a_shortlist_of_every_class_is_exact_spa(overrides):
+    """N >= the seen classes: the shortlist path (per-sample gathered tokens, scattered scores) gives exact SPA's logits and
+    gradients, with pseudo-samples, a class with fewer tokens and one without any."""
+    exact, batch = _learner({}, empty_class=3)
+    exact = _twin(exact, overrides)
+    listed = _twin(exact, {"spa.class_shortlist": CLASSES})
+    for learner in (exact, listed):
+        learner._eval_generator = None
+    scores = listed.explain(batch)
+    assert scores.shortlist.shape == (5, CLASSES)
+    torch.testing.assert_close(listed.logits(batch), exact.logits(batch), rtol=1e-5, atol=1e-4)
+    (loss, grads), (loss_listed, grads_listed) = _gradients(exact, batch), _gradients(listed, batch)
+    torch.testing.assert_close(loss_listed, loss, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads)
+    for a, b in zip(grads_listed, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_short_list_scores_patches_for_the_top_global_classes_only():
+    learner, batch = _learner({"spa": {"class_shortlist": 2}})
+    scores = learner.explain(batch)
+    top = scores.global_.topk(2, dim=1).indices
+    assert torch.equal(scores.shortlist.sort(dim=1).values, top.sort(dim=1).values)
+    assert scores.plan.shape[:2] == (5, 2) and scores.relevance.shape == (5, 2, PATCHES)
+    inside = torch.zeros(5, CLASSES, dtype=torch.bool).scatter(1, scores.shortlist, True)
+    for b in range(5):
+        smallest = scores.patch[b][inside[b]].min()
+        # the stand-in: no class outside outranks one inside on the patch score; the prediction is a listed class
+        assert torch.all(scores.patch[b][~inside[b]] == smallest)
+        assert inside[b, scores.logits[b].argmax()]
+        assert scores.slot(b, int(scores.shortlist[b, 1])) == 1 and scores.slot(b, int((~inside[b]).nonzero()[0])) is None
+    # the listed classes' patch scores are exact SPA's
+    exact = _twin(learner, {"spa.class_shortlist": 0}).explain(batch)
+    torch.testing.assert_close(scores.patch[inside], exact.patch[inside], rtol=1e-5, atol=1e-5)
+    # training always lists the label: here the label and the N highest other classes
+    labels = scores.global_.argmin(dim=1)
+    listed = learner._shortlist(scores.global_, labels)
+    assert listed.shape == (5, 3) and all(labels[b] in listed[b] for b in range(5))
+
+
+@pytest.mark.parametrize("shortlist", [0, 3])
+def test_chunked_scoring_gives_the_same_logits_and_gradients(shortlist):
+    """A budget of one byte: one sample and one class per chunk, each chunk's backward before the next."""
+    learner, batch = _learner({"spa": {"class_shortlist": shortlist, "pseudo_per_batch": 5}})
+    loss, grads = _gradients(learner, batch)
+    loss_chunked, grads_chunked = _gradients(learner, batch, budget=1)
+    torch.testing.assert_close(loss_chunked, loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_chunked, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    whole = learner.logits(batch)
+    tight = _twin(learner, {"train.device_memory_budget": 1e-9})
+    torch.testing.assert_close(tight.logits(batch), whole, rtol=1e-5, atol=1e-5)
+    assert tight._eval_budget == 1
+
+
+def test_pseudo_samples_per_batch_are_balanced_over_the_old_classes():
+    learner, _ = _learner({"spa": {"pseudo_per_batch": 3}})
+    generator = task_generator(learner.config, 1, stream=2)
+    global_, patches, targets = learner._pseudo_batch(generator)
+    assert global_.shape == (3, DIM) and patches.shape == (3, 16 if PATCHES >= 16 else learner.knobs.top_k_patches, DIM)
+    assert len(set(targets.tolist())) == 3 and set(targets.tolist()) <= set(range(OLD))  # without replacement
+    learner.knobs.pseudo_per_batch = 10
+    counts = torch.bincount(learner._pseudo_batch(generator)[2], minlength=OLD)
+    assert counts.sum() == 10 and counts.max() - counts.min() <= 1  # two full passes, then 2 classes without replacement
+    # the run's seed decides the draws
+    again = task_generator(learner.config, 1, stream=2)
+    learner.knobs.pseudo_per_batch = 3
+    assert torch.equal(learner._pseudo_batch(again)[2], targets)
+    learner.knobs.pseudo_per_batch = 0
+    assert len(learner._pseudo_batch(again)[2]) == OLD * learner.knobs.pseudo_per_class
+
+
+def test_bad_values_and_the_ignored_shortlist_note(random_store, tmp_path, capsys):
+    base = ["run", "--features", str(random_store), "--init-cls", "6", "--increment", "3", "--quiet"]
+    for knob in ("class_shortlist=-1", "pseudo_per_batch=-2", "device_memory_budget=-1"):
+        assert main(base + ["--out", str(tmp_path / "bad"), "--set", knob]) == 2
+        err = capsys.readouterr().err
+        assert knob.split("=")[0] in err and err.count("\n") == 1
+    config = build_config({"spa": {"class_shortlist": 5}, "ablation": {"patch_branch": False}})
+    text = dump_config(config)
+    assert text.startswith("# note: spa.class_shortlist=5 is ignored")
+    assert yaml.safe_load(text) == config.to_dict()
+    assert "# note" not in dump_config(build_config({"spa": {"class_shortlist": 5}}))
+
+
+def test_a_run_with_shortlist_and_pseudo_budget_resumes_as_an_uninterrupted_one(random_store, tmp_path, monkeypatch):
+    args = ["--init-cls", "6", "--increment", "3", "--quiet", "--set", "epochs=2", "--set", "class_shortlist=2",
+            "--set", "pseudo_per_batch=3"]
+    assert main(["run", "--features", str(random_store), "--out", str(tmp_path / "whole"), *args]) == 0
+    original = interrupt_at_task(monkeypatch, SPA, 2)
+    assert main(["run", "--features", str(random_store), "--out", str(tmp_path / "cut"), *args]) == 130
+    monkeypatch.setattr(SPA, "fit_task", original)
+    assert main(["run", "--features", str(random_store), "--out", str(tmp_path / "cut"), "--resume", *args]) == 0
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+    whole, cut = (torch.load(tmp_path / name / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+                  for name in ("whole", "cut"))
+    assert_same_state(cut, whole)
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert len(summary["curve"]) == 3

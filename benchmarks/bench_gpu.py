@@ -13,6 +13,9 @@
     SPA with 1 and with 10 epochs per task: wall clock, per task, peak device memory. Targets: SPA 1 epoch <= 15 s,
     10 epochs <= 60 s.
 (d) The demo world: SPA on the CPU and on the device; average accuracies equal within 0.5.
+(e) One ImageNet-1k task (the last of B0 Inc100: 1,000 seen classes, 100 x 1,300 training images, 10 epochs, then 50,000
+    test images) with SPA's class shortlist and pseudo budget: training steps and evaluation timed at ViT-B/16 shapes on
+    the device (bench_scale.py's helpers), the task's time extrapolated from them, and the peak device memory.
 Results are written after every part, so a run cut short keeps what it finished.
 """
 
@@ -243,13 +246,39 @@ def bench_demo_world(results: Results, work: Path, quick: bool) -> None:
     results.write()
 
 
+# (e) -------------------------------------------------------------------------------------------------------------------
+def bench_imagenet_task(results: Results, quick: bool) -> None:
+    sys.path.insert(0, str(HERE))
+    from bench_scale import (BATCH, IMAGENET_EPOCHS, IMAGENET_TASK_IMAGES, IMAGENET_TEST_IMAGES, MODES, real_batch,
+                             spa_learner, time_evaluation, time_steps)
+
+    device = results.device
+    classes, steps, test_images = (100, 2, 32) if quick else (1000, 20, 1024)
+    learner = spa_learner(classes, device, MODES["shortlist"])
+    times, peak = time_steps(learner, real_batch(classes, device), steps, warm_up=True)
+    per_image, eval_peak = time_evaluation(learner, real_batch(classes, device, test_images, seed=2))
+    step = statistics.median(times)
+    task_steps = -(-IMAGENET_TASK_IMAGES // BATCH) * IMAGENET_EPOCHS
+    train, evaluate = task_steps * step, IMAGENET_TEST_IMAGES * per_image
+    knobs = learner.knobs
+    results.add(f"ImageNet-1k task, {classes} seen classes, shortlist {knobs.class_shortlist}, {knobs.pseudo_per_batch} "
+                f"pseudo-samples per batch", f"step {step * 1000:.0f} ms (median of {steps}), peak {peak / 2**30:.2f} GiB above "
+                f"the allocation before; evaluation {per_image * 1e6:.0f} us per test image (peak {eval_peak / 2**30:.2f} GiB); "
+                f"one task: training {task_steps:,} steps = {train / 60:.1f} min, evaluation of {IMAGENET_TEST_IMAGES:,} "
+                f"images {evaluate / 60:.1f} min")
+    results.data["imagenet_task"] = {"classes": classes, "step_seconds": times, "peak_bytes": peak,
+                                     "eval_seconds_per_image": per_image, "eval_peak_bytes": eval_peak,
+                                     "task_train_seconds": train, "task_eval_seconds": evaluate}
+    results.write()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     add_device_argument(parser)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the script, not a measurement")
     parser.add_argument("--store", default="/tmp/spacil_cifar_shape", help="where the CIFAR-shaped store is (made if missing)")
     parser.add_argument("--workers", type=int, default=8, help="image loader workers for part (b)")
-    parser.add_argument("--parts", default="abcd", help="which parts to run")
+    parser.add_argument("--parts", default="abcde", help="which parts to run")
     parser.add_argument("--name", help="result name (default: gpu on CUDA, gpu_cpu_smoke on the CPU)")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -269,6 +298,8 @@ def main() -> None:
             bench_store(results, store, work, args.quick)
         if "d" in args.parts:
             bench_demo_world(results, work, args.quick)
+        if "e" in args.parts:
+            bench_imagenet_task(results, args.quick)
         results.add("whole script, wall clock", f"{time.perf_counter() - started:.0f} s")
         results.write()
     finally:

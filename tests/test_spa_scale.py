@@ -169,3 +169,18 @@ def test_a_run_with_shortlist_and_pseudo_budget_resumes_as_an_uninterrupted_one(
     assert_same_state(cut, whole)
     summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert len(summary["curve"]) == 3
+
+
+def test_pseudo_samples_of_the_budget_stand_for_every_old_classs_share_of_the_loss():
+    """With P draws, each weighs (pseudo_per_class x old classes) / P: the loss's expectation is exact SPA's mean over the
+    batch and pseudo_per_class draws of every old class."""
+    learner, batch = _learner({"spa": {"pseudo_per_batch": 3, "pseudo_per_class": 4}})
+    drawn = learner._pseudo_batch(task_generator(learner.config, 1, stream=2))
+    learner._pseudo_batch = lambda generator: drawn
+    loss = learner.step_gradients(batch, batch.targets, task_generator(learner.config, 1, stream=2))
+    text = learner._text_features()
+    real = learner._scores(batch.global_, batch.patches, text, labels=batch.targets).logits
+    pseudo = learner._scores(drawn[0], drawn[1], text, pseudo=True, labels=drawn[2]).logits
+    ce = torch.nn.functional.cross_entropy
+    expected = (ce(real, batch.targets, reduction="sum") + 4 * OLD / 3 * ce(pseudo, drawn[2], reduction="sum")) / (5 + 4 * OLD)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)

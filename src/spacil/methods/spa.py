@@ -173,12 +173,14 @@ class SPA(Learner):
         return ranking.topk(min(count, ranking.shape[1]), dim=1).indices
 
     def _pair_bytes(self, tokens: int, shortlisted: bool) -> int:
-        """The working memory of scoring one (sample, class) pair whose sample has `tokens` patch tokens: the frozen and
-        the projected similarities of every token to the class's M tokens, its relevance, and about 12 [k, M] blocks (kept
-        similarities, cost, plan, the solver's buffers, what the backward pass keeps); with a shortlist also the class's
-        tokens gathered for the sample (frozen and projected)."""
+        """The working memory of scoring one (sample, class) pair whose sample has `tokens` patch tokens: the frozen
+        similarities of every token to the class's M tokens and its relevance, about 12 [k, M] blocks (kept similarities,
+        cost, plan, the solver's buffers, what the backward pass keeps), and the projected similarities of every token
+        (every class) or with a shortlist the class's tokens gathered for the sample and the kept patches, frozen and
+        projected."""
         width, dim, k = self.semantic.shape[1], self.context.dim, min(self.knobs.top_k_patches, tokens)
-        floats = 2 * tokens * width + tokens + 12 * k * width + (2 * width * dim if shortlisted else 0)
+        floats = tokens * width + tokens + 12 * k * width
+        floats += 2 * (width + k) * dim if shortlisted else tokens * width
         return 4 * floats
 
     def _rows_per_chunk(self, tokens: int, columns: int, budget: int) -> int:
@@ -254,8 +256,13 @@ class SPA(Learner):
                 else:
                     indices = random_picks[:, :1].expand(-1, classes, -1)
                     kept = relevance.gather(-1, indices)
-            similarity = token_similarity(projected, tokens).permute(0, 2, 1, 3)  # [B, c, N, M], a view
-            similarity = similarity.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, similarity.shape[-1]))
+            if columns is None:  # one matrix product over every patch, then the kept ones: [B, c, k, M]
+                similarity = token_similarity(projected, tokens).permute(0, 2, 1, 3)  # [B, c, N, M], a view
+                similarity = similarity.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, similarity.shape[-1]))
+            else:  # each sample its own few classes: the kept patches first [B, c, k, d], then their cosines [B, c, k, M]
+                batch, _, dim = projected.shape
+                picked = projected.gather(1, indices.reshape(batch, -1, 1).expand(-1, -1, dim)).view(*indices.shape, dim)
+                similarity = picked @ tokens.transpose(-1, -2)
         patch_scores, plan = self._patch_scores(similarity, kept, mask)
         # a class without descriptions has no semantic tokens: its patch score is exactly 0
         patch_scores = torch.where(present, patch_scores, torch.zeros_like(patch_scores))
@@ -344,11 +351,19 @@ class SPA(Learner):
             column = self.columns_of_positions().to(device)
             groups.append((global_.to(device), None if patches is None else patches.to(device), column[positions.to(device)],
                            None, True))
+        # the loss is the mean over the batch and SPEC.md's pseudo_per_class pseudo-samples of every old class; with the
+        # per-batch budget each of its P draws stands for (pseudo_per_class x old classes) / P of them, so the loss's
+        # expectation over the draws is exact SPA's (pseudo_per_class 0: the plain mean over the batch and the P draws)
+        weights = [1.0] * len(groups)
         total = sum(len(group[2]) for group in groups)
+        if pseudo is not None and self.knobs.pseudo_per_batch > 0 and self.knobs.pseudo_per_class > 0:
+            represented = self.knobs.pseudo_per_class * len(self.global_bank)
+            weights[1] = represented / self.knobs.pseudo_per_batch
+            total = len(targets) + represented
         text = self._text_features()
         leaves = tuple(None if t is None else t.detach().requires_grad_(t.requires_grad) for t in text)
         loss_total = torch.zeros((), device=device)
-        for global_, patches, labels, random_picks, pseudo_rows in groups:
+        for (global_, patches, labels, random_picks, pseudo_rows), weight in zip(groups, weights):
             rows = len(labels)
             if budget is not None and patches is not None:
                 width = len(self.semantic) if self.knobs.class_shortlist == 0 else min(self.knobs.class_shortlist + 1, len(self.semantic))
@@ -357,7 +372,7 @@ class SPA(Learner):
                 part = slice(start, start + rows)
                 scores = self._scores(global_[part], None if patches is None else patches[part], leaves, pseudo_rows,
                                       labels[part], None if random_picks is None else random_picks[part], budget)
-                loss = F.cross_entropy(scores.logits, labels[part], reduction="sum") / total
+                loss = F.cross_entropy(scores.logits, labels[part], reduction="sum") * (weight / total)
                 if loss.requires_grad:
                     loss.backward()
                 loss_total += loss.detach()

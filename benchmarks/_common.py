@@ -33,6 +33,21 @@ def write_result(name: str, title: str, rows: list[tuple[str, str]], data: dict,
     print("\n".join(lines))
 
 
+class Results:
+    """The rows and numbers a benchmark of several parts has gathered so far; `write` (after every part) writes them, so a
+    run cut short keeps what it finished."""
+
+    def __init__(self, name: str, title: str, rows: list[tuple[str, str]], data: dict, notes: str = ""):
+        self.name, self.title, self.rows, self.data, self.notes = name, title, rows, data, notes
+
+    def add(self, key: str, value: str) -> None:
+        self.rows.append((key, value))
+        print(f"{key}: {value}", flush=True)
+
+    def write(self) -> None:
+        write_result(self.name, self.title, self.rows, self.data, notes=self.notes)
+
+
 def add_device_argument(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
 

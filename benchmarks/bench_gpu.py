@@ -34,29 +34,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import add_device_argument, device_description, synchronize, write_result
+import _common
+from _common import add_device_argument, device_description, synchronize
 from spacil.devices import autocast, device_name, resolve_device, resolve_precision
 
 HERE = Path(__file__).resolve().parent
 
 
-class Results:
-    """Rows and numbers gathered so far; written (again) after every part."""
-
+class Results(_common.Results):
     def __init__(self, name: str, device: torch.device, quick: bool):
-        self.name, self.device, self.quick = name, device, quick
-        self.rows: list[tuple[str, str]] = [("device", device_description(device)), ("sizes", "quick (smoke test)" if quick else "full")]
-        self.data: dict = {"device": device_description(device), "quick": quick}
-
-    def add(self, key: str, value: str) -> None:
-        self.rows.append((key, value))
-        print(f"{key}: {value}", flush=True)
-
-    def write(self) -> None:
-        note = ("CPU smoke test at small sizes: proves the script runs; these are not GPU numbers." if self.device.type == "cpu"
+        note = ("CPU smoke test at small sizes: proves the script runs; these are not GPU numbers." if device.type == "cpu"
                 else "Targets on an H200: OT >= 3x POT, extraction >= 0.8x min(loader, bare bf16 forward), SPA on the "
                      "CIFAR-shaped store <= 15 s (1 epoch) and <= 60 s (10 epochs), demo SPA equal to the CPU's within 0.5.")
-        write_result(self.name, f"spacil on {device_description(self.device)}", self.rows, self.data, notes=note)
+        super().__init__(name, f"spacil on {device_description(device)}",
+                         [("device", device_description(device)), ("sizes", "quick (smoke test)" if quick else "full")],
+                         {"device": device_description(device), "quick": quick}, note)
+        self.device, self.quick = device, quick
 
 
 def _timed(clock_device: torch.device, function, *args, **kwargs):

@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from _common import add_device_argument, device_description, peak_rss, peak_rss_reset, synchronize, write_result
+import _common
+from _common import add_device_argument, device_description, peak_rss, peak_rss_reset, synchronize
 from spacil.config import build_config
 from spacil.devices import device_name, resolve_device, working_memory
 from spacil.learner import FeatureBatch, LearnerContext, TaskInfo, make_optimizer, task_generator
@@ -262,20 +263,12 @@ def bench_worlds(results: "Results", work: Path, epochs: int, small: list[int], 
         results.write()
 
 
-class Results:
-    """Rows and numbers gathered so far; written (again) after every part."""
-
+class Results(_common.Results):
     def __init__(self, name: str, device: torch.device, notes: str):
-        self.name, self.device, self.notes = name, device, notes
-        self.rows: list[tuple[str, str]] = [("device", device_description(device))]
-        self.data: dict = {"device": device_description(device), "shortlist": SHORTLIST, "pseudo_per_batch": PSEUDO_PER_BATCH}
-
-    def add(self, key: str, value: str) -> None:
-        self.rows.append((key, value))
-        print(f"{key}: {value}", flush=True)
-
-    def write(self) -> None:
-        write_result(self.name, f"SPA at scale on {device_description(self.device)}", self.rows, self.data, notes=self.notes)
+        super().__init__(name, f"SPA at scale on {device_description(device)}", [("device", device_description(device))],
+                         {"device": device_description(device), "shortlist": SHORTLIST, "pseudo_per_batch": PSEUDO_PER_BATCH},
+                         notes)
+        self.device = device
 
 
 def main() -> None:

@@ -157,6 +157,8 @@ def bench_steps(results: "Results", class_counts: list[int], steps: int, exact_l
                 results.data["steps"][key] = {"skipped": reason, "estimated_seconds": estimate,
                                               "eval_seconds_per_image": per_image, "eval_peak_bytes": eval_peak,
                                               "eval_images": eval_images}
+                results.data.setdefault("summary", {}).update({
+                    f"step_estimated_seconds_{mode}_{classes}": estimate, f"eval_ms_per_image_{mode}_{classes}": per_image * 1000})
                 results.add(f"step, {key}", f"{reason}; evaluation {per_image * 1000:.1f} ms per test image (peak "
                                             f"{eval_peak / 2**20:.0f} MiB)")
                 del learner
@@ -174,6 +176,10 @@ def bench_steps(results: "Results", class_counts: list[int], steps: int, exact_l
             results.data["steps"][key] = {"seconds": times, "peak_bytes": peak, "pseudo_samples": pseudo,
                                           "problems": _problems(classes, mode), "eval_seconds_per_image": per_image,
                                           "eval_peak_bytes": eval_peak, "eval_images": eval_images}
+            # flat keys for the docs' figures (benchmarks/sync_docs.py)
+            results.data.setdefault("summary", {}).update({
+                f"step_seconds_{mode}_{classes}": median, f"step_peak_mib_{mode}_{classes}": peak / 2**20,
+                f"eval_ms_per_image_{mode}_{classes}": per_image * 1000})
             results.add(f"step, {key}", f"{median:.2f} s ({'1 step' if slow else f'median of {steps}'}), peak "
                                         f"{peak / 2**20:.0f} MiB above the resident set; {BATCH} + {pseudo} pseudo-samples; "
                                         f"evaluation {per_image * 1000:.1f} ms per test image (peak {eval_peak / 2**20:.0f} MiB)")
@@ -255,6 +261,8 @@ def bench_worlds(results: "Results", work: Path, epochs: int, small: list[int], 
                          for name, m in measured.items())
         results.add(f"world of {classes} classes (B0 Inc{increment}, {spec.train_per_class}/{spec.test_per_class} "
                     f"images per class, {epochs} epochs): average accuracy", text)
+        results.data.setdefault("summary", {}).update(
+            {f"avg_acc_{name.replace(' ', '_')}_{classes}": m["avg_acc"] for name, m in measured.items()})
         if "spa exact" in measured:
             gap = measured["spa shortlisted"]["avg_acc"] - measured["spa exact"]["avg_acc"]
             results.add(f"target: world of {classes}, shortlisted - exact average accuracy",

@@ -10,9 +10,12 @@
     (target: within 0.5), and shortlisted SPA against SimpleCIL on a 1,000-class world.
 (d) One ImageNet-1k task on this CPU estimated from (a) and (b): the last task of B0 Inc100 (100 new classes x ~1,300
     images, 1,000 seen classes, 10 epochs), then its evaluation on 50,000 test images.
+(e) (not in the default parts) How the ImageNet-1k values were chosen: SPA's average accuracy on a 100-class world under
+    several shortlist sizes and pseudo budgets, alone and together.
 
     python benchmarks/bench_scale.py                 # everything (about 25 minutes on the project's 2-core CPU)
     python benchmarks/bench_scale.py --parts ab      # the step and evaluation timings only
+    python benchmarks/bench_scale.py --parts e --name scale_choice   # the choice of N and P (docs/method.md)
 
 `bench_gpu.py --parts e` measures (d) on a GPU with the helpers defined here.
 """
@@ -271,6 +274,35 @@ def bench_worlds(results: "Results", work: Path, epochs: int, small: list[int], 
         results.write()
 
 
+# (e) -------------------------------------------------------------------------------------------------------------------
+CHOICES = (("exact", {}), ("N 32", {"class_shortlist": 32}), ("N 16", {"class_shortlist": 16}),
+           ("N 8", {"class_shortlist": 8}), ("P 64", {"pseudo_per_batch": 64}), ("P 16", {"pseudo_per_batch": 16}),
+           ("P 64 unweighted", {"pseudo_per_batch": 64, "pseudo_per_class": 0}),
+           ("N 32, P 64", {"class_shortlist": 32, "pseudo_per_batch": 64}),
+           ("N 16, P 128", {"class_shortlist": 16, "pseudo_per_batch": 128}))
+
+
+def bench_choices(results: "Results", work: Path, epochs: int, classes: int) -> None:
+    """How the ImageNet-1k values were chosen: SPA's average accuracy on one world of `classes` classes (ten tasks) under
+    several shortlist sizes N and pseudo budgets P, each alone and together ('unweighted': the P draws as plain samples,
+    pseudo_per_class 0, instead of each standing for pseudo_per_class x old classes / P of them)."""
+    from spacil.demo.world import WorldSpec, make_world
+
+    spec = replace(WorldSpec(), num_classes=classes, family_size=5, views=1)
+    store = work / f"choice_world{classes}"
+    make_world(store, spec)
+    measured = {name: _world_run(store, work / f"choice{index}", "spa", spa, classes // 10, epochs, results.device)
+                for index, (name, spa) in enumerate(CHOICES)}
+    results.data["choices"] = {"classes": classes, "epochs": epochs, "runs": measured}
+    exact = measured["exact"]["avg_acc"]
+    for name, m in measured.items():
+        results.add(f"world of {classes} classes, SPA {name}", f"average accuracy {m['avg_acc']:.2f} "
+                    f"({m['avg_acc'] - exact:+.2f} against exact), {m['seconds']:.0f} s")
+    results.data.setdefault("summary", {}).update(
+        {f"choice_{name.replace(' ', '').replace(',', '_')}": m["avg_acc"] - exact for name, m in measured.items()})
+    results.write()
+
+
 class Results(_common.Results):
     def __init__(self, name: str, device: torch.device, notes: str):
         super().__init__(name, f"SPA at scale on {device_description(device)}", [("device", device_description(device))],
@@ -313,6 +345,8 @@ def main() -> None:
             imagenet_task_estimate(results)
         if "c" in args.parts:
             bench_worlds(results, work, args.epochs, args.worlds, args.large_world)
+        if "e" in args.parts:
+            bench_choices(results, work, args.epochs, args.worlds[0] if args.worlds else 100)
         results.add("whole script, wall clock", f"{time.perf_counter() - started:.0f} s")
         results.write()
     finally:

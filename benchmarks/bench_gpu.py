@@ -248,8 +248,8 @@ def bench_imagenet_task(results: Results, quick: bool) -> None:
     device = results.device
     classes, steps, test_images = (100, 2, 32) if quick else (1000, 20, 1024)
     learner = spa_learner(classes, device, MODES["shortlist"])
-    times, peak = time_steps(learner, real_batch(classes, device), steps, warm_up=True)
-    per_image, eval_peak = time_evaluation(learner, real_batch(classes, device, test_images, seed=2))
+    times, _, peak = time_steps(learner, real_batch(classes, device), steps, warm_up=True)
+    per_image, _, eval_peak = time_evaluation(learner, real_batch(classes, device, test_images, seed=2))
     step = statistics.median(times)
     task_steps = -(-IMAGENET_TASK_IMAGES // BATCH) * IMAGENET_EPOCHS
     train, evaluate = task_steps * step, IMAGENET_TEST_IMAGES * per_image

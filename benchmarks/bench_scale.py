@@ -96,9 +96,9 @@ def _memory_peak(device: torch.device, before: int) -> int:
     return (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()) - before
 
 
-def time_steps(learner: SPA, batch: FeatureBatch, steps: int, warm_up: bool) -> tuple[list[float], int]:
-    """Seconds of each of `steps` training steps (loss, backward, optimizer step; chunked under the budget a run would
-    measure) and the peak memory above what was allocated before them."""
+def time_steps(learner: SPA, batch: FeatureBatch, steps: int, warm_up: bool) -> tuple[list[float], list[float], int]:
+    """Wall-clock and CPU seconds of each of `steps` training steps (loss, backward, optimizer step; chunked under the
+    budget a run would measure) and the peak memory above what was allocated before them."""
     device = learner.context.device
     params = learner.image_projector.trainable() + learner.text_projector.trainable()
     optimizer, _ = make_optimizer(params, learner.config.train, 100)
@@ -113,25 +113,29 @@ def time_steps(learner: SPA, batch: FeatureBatch, steps: int, warm_up: bool) -> 
     if warm_up:
         step()
     before = _memory_start(device)
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return times, _memory_peak(device, before)
+        cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times, _memory_peak(device, before)
 
 
-def time_evaluation(learner: SPA, batch: FeatureBatch) -> tuple[float, int]:
-    """Seconds per test image of prediction over `batch` (one evaluation batch) and the peak memory above the start."""
+def time_evaluation(learner: SPA, batch: FeatureBatch) -> tuple[float, float, int]:
+    """Wall-clock and CPU seconds per test image of prediction over `batch` (one evaluation batch) and the peak memory
+    above the start."""
     device = learner.context.device
     learner._eval_generator = None  # a fresh evaluation: the budget is measured again
     before = _memory_start(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.no_grad():
         learner.predict(batch)
     synchronize(device)
-    return (time.perf_counter() - start) / len(batch.global_), _memory_peak(device, before)
+    images = len(batch.global_)
+    return ((time.perf_counter() - start) / images, (time.process_time() - cpu_start) / images,
+            _memory_peak(device, before))
 
 
 MODES = {"exact": {}, "shortlist": {"class_shortlist": SHORTLIST, "pseudo_per_batch": PSEUDO_PER_BATCH}}
@@ -156,36 +160,40 @@ def bench_steps(results: "Results", class_counts: list[int], steps: int, exact_l
                 reason = (f"skipped: one step estimated at {estimate:.0f} s from the smaller exact steps (transport "
                           f"problems {_problems(classes, mode):,}), beyond --exact-limit {exact_limit:.0f} s")
                 learner = spa_learner(classes, device, spa, shared_factors=True)  # prediction draws no pseudo-samples
-                per_image, eval_peak = time_evaluation(learner, real_batch(classes, device, eval_images, seed=2))
+                per_image, eval_cpu, eval_peak = time_evaluation(learner, real_batch(classes, device, eval_images, seed=2))
                 results.data["steps"][key] = {"skipped": reason, "estimated_seconds": estimate,
-                                              "eval_seconds_per_image": per_image, "eval_peak_bytes": eval_peak,
-                                              "eval_images": eval_images}
+                                              "eval_seconds_per_image": per_image, "eval_cpu_seconds_per_image": eval_cpu,
+                                              "eval_peak_bytes": eval_peak, "eval_images": eval_images}
                 results.data.setdefault("summary", {}).update({
-                    f"step_estimated_seconds_{mode}_{classes}": estimate, f"eval_ms_per_image_{mode}_{classes}": per_image * 1000})
-                results.add(f"step, {key}", f"{reason}; evaluation {per_image * 1000:.1f} ms per test image (peak "
-                                            f"{eval_peak / 2**20:.0f} MiB)")
+                    f"step_estimated_seconds_{mode}_{classes}": estimate, f"eval_ms_per_image_{mode}_{classes}": per_image * 1000,
+                    f"eval_cpu_ms_per_image_{mode}_{classes}": eval_cpu * 1000})
+                results.add(f"step, {key}", f"{reason}; evaluation {per_image * 1000:.1f} ms per test image, "
+                                            f"{eval_cpu * 1000:.1f} ms CPU (peak {eval_peak / 2**20:.0f} MiB)")
                 del learner
                 results.write()
                 continue
             learner = spa_learner(classes, device, spa)
             batch = real_batch(classes, device)
             slow = mode == "exact" and estimate is not None and estimate > 20  # one step only, no warm-up
-            times, peak = time_steps(learner, batch, 1 if slow else steps, warm_up=not slow)
-            median = statistics.median(times)
+            times, cpu_times, peak = time_steps(learner, batch, 1 if slow else steps, warm_up=not slow)
+            median, cpu = statistics.median(times), statistics.median(cpu_times)
             if mode == "exact":
-                exact_seconds_per_problem = median / _problems(classes, mode)
-            per_image, eval_peak = time_evaluation(learner, real_batch(classes, device, eval_images, seed=2))
+                exact_seconds_per_problem = max(median, cpu) / _problems(classes, mode)
+            per_image, eval_cpu, eval_peak = time_evaluation(learner, real_batch(classes, device, eval_images, seed=2))
             pseudo = 4 * (classes * 9 // 10) if mode == "exact" else PSEUDO_PER_BATCH
-            results.data["steps"][key] = {"seconds": times, "peak_bytes": peak, "pseudo_samples": pseudo,
-                                          "problems": _problems(classes, mode), "eval_seconds_per_image": per_image,
+            results.data["steps"][key] = {"seconds": times, "cpu_seconds": cpu_times, "peak_bytes": peak,
+                                          "pseudo_samples": pseudo, "problems": _problems(classes, mode),
+                                          "eval_seconds_per_image": per_image, "eval_cpu_seconds_per_image": eval_cpu,
                                           "eval_peak_bytes": eval_peak, "eval_images": eval_images}
             # flat keys for the docs' figures (benchmarks/sync_docs.py)
             results.data.setdefault("summary", {}).update({
-                f"step_seconds_{mode}_{classes}": median, f"step_peak_mib_{mode}_{classes}": peak / 2**20,
-                f"eval_ms_per_image_{mode}_{classes}": per_image * 1000})
-            results.add(f"step, {key}", f"{median:.2f} s ({'1 step' if slow else f'median of {steps}'}), peak "
-                                        f"{peak / 2**20:.0f} MiB above the resident set; {BATCH} + {pseudo} pseudo-samples; "
-                                        f"evaluation {per_image * 1000:.1f} ms per test image (peak {eval_peak / 2**20:.0f} MiB)")
+                f"step_seconds_{mode}_{classes}": median, f"step_cpu_seconds_{mode}_{classes}": cpu,
+                f"step_peak_mib_{mode}_{classes}": peak / 2**20, f"eval_ms_per_image_{mode}_{classes}": per_image * 1000,
+                f"eval_cpu_ms_per_image_{mode}_{classes}": eval_cpu * 1000})
+            results.add(f"step, {key}", f"{median:.2f} s, {cpu:.2f} s CPU ({'1 step' if slow else f'median of {steps}'}), "
+                                        f"peak {peak / 2**20:.0f} MiB above the resident set; {BATCH} + {pseudo} "
+                                        f"pseudo-samples; evaluation {per_image * 1000:.1f} ms per test image, "
+                                        f"{eval_cpu * 1000:.1f} ms CPU (peak {eval_peak / 2**20:.0f} MiB)")
             del learner, batch
             results.write()
 
@@ -196,10 +204,13 @@ def step_targets(results: "Results") -> None:
     if not base or not scaled or "seconds" not in base:
         return
     ratio = statistics.median(scaled["seconds"]) / statistics.median(base["seconds"])
+    cpu_ratio = statistics.median(scaled["cpu_seconds"]) / statistics.median(base["cpu_seconds"])
     gib = scaled["peak_bytes"] / 2**30
-    results.data["targets"] = {"step_ratio_1000_shortlist_to_100_exact": ratio, "peak_gib_1000_shortlist": gib}
-    results.add("target: 1,000-class shortlisted step / 100-class exact step", f"{ratio:.2f}x (target <= 2x: "
-                f"{'met' if ratio <= 2 else 'missed'})")
+    results.data["targets"] = {"step_ratio_1000_shortlist_to_100_exact": ratio, "step_cpu_ratio_1000_shortlist_to_100_exact":
+                               cpu_ratio, "peak_gib_1000_shortlist": gib}
+    verdict = "met" if cpu_ratio <= 2 else "missed"
+    results.add("target: 1,000-class shortlisted step / 100-class exact step", f"{cpu_ratio:.2f}x in CPU time (target <= "
+                f"2x: {verdict}), {ratio:.2f}x in wall clock")
     results.add("target: 1,000-class shortlisted step, peak above the resident set",
                 f"{gib:.2f} GiB (target <= 2 GB: {'met' if scaled['peak_bytes'] <= 2e9 else 'missed'})")
 
@@ -211,13 +222,15 @@ def imagenet_task_estimate(results: "Results") -> None:
     if not scaled:
         return
     steps = -(-IMAGENET_TASK_IMAGES // BATCH) * IMAGENET_EPOCHS
-    train = steps * statistics.median(scaled["seconds"])
-    evaluate = IMAGENET_TEST_IMAGES * scaled["eval_seconds_per_image"]
+    step = statistics.median(scaled["cpu_seconds"] if results.device.type == "cpu" else scaled["seconds"])
+    train = steps * step
+    evaluate = IMAGENET_TEST_IMAGES * (scaled["eval_cpu_seconds_per_image"] if results.device.type == "cpu"
+                                       else scaled["eval_seconds_per_image"])
     results.data["imagenet_task_estimate"] = {"train_steps": steps, "train_seconds": train, "eval_seconds": evaluate,
                                               "peak_bytes": max(scaled["peak_bytes"], scaled["eval_peak_bytes"])}
     results.add(f"ImageNet-1k, last task of B0 Inc100 on {results.device.type} (estimate)",
                 f"training {steps:,} steps ({IMAGENET_EPOCHS} epochs of {IMAGENET_TASK_IMAGES:,} images) x "
-                f"{statistics.median(scaled['seconds']):.2f} s = {train / 3600:.1f} h; evaluation of {IMAGENET_TEST_IMAGES:,} "
+                f"{step:.2f} s = {train / 3600:.1f} h; evaluation of {IMAGENET_TEST_IMAGES:,} "
                 f"test images {evaluate / 3600:.1f} h; peak {max(scaled['peak_bytes'], scaled['eval_peak_bytes']) / 2**30:.2f} "
                 f"GiB above the resident set (plus the Gaussians: 2 MB per class with cov_type=full, 2 GB at 1,000 classes)")
 
@@ -333,7 +346,9 @@ def main() -> None:
              f"{os.cpu_count()} cores shared with other jobs: times are under that load, with {args.threads} torch "
              f"thread(s). Shortlist N = {SHORTLIST}, "
              f"{PSEUDO_PER_BATCH} pseudo-samples per batch; exact = SPEC.md's scoring (every class) with 4 pseudo-samples per "
-             f"old class. Chunks follow the working-memory budget a run measures (spacil.devices.working_memory).")
+             f"old class. Chunks follow the working-memory budget a run measures (spacil.devices.working_memory). CPU time "
+             f"(of this one-thread process) is what the step targets and the ImageNet-1k estimate use: other jobs on "
+             f"the machine stretch the wall clock, not the work.")
     results = Results(args.name, device, notes)
     work = Path(tempfile.mkdtemp(prefix="spacil_bench_scale_"))
     started = time.perf_counter()

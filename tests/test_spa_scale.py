@@ -31,8 +31,9 @@ def _learner(overrides: dict, empty_class: int = -1) -> tuple[SPA, FeatureBatch]
                                 unit(torch.randn(CLASSES, TOKENS, DIM, generator=g)) * mask[..., None], mask, None))
     with torch.no_grad():
         for stack in (learner.image_projector, learner.text_projector):
-            stack.layers[0].weight.normal_(std=0.1, generator=g)
-            stack.layers[0].bias.normal_(std=0.05, generator=g)
+            for layer in stack.layers:  # none without projectors (the ablation)
+                layer.weight.normal_(std=0.1, generator=g)
+                layer.bias.normal_(std=0.05, generator=g)
     for position in range(OLD):
         for bank in (learner.global_bank, learner.patch_bank):
             bank.add(position, torch.randn(DIM, generator=g, dtype=torch.float64) * 0.3, torch.eye(DIM, dtype=torch.float64) * 0.02)
@@ -184,3 +185,16 @@ def test_pseudo_samples_of_the_budget_stand_for_every_old_classs_share_of_the_lo
     ce = torch.nn.functional.cross_entropy
     expected = (ce(real, batch.targets, reduction="sum") + 4 * OLD / 3 * ce(pseudo, drawn[2], reduction="sum")) / (5 + 4 * OLD)
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ablation", ["optimal_transport", "semantic_selection", "projectors", "gaussian_calibration",
+                                      "llm_descriptions"])
+def test_every_ablation_honours_the_shortlist_and_the_pseudo_budget(ablation):
+    learner, batch = _learner({"spa": {"class_shortlist": 2, "pseudo_per_batch": 3}, "ablation": {ablation: False}})
+    scores = learner.explain(batch)
+    assert scores.shortlist.shape == (5, 2) and scores.plan.shape[:2] == (5, 2)
+    inside = torch.zeros(5, CLASSES, dtype=torch.bool).scatter(1, scores.shortlist, True)
+    assert inside[torch.arange(5), scores.logits.argmax(dim=1)].all()
+    torch.testing.assert_close(learner.logits(batch), scores.logits)
+    loss = learner.step_gradients(batch, batch.targets, task_generator(learner.config, 1, stream=2))
+    assert torch.isfinite(loss)

@@ -198,3 +198,21 @@ def test_every_ablation_honours_the_shortlist_and_the_pseudo_budget(ablation):
     torch.testing.assert_close(learner.logits(batch), scores.logits)
     loss = learner.step_gradients(batch, batch.targets, task_generator(learner.config, 1, stream=2))
     assert torch.isfinite(loss)
+
+
+def test_explain_draws_listed_classes_and_names_a_given_class_outside_the_shortlist():
+    from types import SimpleNamespace
+
+    from spacil.explain import explain_features
+
+    learner, batch = _learner({"spa": {"class_shortlist": 2}})
+    scores = learner.explain(batch)
+    outside = [int((scores.shortlist[b, :, None] != torch.arange(CLASSES)).all(dim=0).nonzero()[0]) for b in range(5)]
+    run = SimpleNamespace(learner=learner, names=[f"c{i}" for i in range(CLASSES)])
+    records = explain_features(run, batch.global_, batch.patches, None, 3, outside)
+    for b, record in enumerate(records):
+        assert [e["role"] for e in record["explained"]] == ["predicted"]
+        assert record["outside_shortlist"] == [f"c{outside[b]}"]
+        slot = scores.slot(b, record["explained"][0]["column"])
+        assert record["explained"][0]["picked"] == scores.indices[b, slot].tolist()
+        assert "32 classes" not in record["shows"] and "2 classes of highest global score" in record["shows"]

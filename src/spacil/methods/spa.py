@@ -6,7 +6,9 @@ For an image x and a seen class c:
                                                                  and the real semantic tokens j of c, T* the entropic OT plan
   logits        z_c = tau * (z^g_c + lambda * z^p_c)
 trained with cross-entropy over all seen classes on the current task's images plus pseudo-features of old classes drawn
-from their stored Gaussians.
+from their stored Gaussians. Beyond the paper (docs/method.md, "SPA at scale"): `class_shortlist` runs the patch branch only
+for each sample's classes of highest global score, `pseudo_per_batch` bounds the pseudo-features per batch, and scoring
+works in chunks within one memory budget (spacil.devices.working_memory).
 """
 
 from __future__ import annotations

@@ -13,22 +13,25 @@ from spacil.learner import FeatureBatch, LearnerContext, TaskInfo, task_generato
 from spacil.methods.spa import SPA
 
 CLASSES, OLD, DIM, TOKENS, PATCHES = 7, 4, 16, 3, 9
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
-def _learner(overrides: dict, empty_class: int = -1) -> tuple[SPA, FeatureBatch]:
+def _learner(overrides: dict, empty_class: int = -1, device: str = "cpu") -> tuple[SPA, FeatureBatch]:
     """A learner after begin_task of 7 classes, projectors away from zero, Gaussians of the first 4 classes stored (they
     are the old classes pseudo-samples come from), class `empty_class` without semantic tokens; and a batch of 5 images."""
     g = torch.Generator().manual_seed(5)
     unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
     config = build_config({"train": {"epochs": 0}, **overrides})
-    learner = SPA(config, LearnerContext(DIM, PATCHES, 100.0, torch.device("cpu")))
+    device = torch.device(device)
+    learner = SPA(config, LearnerContext(DIM, PATCHES, 100.0, device))
     mask = torch.ones(CLASSES, TOKENS, dtype=torch.bool)
     mask[1, 2:] = False
     if empty_class >= 0:
         mask[empty_class] = False
     learner.begin_task(TaskInfo(0, list(range(CLASSES)), [f"c{i}" for i in range(CLASSES)],
-                                unit(torch.randn(CLASSES, DIM, generator=g)),
-                                unit(torch.randn(CLASSES, TOKENS, DIM, generator=g)) * mask[..., None], mask, None))
+                                unit(torch.randn(CLASSES, DIM, generator=g)).to(device),
+                                (unit(torch.randn(CLASSES, TOKENS, DIM, generator=g)) * mask[..., None]).to(device),
+                                mask.to(device), None))
     with torch.no_grad():
         for stack in (learner.image_projector, learner.text_projector):
             for layer in stack.layers:  # none without projectors (the ablation)
@@ -37,8 +40,8 @@ def _learner(overrides: dict, empty_class: int = -1) -> tuple[SPA, FeatureBatch]
     for position in range(OLD):
         for bank in (learner.global_bank, learner.patch_bank):
             bank.add(position, torch.randn(DIM, generator=g, dtype=torch.float64) * 0.3, torch.eye(DIM, dtype=torch.float64) * 0.02)
-    batch = FeatureBatch(unit(torch.randn(5, DIM, generator=g)), unit(torch.randn(5, PATCHES, DIM, generator=g)),
-                         torch.tensor([0, 4, 5, 6, 2]))
+    batch = FeatureBatch(unit(torch.randn(5, DIM, generator=g)).to(device), unit(torch.randn(5, PATCHES, DIM, generator=g)).to(device),
+                         torch.tensor([0, 4, 5, 6, 2], device=device))
     return learner, batch
 
 
@@ -60,7 +63,7 @@ def _gradients(learner: SPA, batch: FeatureBatch, budget=None) -> tuple[torch.Te
     params = learner.image_projector.trainable() + learner.text_projector.trainable()
     for param in params:
         param.grad = None
-    generator = task_generator(learner.config, 1, stream=2)
+    generator = task_generator(learner.config, 1, stream=2, device=learner.context.device)
     loss = learner.step_gradients(batch, batch.targets, generator, budget)
     return loss, [param.grad.clone() for param in params]
 
@@ -111,10 +114,11 @@ def test_a_short_list_scores_patches_for_the_top_global_classes_only():
     assert listed.shape == (5, 3) and all(labels[b] in listed[b] for b in range(5))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shortlist", [0, 3])
-def test_chunked_scoring_gives_the_same_logits_and_gradients(shortlist):
+def test_chunked_scoring_gives_the_same_logits_and_gradients(shortlist, device):
     """A budget of one byte: one sample and one class per chunk, each chunk's backward before the next."""
-    learner, batch = _learner({"spa": {"class_shortlist": shortlist, "pseudo_per_batch": 5}})
+    learner, batch = _learner({"spa": {"class_shortlist": shortlist, "pseudo_per_batch": 5}}, device=device)
     loss, grads = _gradients(learner, batch)
     loss_chunked, grads_chunked = _gradients(learner, batch, budget=1)
     torch.testing.assert_close(loss_chunked, loss, rtol=1e-5, atol=1e-6)
@@ -126,9 +130,10 @@ def test_chunked_scoring_gives_the_same_logits_and_gradients(shortlist):
     assert tight._eval_budget == 1
 
 
-def test_pseudo_samples_per_batch_are_balanced_over_the_old_classes():
-    learner, _ = _learner({"spa": {"pseudo_per_batch": 3}})
-    generator = task_generator(learner.config, 1, stream=2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_pseudo_samples_per_batch_are_balanced_over_the_old_classes(device):
+    learner, _ = _learner({"spa": {"pseudo_per_batch": 3}}, device=device)
+    generator = task_generator(learner.config, 1, stream=2, device=learner.context.device)
     global_, patches, targets = learner._pseudo_batch(generator)
     assert global_.shape == (3, DIM) and patches.shape == (3, 16 if PATCHES >= 16 else learner.knobs.top_k_patches, DIM)
     assert len(set(targets.tolist())) == 3 and set(targets.tolist()) <= set(range(OLD))  # without replacement
@@ -136,7 +141,7 @@ def test_pseudo_samples_per_batch_are_balanced_over_the_old_classes():
     counts = torch.bincount(learner._pseudo_batch(generator)[2], minlength=OLD)
     assert counts.sum() == 10 and counts.max() - counts.min() <= 1  # two full passes, then 2 classes without replacement
     # the run's seed decides the draws
-    again = task_generator(learner.config, 1, stream=2)
+    again = task_generator(learner.config, 1, stream=2, device=learner.context.device)
     learner.knobs.pseudo_per_batch = 3
     assert torch.equal(learner._pseudo_batch(again)[2], targets)
     learner.knobs.pseudo_per_batch = 0

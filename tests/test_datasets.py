@@ -303,3 +303,35 @@ def test_imagenet1k_configs_and_sweep(tmp_path, capsys):
     plan = capsys.readouterr().out.splitlines()
     assert plan[-1].startswith("60 cells under")
     assert any(line.endswith("imagenet1k_b500/spa-global_only/seed1995") for line in plan)
+
+
+def test_data_check_counts_every_renamed_class_and_names_every_flag_of_the_next_command(tmp_path, capsys, monkeypatch):
+    import shlex
+    import shutil
+    from collections import namedtuple
+
+    # a space doubled, an underscore, a case change (CamelCase split), and one folder left as it is
+    write_tree(tmp_path, "mini", ["hot  dog", "apple_pie", "TaiChi", "zebra"])
+    assert main(["data", "check", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 4 differ from their folder" in out
+    assert "hot  dog -> hot dog" in out and "apple_pie -> apple pie" in out and "TaiChi -> Tai Chi" in out
+    command = shlex.split(next(line for line in out.splitlines() if line.strip().startswith("spacil extract")))
+    flags = dict(zip(command[2::2], command[3::2]))
+    assert flags == {"--dataset": "folder:mini", "--data-root": str(tmp_path), "--model": "ViT-B-16",
+                     "--pretrained": "PATH/TO/open_clip_pytorch_model.bin", "--out": "stores/mini"}
+    assert "store size: about " in out and " for ViT-B-16 in float16; " in out
+    # what the user gives is what the command names; a disk too small for the store is a fault (exit 2)
+    checkpoint, store = tmp_path / "ckpt.bin", tmp_path / "stores" / "mini"
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 ** 9, 10 ** 9, 5_000))
+    assert main(["data", "check", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--pretrained",
+                 str(checkpoint), "--out", str(store), "--dtype", "float32", "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1
+    assert f"--out {store}: the store needs about" in captured.err and "only 5.0 kB free there" in captured.err
+    monkeypatch.undo()
+    assert main(["data", "check", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--pretrained",
+                 str(checkpoint), "--out", str(store), "--dtype", "float32", "--quiet"]) == 0
+    next_command = capsys.readouterr().out.splitlines()[-1].strip()
+    assert next_command.endswith(f"--model ViT-B-16 --pretrained {checkpoint} --dtype float32 --out {store}")

@@ -262,7 +262,7 @@ def write_imagenet_tree(root: Path, wnids) -> Path:
     return root
 
 
-def test_imagenet1k_names_templates_and_val_as_test(tmp_path):
+def test_imagenet1k_names_templates_and_val_as_test(tmp_path, capsys):
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
     from timm.data import ImageNetInfo
 
@@ -284,6 +284,10 @@ def test_imagenet1k_names_templates_and_val_as_test(tmp_path):
     assert index.names_source == SOURCE_OPEN_CLIP_IMAGENET
     assert index.splits["test"].paths[0] == "val/n01440764/x.png"  # val/ is the test split
     assert index.faults == [f"{index.root}: 5 class folders, the protocol's ImageNet-1k has 1000"]
+    assert main(["data", "check", "--dataset", "imagenet1k", "--data-root", str(tmp_path), "--quiet"]) == 2
+    out = capsys.readouterr().out
+    assert "classes: 5 (the protocol's ImageNet-1k: 1000)" in out and "n01440764 -> tench" in out
+    assert "test: 5 images" in out and "store size: about" in out
     # an id that is not an ImageNet-1k class (ImageNet-21k's `n00004475`), and a tree without val/
     write_imagenet_tree(tmp_path / "b", ["n00004475", "n01440764"])
     with pytest.raises(InputError, match="class folder n00004475: not one of ImageNet-1k's 1000 WordNet ids"):

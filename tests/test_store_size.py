@@ -46,6 +46,25 @@ def test_a_disk_too_small_stops_extraction_before_any_write(tiny_model, shapes_r
     assert not out.exists()  # nothing written, not even the folder
 
 
+def test_a_real_small_disk_is_refused_before_any_write(tiny_model, shapes_root, tmp_path, capsys):
+    """On a real 12 kB tmpfs (where the test runs as root and may mount one)."""
+    import subprocess
+
+    from test_robustness import _small_disk
+
+    disk = tmp_path / "disk"
+    if not _small_disk(disk, "12k"):
+        pytest.skip("no small tmpfs here (needs root and mount)")
+    try:
+        assert main(["extract", "--dataset", "shapes", "--data-root", str(shapes_root), "--model", tiny_model,
+                     "--pretrained", "", "--quiet", "--out", str(disk / "store")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {disk / 'store'}: the store needs about " in err and " free there" in err
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
 def test_a_resumed_extraction_counts_only_what_is_left(tiny_model, shapes_root, tmp_path, monkeypatch):
     import spacil.store.extract as extract
 

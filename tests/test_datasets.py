@@ -309,7 +309,8 @@ def test_imagenet1k_configs_and_sweep(tmp_path, capsys):
     assert any(line.endswith("imagenet1k_b500/spa-global_only/seed1995") for line in plan)
 
 
-def test_data_check_counts_every_renamed_class_and_names_every_flag_of_the_next_command(tmp_path, capsys, monkeypatch):
+def test_data_check_counts_every_renamed_class_and_names_every_flag_of_the_next_command(tmp_path, capsys, monkeypatch,
+                                                                                       tiny_model):
     import shlex
     import shutil
     from collections import namedtuple
@@ -339,3 +340,9 @@ def test_data_check_counts_every_renamed_class_and_names_every_flag_of_the_next_
                  str(checkpoint), "--out", str(store), "--dtype", "float32", "--quiet"]) == 0
     next_command = capsys.readouterr().out.splitlines()[-1].strip()
     assert next_command.endswith(f"--model ViT-B-16 --pretrained {checkpoint} --dtype float32 --out {store}")
+    # a local-dir: model carries its weights (extract refuses a --pretrained file beside it); its sizes are its config's
+    assert main(["data", "check", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--model", tiny_model,
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].strip().endswith(f"--model {tiny_model} --out stores/mini") and "--pretrained" not in out
+    assert f"for {tiny_model} in float16" in out

@@ -90,9 +90,15 @@ def store_size_line(index: DatasetIndex, model: str, dtype: str, out: str | Path
 def extract_command(index: DatasetIndex, data_root: str | Path, model: str, pretrained: Optional[str], out: str | Path,
                     extra_args: list[str]) -> list[str]:
     """The `spacil extract` to run next, every flag a user has to supply named: the model, its checkpoint (a placeholder
-    for a local file unless one was given: the default tag needs a download) and where the store goes."""
+    for a local file unless one was given: the default tag needs a download; none for a `local-dir:` or `hf-hub:` model,
+    which carries its weights) and where the store goes."""
+    checkpoint = [] if _carries_weights(model) else ["--pretrained", pretrained or CHECKPOINT_PLACEHOLDER]
     return ["spacil", "extract", "--dataset", index.spec.key, "--data-root", str(data_root), "--model", model,
-            "--pretrained", pretrained or CHECKPOINT_PLACEHOLDER, *extra_args, "--out", str(out)]
+            *checkpoint, *extra_args, "--out", str(out)]
+
+
+def _carries_weights(model: str) -> bool:
+    return model.startswith(("local-dir:", "hf-hub:"))
 
 
 def format_report(index: DatasetIndex, data_root: str | Path, faults: list[str], extra_args: list[str],
@@ -121,12 +127,10 @@ def format_report(index: DatasetIndex, data_root: str | Path, faults: list[str],
         out = out if out is not None else f"stores/{spec.root_name}"
         lines += ["no fault found; next:", "  " + shlex.join(extract_command(index, data_root, model, pretrained, out,
                                                                             extra_args))]
-        if not pretrained and model == DEFAULT_MODEL:
-            lines.append(f"  ({CHECKPOINT_PLACEHOLDER}: {model}'s {DEFAULT_TAG} weights as a local file; "
-                         f"`--pretrained {DEFAULT_TAG}` downloads them where there is network)")
-        elif not pretrained:
-            lines.append(f"  ({CHECKPOINT_PLACEHOLDER}: a local checkpoint file of {model}, or one of its open_clip "
-                         f"tags where there is network)")
+        if not pretrained and not _carries_weights(model):  # say what the placeholder stands for
+            which = (f"{model}'s {DEFAULT_TAG} weights as a local file; `--pretrained {DEFAULT_TAG}` downloads them"
+                     if model == DEFAULT_MODEL else f"a local checkpoint file of {model}, or one of its open_clip tags")
+            lines.append(f"  ({CHECKPOINT_PLACEHOLDER}: {which} where there is network)")
     return "\n".join(lines)
 
 

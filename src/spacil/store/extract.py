@@ -648,9 +648,9 @@ def _check_room(out: Path, data: DatasetIndex, backbone: FrozenCLIP, dtype: str,
         row_arrays="global" in arrays, view_count=views if "views" not in (old_meta or {}) else 0,
         view_rows=counts["train"], classes=len(data.names), templates=len(data.spec.templates), description_tokens=tokens,
         paths={split: data.splits[split].paths for split in SPLITS if "global" in arrays and split not in begun})
-    line, fault = room_line(out, estimate)
+    line, fault = room_line(out, estimate, " left of an interrupted extraction" if begun else "")
     if show:
-        print(line + (" (what is left of an interrupted extraction)" if begun else ""), flush=True)
+        print(line, flush=True)
     if fault is not None:
         raise InputError(fault)
 

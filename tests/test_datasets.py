@@ -247,3 +247,102 @@ def test_a_user_tree_in_a_config_and_in_describe(tiny_model, tmp_path, capsys):
     described = json.loads(out.read_text())
     assert set(described["classes"]) == {"Apply Eye Makeup", "Archery"}
     assert "a photo of Archery." in json.dumps(described)
+
+
+# ImageNet-1k (PROTOCOL.md, "Beyond the nine"): a few real WordNet ids, from both ends of the class index
+IMAGENET_SAMPLE = ["n01440764", "n01443537", "n02123045", "n04592741", "n15075141"]
+
+
+def write_imagenet_tree(root: Path, wnids) -> Path:
+    """<root>/imagenet1k/{train,val}/<wnid>/x.png, as the official download unpacks with val/ sorted into folders."""
+    for split in ("train", "val"):
+        for wnid in wnids:
+            (root / "imagenet1k" / split / wnid).mkdir(parents=True, exist_ok=True)
+            (root / "imagenet1k" / split / wnid / "x.png").write_bytes(PNG)
+    return root
+
+
+def test_imagenet1k_names_templates_and_val_as_test(tmp_path, capsys):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+    from timm.data import ImageNetInfo
+
+    from spacil.data import dataset_spec
+    from spacil.data.names import SOURCE_OPEN_CLIP_IMAGENET
+
+    wnids = ImageNetInfo("imagenet-1k").label_names()
+    spec = dataset_spec("imagenet1k")
+    # the protocol's count is open_clip's and timm's: 1000 classes, B0 Inc100 and B500 Inc100
+    assert spec.num_classes == len(IMAGENET_CLASSNAMES) == len(wnids) == 1000
+    assert (spec.increment, spec.half_base) == (100, 500)
+    assert spec.templates == tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES) and len(spec.templates) == 80
+    assert DATASETS["imagenet1k"].templates == ()  # open_clip is read when the spec is looked up, not at import
+    write_imagenet_tree(tmp_path, IMAGENET_SAMPLE)
+    index = index_dataset("imagenet1k", tmp_path)
+    # each folder gets open_clip's name at its own id's class index, whatever other classes the tree holds
+    assert index.names == ["tench", "goldfish", "tabby cat", "airplane wing", "toilet paper"]
+    assert index.names == [IMAGENET_CLASSNAMES[wnids.index(w)] for w in IMAGENET_SAMPLE]
+    assert index.names_source == SOURCE_OPEN_CLIP_IMAGENET
+    assert index.splits["test"].paths[0] == "val/n01440764/x.png"  # val/ is the test split
+    assert index.faults == [f"{index.root}: 5 class folders, the protocol's ImageNet-1k has 1000"]
+    assert main(["data", "check", "--dataset", "imagenet1k", "--data-root", str(tmp_path), "--quiet"]) == 2
+    out = capsys.readouterr().out
+    assert "classes: 5 (the protocol's ImageNet-1k: 1000)" in out and "n01440764 -> tench" in out
+    assert "test: 5 images" in out and "store size: about" in out
+    # an id that is not an ImageNet-1k class (ImageNet-21k's `n00004475`), and a tree without val/
+    write_imagenet_tree(tmp_path / "b", ["n00004475", "n01440764"])
+    with pytest.raises(InputError, match="class folder n00004475: not one of ImageNet-1k's 1000 WordNet ids"):
+        index_dataset("imagenet1k", tmp_path / "b")
+    write_tree(tmp_path / "c", "imagenet1k", IMAGENET_SAMPLE)  # train/ and test/: test/ is not read
+    with pytest.raises(InputError, match=r"imagenet1k/val: missing split folder"):
+        index_dataset("imagenet1k", tmp_path / "c")
+
+
+def test_imagenet1k_configs_and_sweep(tmp_path, capsys):
+    from spacil.config import load_config
+
+    b0, b500 = load_config("imagenet1k_b0"), load_config("imagenet1k_b500")
+    assert (b0.data.dataset, b0.data.init_cls, b0.data.increment) == ("imagenet1k", 100, 100)
+    assert (b500.data.init_cls, b500.data.increment) == (500, 100)
+    assert main(["sweep", "imagenet1k", "--out", str(tmp_path / "sweep"), "--dry-run"]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert plan[-1].startswith("60 cells under")
+    assert any(line.endswith("imagenet1k_b500/spa-global_only/seed1995") for line in plan)
+
+
+def test_data_check_counts_every_renamed_class_and_names_every_flag_of_the_next_command(tmp_path, capsys, monkeypatch,
+                                                                                       tiny_model):
+    import shlex
+    import shutil
+    from collections import namedtuple
+
+    # a space doubled, an underscore, a case change (CamelCase split), and one folder left as it is
+    write_tree(tmp_path, "mini", ["hot  dog", "apple_pie", "TaiChi", "zebra"])
+    assert main(["data", "check", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 4 differ from their folder" in out
+    assert "hot  dog -> hot dog" in out and "apple_pie -> apple pie" in out and "TaiChi -> Tai Chi" in out
+    command = shlex.split(next(line for line in out.splitlines() if line.strip().startswith("spacil extract")))
+    flags = dict(zip(command[2::2], command[3::2]))
+    assert flags == {"--dataset": "folder:mini", "--data-root": str(tmp_path), "--model": "ViT-B-16",
+                     "--pretrained": "PATH/TO/open_clip_pytorch_model.bin", "--out": "stores/mini"}
+    assert "store size: about " in out and " for ViT-B-16 in float16; " in out
+    # what the user gives is what the command names; a disk too small for the store is a fault (exit 2)
+    checkpoint, store = tmp_path / "ckpt.bin", tmp_path / "stores" / "mini"
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 ** 9, 10 ** 9, 5_000))
+    assert main(["data", "check", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--pretrained",
+                 str(checkpoint), "--out", str(store), "--dtype", "float32", "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1
+    assert f"--out {store}: the store needs about" in captured.err and "only 5.0 kB free there" in captured.err
+    monkeypatch.undo()
+    assert main(["data", "check", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--pretrained",
+                 str(checkpoint), "--out", str(store), "--dtype", "float32", "--quiet"]) == 0
+    next_command = capsys.readouterr().out.splitlines()[-1].strip()
+    assert next_command.endswith(f"--model ViT-B-16 --pretrained {checkpoint} --dtype float32 --out {store}")
+    # a local-dir: model carries its weights (extract refuses a --pretrained file beside it); its sizes are its config's
+    assert main(["data", "check", "--dataset", "folder:mini", "--data-root", str(tmp_path), "--model", tiny_model,
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].strip().endswith(f"--model {tiny_model} --out stores/mini") and "--pretrained" not in out
+    assert f"for {tiny_model} in float16" in out

@@ -169,7 +169,7 @@ def cmd_extract(args) -> int:
                   batch_size=args.batch_size, workers=args.workers, device=args.device, names_file=args.names_file,
                   class_names=args.class_names, templates=args.templates, descriptions=descriptions,
                   descriptions_source=args.descriptions, semantic_tokens=args.semantic_tokens, progress=not args.quiet,
-                  precision=args.precision, pre_projection=args.pre_projection)
+                  precision=args.precision, pre_projection=args.pre_projection, views=args.views)
     if int(os.environ.get("RANK", "0") or 0) == 0:  # one process adds ENGINE's inputs to the finished store
         add_engine_inputs(args.out, args.dataset, args.data_root, model=args.model, pretrained=args.pretrained,
                           device=args.device, pairwise_descriptions=args.pairwise_descriptions, views=args.views,
@@ -184,7 +184,8 @@ def cmd_data(args) -> int:
     from spacil.data.check import run_data_check
 
     return run_data_check(args.dataset, args.data_root, class_names=args.class_names, names_file=args.names_file,
-                          templates=args.templates, quiet=args.quiet)
+                          templates=args.templates, quiet=args.quiet, model=args.model, pretrained=args.pretrained,
+                          out=args.out, dtype=args.dtype)
 
 
 def cmd_report(args) -> int:

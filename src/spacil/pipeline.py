@@ -50,7 +50,7 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
                               device=config.device, names_file=data.names_file, class_names=data.class_names,
                               templates=data.templates, descriptions=descriptions,
                               descriptions_source=data.descriptions, semantic_tokens=config.spa.semantic_tokens,
-                              progress=progress)
+                              progress=progress, views=data.views)
         finally:
             lock.release()
     meta = read_meta(store / "meta.json")

@@ -1,9 +1,10 @@
 """`spacil data check`: read a data set's tree, open every image, and say on one screen what an extraction would get.
 
 The screen: classes found against the protocol's count, images per split (total, fewest and most per class), where the
-names came from and every name that differs from its folder, then one line per fault (unreadable images, empty class
-folders, two classes with one name, a class count or names-file mismatch). Exit 2 on any fault, else 0 and the
-`spacil extract` command to run next. `spacil extract` runs the same check without opening the images
+names came from and every name that differs from its folder in any way, the store's estimated size against the free
+space at `--out`, then one line per fault (unreadable images, empty class folders, two classes with one name, a class
+count or names-file mismatch, a disk too small). Exit 2 on any fault, else 0 and the `spacil extract` command to run
+next, with every flag it needs (model, checkpoint, out). `spacil extract` runs the same check without opening the images
 (`spacil.data.folders.index_dataset`).
 """
 
@@ -16,8 +17,11 @@ from typing import Callable, Optional
 
 from spacil.data.folders import SPLITS, DatasetIndex, index_dataset
 from spacil.data.names import load_names_file, normalise_name
+from spacil.data.store_size import estimate_store, model_shape, room_line
 
 SHOWN_RENAMES = 12  # renamed classes listed in full on a screen; the rest are counted
+DEFAULT_MODEL, DEFAULT_TAG = "ViT-B-16", "laion400m_e32"  # `spacil extract`'s defaults
+CHECKPOINT_PLACEHOLDER = "PATH/TO/open_clip_pytorch_model.bin"
 
 
 def add_names_and_templates(p) -> None:
@@ -34,6 +38,12 @@ def add_data_parser(sub) -> None:
     p.add_argument("--data-root", required=True)
     p.add_argument("--names-file", help="class names the derived ones must equal")
     add_names_and_templates(p)
+    # what the extraction will be: its store's size is checked against the free space at --out, and the suggested
+    # `spacil extract` names them all
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the open_clip model the store will be extracted with")
+    p.add_argument("--pretrained", help="its checkpoint (a local file, or a tag where there is network)")
+    p.add_argument("--out", help="where the store will be written (default: stores/<data set>)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="the store's dtype")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -64,11 +74,36 @@ def names_file_faults(index: DatasetIndex, names_file: str | Path) -> list[str]:
     return []
 
 
-def _folder_name(folder: str) -> str:
-    return " ".join(folder.replace("_", " ").split())
+def store_size_line(index: DatasetIndex, model: str, dtype: str, out: str | Path) -> tuple[str, Optional[str]]:
+    """(the store's estimated size and the free space at `out`, a fault when it does not fit), for a default extraction
+    (z written, no views or descriptions) with `model`'s sizes from its open_clip config."""
+    shape = model_shape(model)
+    if shape is None:
+        return f"store size: not known before {model} is built (spacil extract says it before writing)", None
+    rows = {split: len(index.splits[split].items) for split in SPLITS}
+    estimate = estimate_store(shape, dtype, rows, with_pre=True, classes=len(index.names),
+                              templates=len(index.spec.templates),
+                              paths={split: index.splits[split].paths for split in SPLITS})
+    return room_line(out, estimate, f" for {model} in {dtype}")
 
 
-def format_report(index: DatasetIndex, data_root: str | Path, faults: list[str], extra_args: list[str]) -> str:
+def extract_command(index: DatasetIndex, data_root: str | Path, model: str, pretrained: Optional[str], out: str | Path,
+                    extra_args: list[str]) -> list[str]:
+    """The `spacil extract` to run next, every flag a user has to supply named: the model, its checkpoint (a placeholder
+    for a local file unless one was given: the default tag needs a download; none for a `local-dir:` or `hf-hub:` model,
+    which carries its weights) and where the store goes."""
+    checkpoint = [] if _carries_weights(model) else ["--pretrained", pretrained or CHECKPOINT_PLACEHOLDER]
+    return ["spacil", "extract", "--dataset", index.spec.key, "--data-root", str(data_root), "--model", model,
+            *checkpoint, *extra_args, "--out", str(out)]
+
+
+def _carries_weights(model: str) -> bool:
+    return model.startswith(("local-dir:", "hf-hub:"))
+
+
+def format_report(index: DatasetIndex, data_root: str | Path, faults: list[str], extra_args: list[str],
+                  model: str = DEFAULT_MODEL, pretrained: Optional[str] = None, out: Optional[str | Path] = None,
+                  size_line: str = "") -> str:
     """The screen `spacil data check` prints on standard output (its faults also go to standard error, one line each)."""
     spec = index.spec
     expected = f" (the protocol's {spec.title}: {spec.num_classes})" if spec.num_classes else " (any number: folder:NAME)"
@@ -77,25 +112,34 @@ def format_report(index: DatasetIndex, data_root: str | Path, faults: list[str],
         counts = index.splits[split].counts(len(index.folders))
         low, high = (int(counts.min()), int(counts.max())) if len(counts) else (0, 0)
         lines.append(f"{split}: {int(counts.sum())} images, {low} to {high} per class")
-    renamed = [(f, n) for f, n in zip(index.folders, index.names) if _folder_name(f) != n]
+    renamed = [(f, n) for f, n in zip(index.folders, index.names) if f != n]  # any change: `_`, spaces, case, ...
     lines.append(f"class names: {index.names_source}; {len(renamed)} of {len(index.names)} differ from their folder")
     for folder, name in renamed[:SHOWN_RENAMES]:
         lines.append(f"  {folder} -> {name}")
     if len(renamed) > SHOWN_RENAMES:
         lines.append(f"  ... and {len(renamed) - SHOWN_RENAMES} more")
+    if size_line:
+        lines.append(size_line)
     if faults:
         lines.append(f"{len(faults)} fault{'s' if len(faults) > 1 else ''}:")
         lines += [f"  {fault}" for fault in faults]
     else:
-        command = ["spacil", "extract", "--dataset", spec.key, "--data-root", str(data_root), *extra_args,
-                   "--out", f"stores/{spec.root_name}"]
-        lines += ["no fault found; next:", "  " + shlex.join(command)]
+        out = out if out is not None else f"stores/{spec.root_name}"
+        lines += ["no fault found; next:", "  " + shlex.join(extract_command(index, data_root, model, pretrained, out,
+                                                                            extra_args))]
+        if not pretrained and not _carries_weights(model):  # say what the placeholder stands for
+            which = (f"{model}'s {DEFAULT_TAG} weights as a local file; `--pretrained {DEFAULT_TAG}` downloads them"
+                     if model == DEFAULT_MODEL else f"a local checkpoint file of {model}, or one of its open_clip tags")
+            lines.append(f"  ({CHECKPOINT_PLACEHOLDER}: {which} where there is network)")
     return "\n".join(lines)
 
 
 def run_data_check(dataset: str, data_root: str, class_names: Optional[str] = None, names_file: Optional[str] = None,
-                   templates: Optional[str] = None, quiet: bool = False, echo: Callable[[str], None] = print) -> int:
-    """The command: the screen on standard output, each fault also on standard error; 2 on any fault, else 0."""
+                   templates: Optional[str] = None, quiet: bool = False, echo: Callable[[str], None] = print,
+                   model: str = DEFAULT_MODEL, pretrained: Optional[str] = None, out: Optional[str] = None,
+                   dtype: str = "float16") -> int:
+    """The command: the screen on standard output, each fault also on standard error; 2 on any fault (a disk at `out`
+    too small for the store included), else 0."""
     import sys
 
     from tqdm import tqdm
@@ -109,11 +153,15 @@ def run_data_check(dataset: str, data_root: str, class_names: Optional[str] = No
     total = sum(len(index.splits[split].items) for split in SPLITS)
     with tqdm(total=total, desc=f"open {index.spec.key} images", unit="img", disable=quiet, leave=False) as bar:
         faults += unreadable_images(index, bar.update)
+    out = out if out is not None else f"stores/{index.spec.root_name}"
+    size_line, size_fault = store_size_line(index, model, dtype, out)
+    faults += [size_fault] if size_fault else []
     extra = []
-    for flag, value in (("--class-names", class_names), ("--templates", templates)):
+    for flag, value in (("--class-names", class_names), ("--templates", templates),
+                        ("--dtype", dtype if dtype != "float16" else None)):
         if value is not None:
             extra += [flag, str(value)]
-    echo(format_report(index, data_root, faults, extra))
+    echo(format_report(index, data_root, faults, extra, model, pretrained, out, size_line))
     for fault in faults:
         print(f"spacil: error: {fault}", file=sys.stderr)
     return 2 if faults else 0

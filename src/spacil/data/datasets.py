@@ -1,4 +1,5 @@
-"""The benchmark protocol of CLIP-based CIL (PROTOCOL.md): the nine data sets, their templates, class order, splits.
+"""The benchmark protocol of CLIP-based CIL (PROTOCOL.md): the nine data sets (and ImageNet-1k beyond them), their
+templates, class order, splits.
 
 A data set is one entry of `DATASETS`, or a user's own ImageFolder tree spelled `folder:NAME` (read from
 `<data-root>/NAME/{train,test}/<class>/`, with the ImageNet-style templates or those of a templates file). How trees are
@@ -21,6 +22,7 @@ from spacil.errors import InputError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CUSTOM_PREFIX = "folder:"  # `--dataset folder:NAME`: an ImageFolder tree <data-root>/NAME that is none of the nine
+OPEN_CLIP_IMAGENET = "open_clip imagenet"  # DatasetSpec.metadata: names and templates from open_clip's ImageNet metadata
 
 
 def _cifar_templates() -> tuple[str, ...]:
@@ -58,6 +60,8 @@ class DatasetSpec:
     templates: tuple[str, ...]
     source: str = "imagefolder"  # "imagefolder", "cifar100" (torchvision) or "custom" (folder:NAME; num_classes 0: any)
     folder: str = ""  # the folder under the data root (default: the key)
+    split_folders: tuple[str, str] = ("train", "test")  # the folders read as the store's train and test splits
+    metadata: str = ""  # OPEN_CLIP_IMAGENET: class names and templates from open_clip (filled in by `dataset_spec`)
 
     @property
     def root_name(self) -> str:
@@ -77,6 +81,10 @@ DATASETS: "MappingProxyType[str, DatasetSpec]" = MappingProxyType({
         DatasetSpec("food101", "Food-101", 100, 10, 50, "a type of food", ("a photo of {}, a type of food.",)),
         DatasetSpec("sun", "SUN397", 300, 30, 150, "a type of scene", ("a photo of a {}.", "a photo of the {}.")),
         DatasetSpec("ucf101", "UCF101", 100, 10, 50, "a human action", _ucf_templates()),
+        # beyond the nine (PROTOCOL.md): the official ILSVRC-2012 download, its labelled `val/` as the test split; the
+        # templates (open_clip's 80 OpenAI ImageNet templates) are read from open_clip when the spec is looked up
+        DatasetSpec("imagenet1k", "ImageNet-1k", 1000, 100, 500, "an object or animal category", (),
+                    split_folders=("train", "val"), metadata=OPEN_CLIP_IMAGENET),
         # generated at run time by spacil.demo.shapes for the demo and the tests; not a benchmark
         DatasetSpec("shapes", "generated shapes", 4, 2, 2, "a coloured geometric shape", ("a photo of a {}.", "a drawing of a {}.")),
     )
@@ -95,12 +103,23 @@ def dataset_spec(key: str, templates_file: Optional[str | Path] = None) -> Datas
                            folder)
     elif key in DATASETS:
         spec = DATASETS[key]
+        if spec.metadata == OPEN_CLIP_IMAGENET:
+            spec = replace(spec, templates=open_clip_imagenet_templates())
     else:
         raise InputError(f"--dataset {key}: unknown data set (known: {', '.join(DATASETS)}; or folder:NAME for an "
                          f"ImageFolder tree <data-root>/NAME/{{train,test}}/<class>/)")
     if templates_file is not None:
         spec = replace(spec, templates=load_templates(templates_file))
     return spec
+
+
+def open_clip_imagenet_templates() -> tuple[str, ...]:
+    """open_clip's OPENAI_IMAGENET_TEMPLATES (the CLIP paper's 80 ImageNet prompts) as `{}` strings. open_clip keeps them
+    as functions of the class name; each is called with `{}` itself. Imported here, not at module level: open_clip
+    brings torch with it."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
 
 
 def read_json_or_lines(path: str | Path, what: str, json_openers: str = "[") -> object:

@@ -1,6 +1,7 @@
 """Reading a data set's tree as the field's code does: torchvision's ImageFolder walk, extension list and PIL decoding.
 
-`<data-root>/<key>/{train,test}/<class>/...`: the class folders are torchvision's `find_classes` (sorted; hidden folders
+`<data-root>/<key>/{train,test}/<class>/...` (ImageNet-1k: `{train,val}`, `val/` read as the test split): the class
+folders are torchvision's `find_classes` (sorted; hidden folders
 such as `.ipynb_checkpoints` skipped), the images of a class every file under its folder, sub-folders included (SUN397's
 `balcony/exterior/`), that `torchvision.datasets.folder.make_dataset` finds with `IMG_EXTENSIONS`, hidden files and files in
 hidden folders skipped. An image decodes as `pil_loader` of PROOF / ENGINE does: `PIL.Image.open(path).convert("RGB")`
@@ -19,8 +20,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from spacil.data.datasets import DatasetSpec, dataset_spec
-from spacil.data.names import SOURCE_TORCHVISION, ClassNames, check_names, load_names_file, resolve_names, shared_name_faults
+from spacil.data.datasets import OPEN_CLIP_IMAGENET, DatasetSpec, dataset_spec
+from spacil.data.names import (SOURCE_TORCHVISION, ClassNames, check_names, load_names_file, open_clip_imagenet_names,
+                               resolve_names, shared_name_faults)
 from spacil.errors import InputError
 
 SPLITS = ("train", "test")
@@ -95,11 +97,13 @@ def _split_samples(split_dir: Path, folders: list[str]) -> list[tuple[str, int]]
 
 def _imagefolder(index: DatasetIndex) -> None:
     base = index.root
+    split_folder = dict(zip(SPLITS, index.spec.split_folders))  # ImageNet-1k's test split is its `val/`
     if not base.is_dir():
-        raise InputError(f"{base}: data set folder not found (expected <data-root>/{index.spec.root_name}/train and /test)")
+        raise InputError(f"{base}: data set folder not found (expected <data-root>/{index.spec.root_name}/"
+                         f"{split_folder['train']} and /{split_folder['test']})")
     folders = {}
     for split in SPLITS:
-        split_dir = base / split
+        split_dir = base / split_folder[split]
         if not split_dir.is_dir():
             raise InputError(f"{split_dir}: missing split folder")
         folders[split] = _class_folders(split_dir)
@@ -109,17 +113,18 @@ def _imagefolder(index: DatasetIndex) -> None:
         only_train = sorted(set(folders["train"]) - set(folders["test"]))
         only_test = sorted(set(folders["test"]) - set(folders["train"]))
         raise InputError(
-            f"{base}: train and test class folders differ (only in train: {only_train[:3]}, only in test: {only_test[:3]})"
+            f"{base}: {split_folder['train']} and {split_folder['test']} class folders differ (only in "
+            f"{split_folder['train']}: {only_train[:3]}, only in {split_folder['test']}: {only_test[:3]})"
         )
     index.folders = folders["train"]
     for split in SPLITS:
-        samples = _split_samples(base / split, index.folders)
+        samples = _split_samples(base / split_folder[split], index.folders)
         items = tuple(path for path, _ in samples)
         labels = np.asarray([label for _, label in samples], dtype=np.int64)
         paths = tuple(Path(os.path.relpath(path, base)).as_posix() for path in items)
         index.splits[split] = SplitIndex(items, labels, pil_rgb, paths)
         counts = index.splits[split].counts(len(index.folders))
-        index.faults += [f"{base / split / index.folders[c]}: empty class folder (no image torchvision reads)"
+        index.faults += [f"{base / split_folder[split] / index.folders[c]}: empty class folder (no image torchvision reads)"
                          for c in np.flatnonzero(counts == 0)]
 
 
@@ -166,6 +171,8 @@ def index_dataset(key: str, data_root: str | Path, class_names: Optional[str | P
         _imagefolder(index)
     if spec.source == "cifar100" and class_names is None:
         derived = ClassNames(tuple(" ".join(c.replace("_", " ").split()) for c in index.folders), SOURCE_TORCHVISION)
+    elif spec.metadata == OPEN_CLIP_IMAGENET and class_names is None:
+        derived = open_clip_imagenet_names(index.folders)
     else:
         derived = resolve_names(index.folders, spec.key, class_names)
     index.names, index.names_source = list(derived.names), derived.source

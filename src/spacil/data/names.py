@@ -31,6 +31,7 @@ SOURCE_INDEXED_FOLDERS = "folders (leading index stripped)"
 SOURCE_CAMEL_FOLDERS = "folders (CamelCase split)"
 SOURCE_WORDNET = "wordnet (timm's ImageNet synset table)"
 SOURCE_TORCHVISION = "torchvision (CIFAR-100 meta)"
+SOURCE_OPEN_CLIP_IMAGENET = "open_clip (IMAGENET_CLASSNAMES, by WordNet id)"
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,21 @@ def wordnet_lemmas(wnids: Sequence[str]) -> list[str]:
             raise InputError(f"class folder {wnid}: a WordNet id timm's synset table does not know; pass --class-names FILE")
         names.append(description.split(",")[0].strip())
     return names
+
+
+def open_clip_imagenet_names(wnids: Sequence[str]) -> ClassNames:
+    """ImageNet-1k's WordNet-id folders -> open_clip's IMAGENET_CLASSNAMES, each folder by its own id: the name at the
+    id's ImageNet-1k class index (the sorted order of the 1,000 ids, timm's `imagenet-1k` table), so a tree holding only
+    some of the classes still gets each one its own name. An id outside ImageNet-1k is an InputError naming the folder."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    from timm.data import ImageNetInfo
+
+    index_of = {wnid: i for i, wnid in enumerate(ImageNetInfo("imagenet-1k").label_names())}
+    unknown = next((wnid for wnid in wnids if wnid not in index_of), None)
+    if unknown is not None:
+        raise InputError(f"class folder {unknown}: not one of ImageNet-1k's 1000 WordNet ids (expected folders such as "
+                         f"n01440764); pass --class-names FILE for other classes")
+    return ClassNames(tuple(IMAGENET_CLASSNAMES[index_of[wnid]] for wnid in wnids), SOURCE_OPEN_CLIP_IMAGENET)
 
 
 def derive_names(folders: Sequence[str], dataset: str = "") -> ClassNames:

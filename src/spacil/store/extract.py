@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from spacil.backbone import FrozenCLIP
 from spacil.data import CLIP_MEAN, CLIP_STD, DatasetIndex, DatasetSpec, SplitIndex, image_transform, index_dataset, normalise_name
+from spacil.data.store_size import StoreShape, estimate_store, room_line
 from spacil.devices import device_thread, local_rank_device, resolve_device, resolve_precision
 from spacil.errors import InputError
 from spacil.store.format import (FORMAT, IMAGE_PATHS_FILE, PROGRESS_FILE, SPLITS, VERSION, pad_token_sets, read_image_paths,
@@ -489,6 +490,7 @@ def extract_store(
     backbone: Optional[FrozenCLIP] = None,
     precision: Optional[str] = None,
     pre_projection: Optional[bool] = None,
+    views: int = 0,
 ) -> Path:
     """Encode `dataset` into a store at `out` (or finish an interrupted one, or refresh a finished one's text features).
 
@@ -502,6 +504,9 @@ def extract_store(
     `pre_projection`: write z (`<split>/global_pre.npy`) and `backbone/visual_proj.npy` (None: the unfinished
     extraction's choice when resuming, else yes). On a finished store without them, yes (or None) encodes the images
     again and adds only z, resumably; the other arrays are kept as they are.
+    `views`: the views `spacil extract --views` adds afterwards, counted in the disk check: before its first write the
+    extraction estimates what it has left to write (`spacil.data.store_size`), prints it, and stops with an InputError
+    when the free space at `out` is smaller.
     """
     if dtype not in _TORCH_DTYPES:
         raise InputError(f"--dtype {dtype}: expected float16 or float32")
@@ -516,14 +521,14 @@ def extract_store(
     try:
         return _extract(data, out, model, pretrained, dtype, batch_size, workers, run_device, world,
                         descriptions, descriptions_source, semantic_tokens, max_batches, progress, backbone, precision,
-                        pre_projection)
+                        pre_projection, views)
     finally:
         world.close()
 
 
 def _extract(data: DatasetIndex, out: Path, model, pretrained, dtype, batch_size, workers, device: torch.device,
              world: _World, descriptions, descriptions_source, semantic_tokens, max_batches, progress, backbone,
-             precision, pre_projection) -> Path:
+             precision, pre_projection, views=0) -> Path:
     spec, names, splits = data.spec, data.names, data.splits
     provenance = {"image_root": str(data.root), "class_names_source": data.names_source}
     progress_path = out / PROGRESS_FILE
@@ -585,6 +590,8 @@ def _extract(data: DatasetIndex, out: Path, model, pretrained, dtype, batch_size
         raise InputError(f"--out {out}: exists and is not a folder; choose another --out")
     elif _has_content(out):
         raise InputError(f"--out {out}: folder exists and is not an unfinished extraction; choose another --out")
+    _check_room(out, data, backbone, dtype, arrays if not complete or adding else [], recorded, old_meta, views,
+                descriptions, semantic_tokens, show=progress and world.rank == 0)
     world.barrier()
 
     if complete and not adding:
@@ -621,6 +628,31 @@ def _extract(data: DatasetIndex, out: Path, model, pretrained, dtype, batch_size
             _finish(out, spec, names, backbone, descriptions, descriptions_source, semantic_tokens, with_pre,
                     provenance={**provenance, "precision": precision, "device": "+".join(sorted(devices))})
     return out
+
+
+def _check_room(out: Path, data: DatasetIndex, backbone: FrozenCLIP, dtype: str, arrays: list, recorded: Optional[dict],
+                old_meta: Optional[dict], views: int, descriptions, semantic_tokens: str, show: bool) -> None:
+    """Before the first write: print what is left to write (the rows of `arrays` no record names done, labels and paths
+    of splits not begun, views not yet in the store, text) and stop with an InputError naming it and the free space at
+    `out` when that is smaller."""
+    done = _read_done(out) if recorded is not None else {split: [] for split in SPLITS}
+    counts = {split: len(data.splits[split].items) for split in SPLITS}
+    rows = {split: max(0, counts[split] - sum(hi - lo for lo, hi in done[split])) if arrays else 0 for split in SPLITS}
+    begun = {split for split in SPLITS if done[split]}
+    with_pre = "global_pre" in arrays or "width" in (old_meta or {})
+    tokens = 0
+    for sentences in (descriptions or {}).values():
+        tokens = max(tokens, sum(len(s.split()) for s in sentences) if semantic_tokens == "word" else len(sentences))
+    estimate = estimate_store(
+        StoreShape(backbone.dim, backbone.num_patches, backbone.width), dtype, rows, with_pre=with_pre,
+        row_arrays="global" in arrays, view_count=views if "views" not in (old_meta or {}) else 0,
+        view_rows=counts["train"], classes=len(data.names), templates=len(data.spec.templates), description_tokens=tokens,
+        paths={split: data.splits[split].paths for split in SPLITS if "global" in arrays and split not in begun})
+    line, fault = room_line(out, estimate, " left of an interrupted extraction" if begun else "")
+    if show:
+        print(line, flush=True)
+    if fault is not None:
+        raise InputError(fault)
 
 
 def _prepare(out: Path, recorded: Optional[dict], fingerprint: dict, device: torch.device, files: dict,

@@ -42,6 +42,16 @@ class Preprocess:
         """torchvision Compose of four steps: resize, crop, ToTensor, Normalize (spacil.data.image_transform)."""
         return image_transform(self.image_size, self.mean, self.std, self.interpolation, self.resize_mode, self.fill_color)
 
+    def as_seen(self, image):
+        """A PIL image cropped as the encoder sees it, for drawing the patch grid over it: the image itself under
+        `squash` (the grid spans all of it, stretched), else the resize-and-crop (`shortest`) or pad (`longest`) result."""
+        if self.resize_mode == "squash":
+            return image
+        steps = self.transform().transforms[:2]
+        for step in steps:
+            image = step(image)
+        return image
+
     def statistics(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) float32 [3, 1, 1] on `device`."""
         return (torch.tensor(self.mean, dtype=torch.float32, device=device).view(-1, 1, 1),

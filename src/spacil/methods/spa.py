@@ -181,7 +181,7 @@ class SPA(Learner):
         text, image = self.text_projector, self.image_projector  # on the run's device since begin_task / load_state_dict
         global_scores = image(global_) @ text(self.prompts.to(device)).T
         if not self.ablation.patch_branch:
-            return SPAScores(self.context.logit_scale * global_scores, global_scores)
+            return SPAScores(self.context.with_bias(self.context.logit_scale * global_scores), global_scores)
         semantic = text(self.semantic.to(device))  # [C, M, d]
         similarity = token_similarity(image(patches), semantic)  # [B, N, C, M]
         similarity = similarity.permute(0, 2, 1, 3)  # [B, C, N, M], a view
@@ -191,7 +191,7 @@ class SPA(Learner):
         patch_scores, plan = self._patch_scores(similarity, relevance)
         # a class without descriptions has no semantic tokens: its patch score is exactly 0
         patch_scores = torch.where(self.semantic_present.to(device), patch_scores, torch.zeros_like(patch_scores))
-        logits = self.context.logit_scale * (global_scores + self.knobs.patch_weight * patch_scores)
+        logits = self.context.with_bias(self.context.logit_scale * (global_scores + self.knobs.patch_weight * patch_scores))
         return SPAScores(logits, global_scores, patch_scores, indices=indices, plan=plan)
 
     def _pseudo_batch(self, generator: torch.Generator) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:

@@ -203,3 +203,47 @@ def test_extract_check_spa_run_and_explain(models, small_shapes, tmp_path, capsy
 
 def _descriptions_args(descriptions: Path) -> list[str]:
     return ["--descriptions", str(descriptions)]
+
+
+def test_pe_core_style_map_pool_with_a_projection_has_z(tmp_path):
+    """PE-Core: an Eva trunk (rope, a CLS token the MAP pool attends to) whose MAP output goes through a linear
+    classifier: z is the pooled feature, the projection is that classifier."""
+    import open_clip
+
+    config = {"model_cfg": {"embed_dim": 16, "custom_text": True,
+                            "vision_cfg": {"image_size": 384, "timm_model_name": "vit_pe_core_tiny_patch16_384",
+                                           "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": None},
+                            "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}},
+              "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "resize_mode": "squash"}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    torch.save(open_clip.create_model(f"local-dir:{tmp_path}").state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    clip = FrozenCLIP(f"local-dir:{tmp_path}", None)
+    assert clip.family == "timm-vit-map" and clip.grid == (24, 24) and clip.width == 192 + 1  # the head's bias folded in
+    images = clip.preprocess.transform()(_photo(7))[None]
+    g, patches, z = clip.encode_image_features(images)
+    torch.testing.assert_close(g, clip.model.encode_image(images, normalize=True), rtol=0, atol=1e-6)
+    torch.testing.assert_close(F.normalize(z @ torch.from_numpy(clip.visual_projection()), dim=-1), g, rtol=0, atol=1e-6)
+    assert patches.shape == (1, 576, 16)
+
+
+def test_modified_resnet_positions_follow_maskclip(tmp_path):
+    """open_clip's ModifiedResNet (RN50 family): g is its attention pool; position i is MaskCLIP's value path
+    c_proj(v_proj(x_i + pos_i)); z the pool's output before c_proj."""
+    import open_clip
+
+    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8,
+                                                            "head_width": 8},
+                            "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    torch.save(open_clip.create_model(f"local-dir:{tmp_path}").state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    clip = FrozenCLIP(f"local-dir:{tmp_path}", None)
+    assert clip.family == "open_clip-resnet" and clip.grid == (2, 2)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    g, patches, z = clip.encode_image_features(images)
+    torch.testing.assert_close(g, clip.model.encode_image(images, normalize=True), rtol=0, atol=1e-6)
+    torch.testing.assert_close(F.normalize(z @ torch.from_numpy(clip.visual_projection()), dim=-1), g, rtol=0, atol=1e-6)
+    visual = clip.model.visual
+    fmap = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(images)))))
+    pool = visual.attnpool
+    cell = fmap[:, :, 1, 0] + pool.positional_embedding[1 + 2]  # row 1, column 0: patch 2 (after the mean token)
+    torch.testing.assert_close(patches[:, 2], F.normalize(pool.c_proj(pool.v_proj(cell)), dim=-1), rtol=0, atol=1e-6)

@@ -265,9 +265,54 @@ class TimmConvNeXt(_TimmTower):
             return self._joint(self._pre_logits(fmap), patch_pre)
 
 
+class NativeResNet(ImageTower):
+    """open_clip's ModifiedResNet (OpenAI / YFCC / CC12M RN50, RN101, RN50x4...): the final feature map, pooled by a QKV
+    attention whose query is the map's mean. g: that attention pool (open_clip modified_resnet.py AttentionPool2d,
+    computed head by head); position i: MaskCLIP's rule, the pool applied to that position alone, whose attention is its
+    value, c_proj(v_proj(x_i + pos_i)); z: the attention output before c_proj (its bias folded in: a trailing 1)."""
+
+    family = "open_clip-resnet"
+    label = "open_clip ModifiedResNet (RN50, RN101, RN50x4, RN50x16, RN50x64)"
+
+    @classmethod
+    def accepts(cls, visual) -> bool:
+        return hasattr(visual, "attnpool") and hasattr(visual, "layer4") and hasattr(visual, "stem")
+
+    def __init__(self, visual):
+        super().__init__(visual)
+        side = int(visual.image_size) // 32
+        self.grid = (side, side)
+        pool = visual.attnpool
+        self.dim = int(pool.c_proj.out_features)
+        self.width = int(pool.c_proj.in_features) + 1
+
+    def features(self, images, device, precision):
+        visual = self.visual
+        pool = visual.attnpool
+        with autocast(device, precision):
+            x = visual.stem(images.to(device, non_blocking=True))
+            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+        with torch.autocast(device_type=device.type, enabled=False):
+            x = x.float().flatten(2).transpose(1, 2)  # [B, HW, C]
+            seq = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + pool.positional_embedding[None].float()
+            batch, length, channels = seq.shape
+            heads = pool.num_heads
+            query = pool.q_proj(seq[:, :1]).reshape(batch, 1, heads, -1).transpose(1, 2)  # [B, h, 1, c]
+            keys = pool.k_proj(seq).reshape(batch, length, heads, -1).transpose(1, 2)  # [B, h, L, c]
+            values = pool.v_proj(seq)  # [B, L, C]
+            weights = (query @ keys.transpose(-2, -1) / query.shape[-1] ** 0.5).softmax(dim=-1)  # [B, h, 1, L]
+            pooled = (weights @ values.reshape(batch, length, heads, -1).transpose(1, 2)).transpose(1, 2).reshape(batch, -1)
+            z = torch.cat([pooled, torch.ones_like(pooled[:, :1])], dim=1)
+            return pool.c_proj(pooled), pool.c_proj(values[:, 1:]), z
+
+    def projection(self):
+        c_proj = self.visual.attnpool.c_proj
+        return torch.cat([c_proj.weight.detach().float().cpu().T, c_proj.bias.detach().float().cpu()[None]]).numpy()
+
+
 # The adapters by family name, in the order `image_tower` tries them.
 TOWERS: dict[str, Callable[[torch.nn.Module], ImageTower]] = {
-    tower.family: tower for tower in (NativeViT, TimmViTMAP, TimmViT, TimmConvNeXt)
+    tower.family: tower for tower in (NativeViT, NativeResNet, TimmViTMAP, TimmViT, TimmConvNeXt)
 }
 
 
@@ -282,6 +327,6 @@ def image_tower(visual: torch.nn.Module, model: str) -> ImageTower:
     trunk = getattr(visual, "trunk", None)
     what = f"{type(visual).__name__}" + (f" with timm trunk {type(trunk).__name__}" if trunk is not None else "")
     raise InputError(f"--model {model}: the image tower {what} has no usable patch tokens for SPA: it needs a ViT's token "
-                     f"sequence (open_clip or timm ViT/Eva) or a ConvNeXt's final feature map "
+                     f"sequence (open_clip or timm ViT/Eva), open_clip's ModifiedResNet or a timm ConvNeXt's final feature map "
                      f"(families: {', '.join(TOWERS)})")
 

@@ -173,8 +173,8 @@ class FrozenCLIP:
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] (normalised) -> (g [B, d], P [B, N, d]), both L2-normalised, one forward pass.
 
-        g is the CLS token after ln_post times visual.proj (the model's own image embedding); P are the patch tokens after
-        ln_post, each times visual.proj. The same as `encode_image_features` without z.
+        g is the model's own image embedding (for the native ViT the CLS token after ln_post times visual.proj); P the
+        patches in the joint space by the tower family's rule (towers.py). The same as `encode_image_features` without z.
         """
         global_, patches, _ = self.encode_image_features(images)
         return global_, patches

@@ -199,6 +199,11 @@ def test_extract_check_spa_run_and_explain(models, small_shapes, tmp_path, capsy
     record = json.loads(next((tmp_path / "explain").glob("*.json")).read_text())
     assert record["grid"] == list(GRIDS[family])
     assert len(record["explained"][0]["relevance"]) == np.prod(GRIDS[family])
+    top = record["top"][0]  # the logit is the model's: scale * (global + w * patch) + its bias (SigLIP's -10)
+    bias = -10.0 if family == "timm-vit-map" else 0.0
+    assert record.get("logit_bias", 0.0) == bias
+    assert top["logit"] == pytest.approx(record["logit_scale"] * (top["global"] + record["patch_weight"] * top["patch"])
+                                         + bias, abs=1e-4)
 
 
 def _descriptions_args(descriptions: Path) -> list[str]:
@@ -247,3 +252,27 @@ def test_modified_resnet_positions_follow_maskclip(tmp_path):
     pool = visual.attnpool
     cell = fmap[:, :, 1, 0] + pool.positional_embedding[1 + 2]  # row 1, column 0: patch 2 (after the mean token)
     torch.testing.assert_close(patches[:, 2], F.normalize(pool.c_proj(pool.v_proj(cell)), dim=-1), rtol=0, atol=1e-6)
+
+
+PRECISIONS = ["bf16", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("where", PRECISIONS)
+def test_reduced_precision_rounds_the_trunk_only(models, where):
+    """The trunk under autocast (bf16 on the CPU; the device's default on CUDA), the heads in fp32: g, P and z stay close
+    to fp32's, float32 on the backbone's device."""
+    for family, clip in models.items():
+        images = torch.stack([clip.preprocess.transform()(_photo(s)) for s in range(2)])
+        exact = clip.encode_image_features(images)
+        if where == "cuda":
+            other = FrozenCLIP(clip.info.model, None, "cuda", "bf16")
+        else:
+            other = clip.with_precision("bf16")
+        reduced = other.encode_image_features(images)
+        for a, b in zip(exact, reduced):
+            if a is None:
+                assert b is None
+                continue
+            assert b.dtype == torch.float32 and b.device.type == other.device.type
+            cos = F.cosine_similarity(a.flatten(0, -2), b.cpu().flatten(0, -2), dim=-1)
+            assert cos.min() > 0.97, (family, float(cos.min()))

@@ -218,6 +218,8 @@ def explain_features(run: LoadedRun, global_: torch.Tensor, patches: torch.Tenso
         record = {"method": learner.name, "label": learner.label, "shows": _shows(learner),
                   "logit_scale": learner.context.logit_scale, "classes": names, "logits": logits[b].tolist(),
                   "predicted": names[order[0]]}
+        if learner.context.logit_bias:  # SigLIP's: in every logit, beside the parts below (docs/backbones.md)
+            record["logit_bias"] = learner.context.logit_bias
         if scores is not None:
             record["patch_weight"] = learner.knobs.patch_weight
             record["global"] = scores.global_[b].cpu().tolist()
@@ -354,7 +356,8 @@ def _draw_scores(ax, record: dict) -> None:
     ax.axvline(0, color="black", lw=0.5)
     ax.set_yticks(y, [f"{textwrap.shorten(t['class'], 22)} ({t['logit']:.2f})" for t in top], fontsize=6)
     ax.tick_params(axis="x", labelsize=6)
-    ax.set_title("top classes: logit" + (" = global + patch part" if "global" in record else ""), fontsize=7)
+    bias = f" + bias {record['logit_bias']:g}" if record.get("logit_bias") else ""
+    ax.set_title("top classes: logit" + (" = global + patch part" + bias if "global" in record else ""), fontsize=7)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

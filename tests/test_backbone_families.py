@@ -276,3 +276,17 @@ def test_reduced_precision_rounds_the_trunk_only(models, where):
             assert b.dtype == torch.float32 and b.device.type == other.device.type
             cos = F.cosine_similarity(a.flatten(0, -2), b.cpu().flatten(0, -2), dim=-1)
             assert cos.min() > 0.97, (family, float(cos.min()))
+
+
+def test_word_positions_under_a_hugging_face_tokenizer(models):
+    """SigLIP tokenizes with a Hugging Face tokenizer (not cached here): `semantic_tokens=word` keeps every non-special
+    token (no start token; the end and padding ids are special), punctuation-only tokens dropped. A stand-in with the
+    attributes open_clip's HFTokenizer exposes."""
+    import copy
+
+    vocabulary = {5: "▁a", 10: "▁red", 11: "▁square", 4: ".", 1: "</s>", 0: "<pad>"}
+    inner = SimpleNamespace(all_special_ids=[1], pad_token_id=0,
+                            decode=lambda ids: "".join(vocabulary[i] for i in ids).replace("▁", " "))
+    clip = copy.copy(models["timm-vit-map"])
+    clip.tokenizer = SimpleNamespace(tokenizer=inner)
+    assert clip.word_token_positions(torch.tensor([5, 10, 11, 4, 1, 0, 0, 0])) == [0, 1, 2]

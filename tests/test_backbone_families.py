@@ -184,6 +184,17 @@ def test_extract_check_spa_run_and_explain(models, small_shapes, tmp_path, capsy
     assert meta["preprocess"] == models[family].preprocess.to_dict()
     assert ("width" in meta) == (family != "timm-vit-map")
     assert main(["check", str(store), "--quiet"]) == 0
+    # the rows went through the model's own transform (SigLIP's 0.5 statistics, ConvNeXt's ImageNet ones and centre crop)
+    from PIL import Image
+
+    from spacil.store.format import FeatureStore
+
+    features = FeatureStore(store)
+    clip = models[family]
+    image = Image.open(Path(meta["image_root"]) / features.image_paths("test")[0]).convert("RGB")
+    expected = clip.encode_images(clip.preprocess.transform()(image)[None])[0]
+    stored = torch.from_numpy(np.asarray(features.split("test").global_[:1], dtype=np.float32))
+    torch.testing.assert_close(stored, expected, rtol=0, atol=2e-3)  # float16 rows
     assert main(["run", "--features", str(store), "--method", "spa", "--init-cls", "2", "--increment", "2",
                  "--set", "train.epochs=1", "--set", "spa.top_k_patches=4", "--device", "cpu", "--out", str(run),
                  "--quiet"]) == 0

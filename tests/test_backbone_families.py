@@ -301,3 +301,20 @@ def test_word_positions_under_a_hugging_face_tokenizer(models):
     clip = copy.copy(models["timm-vit-map"])
     clip.tokenizer = SimpleNamespace(tokenizer=inner)
     assert clip.word_token_positions(torch.tensor([5, 10, 11, 4, 1, 0, 0, 0])) == [0, 1, 2]
+
+
+def test_the_native_vit_path_is_spacil_0_3_s_bit_for_bit(tiny_model):
+    """The native ViT adapter runs 0.3's operations in 0.3's order: the same bits (so its stores are the same bytes),
+    and its preprocessing is the protocol's."""
+    clip = FrozenCLIP(tiny_model, None)
+    assert clip.family == "open_clip-vit" and clip.preprocess == Preprocess(image_size=32, source=clip.preprocess.source)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    g, patches, z = clip.encode_image_features(images)
+    visual = clip.model.visual
+    with torch.no_grad():  # spacil 0.3's FrozenCLIP.encode_image_features, inlined
+        tokens = visual.ln_post(visual.transformer(visual._embeds(images)).float())
+        pooled, rest = visual._global_pool(tokens)
+        proj = visual.proj.float()
+        expected = F.normalize(pooled @ proj, dim=-1), F.normalize(rest @ proj, dim=-1), pooled
+    for a, b in zip((g, patches, z), expected):
+        assert torch.equal(a, b)

@@ -74,7 +74,9 @@ def load_run(run_dir: str | Path, store: Optional[str | Path] = None, device: st
     checkpoint = run_dir / "checkpoints" / "last.pt"
     if not checkpoint.is_file():
         raise InputError(f"{checkpoint}: missing; the run finished no task")
-    learner = create_learner(config, LearnerContext(features.dim, features.num_patches, features.logit_scale, resolved))
+    context = LearnerContext(features.dim, features.num_patches, features.logit_scale, resolved,
+                             logit_bias=features.logit_bias)
+    learner = create_learner(config, context)
     load_checkpoint(checkpoint, learner, config.method)
     order = class_order(features.num_classes, config.seed, config.data.shuffle)
     class_index = [order[p] for p in learner.seen_positions]
@@ -218,6 +220,8 @@ def explain_features(run: LoadedRun, global_: torch.Tensor, patches: torch.Tenso
         record = {"method": learner.name, "label": learner.label, "shows": _shows(learner),
                   "logit_scale": learner.context.logit_scale, "classes": names, "logits": logits[b].tolist(),
                   "predicted": names[order[0]]}
+        if learner.context.logit_bias:  # SigLIP's: in every logit, beside the parts below (docs/backbones.md)
+            record["logit_bias"] = learner.context.logit_bias
         if scores is not None:
             record["patch_weight"] = learner.knobs.patch_weight
             record["global"] = scores.global_[b].cpu().tolist()
@@ -358,7 +362,8 @@ def _draw_scores(ax, record: dict) -> None:
     ax.axvline(0, color="black", lw=0.5)
     ax.set_yticks(y, [f"{textwrap.shorten(t['class'], 22)} ({t['logit']:.2f})" for t in top], fontsize=6)
     ax.tick_params(axis="x", labelsize=6)
-    ax.set_title("top classes: logit" + (" = global + patch part" if "global" in record else ""), fontsize=7)
+    bias = f" + bias {record['logit_bias']:g}" if record.get("logit_bias") else ""
+    ax.set_title("top classes: logit" + (" = global + patch part" + bias if "global" in record else ""), fontsize=7)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -446,13 +451,13 @@ def explain_images(run_dir: str | Path, images: Sequence[str | Path] = (), store
             global_, patches = encode_pil_images(backbone, pictures[start:start + IMAGES_PER_BATCH], dtype)
         records += explain_features(run, global_.to(run.device), patches.to(run.device), sentences, top,
                                     None if given is None else given[start:start + IMAGES_PER_BATCH])
-    grid = tuple(int(g) for g in backbone.model.visual.grid_size)
+    grid = tuple(int(g) for g in backbone.grid)  # the family's own patch grid (rows, columns)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for source, picture, record, stem in zip(sources, pictures, records, _output_stems(labels)):
         record = {"image": source, "grid": list(grid), **record, "panels": panels_of(record)}
-        draw(picture, record, out / f"{stem}.png", grid)
+        draw(backbone.preprocess.as_seen(picture), record, out / f"{stem}.png", grid)
         atomic_write_text(out / f"{stem}.json", json.dumps(record, indent=1))
         written.append(out / f"{stem}.json")
         echo(f"{source}: predicted '{record['predicted']}' -> {out / stem}.png")

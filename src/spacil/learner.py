@@ -34,6 +34,13 @@ class LearnerContext:
     # the pre-projection extension: z's width and visual.proj [width, d] float32 on the CPU (None in a store without it)
     width: Optional[int] = None
     visual_proj: Optional[torch.Tensor] = None
+    # the model's own logit bias (SigLIP; 0 for CLIP), added to every image-text logit: it shifts all classes alike, so
+    # it changes no prediction nor softmax, only the logits explain shows (docs/backbones.md)
+    logit_bias: float = 0.0
+
+    def with_bias(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits + the model's logit bias (the tensor itself when there is none, so a CLIP's logits keep their bits)."""
+        return logits + self.logit_bias if self.logit_bias else logits
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ class Run:
                              ("test", getattr(learner_class, "eval_arrays", ()))):
             row_arrays(store, split, names, config.method)  # a missing one: exit 2 before anything is written
         proj = None if store.visual_proj is None else torch.from_numpy(np.array(store.visual_proj, dtype=np.float32))
-        context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device, progress, store.width, proj)
+        context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device, progress, store.width, proj,
+                                 store.logit_bias)
         self.learner: Learner = create_learner(config, context)
         data = config.data
         self.sizes = task_sizes(store.num_classes, data.init_cls, data.increment)

@@ -178,13 +178,30 @@ def task_boundaries(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return bounds
 
 
-def image_transform(image_size: int = 224):
-    """Train and test alike: Resize (bicubic) to a square, CenterCrop, ToTensor, Normalize with CLIP's statistics."""
+def image_transform(image_size: int = 224, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                    interpolation: str = "bicubic", resize_mode: str = "squash", fill_color: int = 0):
+    """Train and test alike: resize, crop to `image_size`, ToTensor, Normalize with `mean` and `std` (four steps, always).
+
+    The defaults are the protocol's transform (PROOF / ENGINE code, PROTOCOL.md): Resize (bicubic) to a square,
+    CenterCrop, CLIP's statistics. Another model's own preprocessing (`spacil.backbone.Preprocess`, from its open_clip
+    preprocess config) changes them: `resize_mode` `squash` (resize to the square, the aspect ratio lost), `shortest`
+    (shortest side to `image_size`, then the centre square) or `longest` (longest side to `image_size`, then padded with
+    `fill_color`), as open_clip's `image_transform` reads these names."""
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+    mode = {"bicubic": transforms.InterpolationMode.BICUBIC, "bilinear": transforms.InterpolationMode.BILINEAR,
+            "nearest": transforms.InterpolationMode.NEAREST}.get(interpolation)
+    if mode is None:
+        raise InputError(f"interpolation {interpolation!r}: expected bicubic, bilinear or nearest")
+    if resize_mode == "squash":
+        steps = [transforms.Resize((image_size, image_size), interpolation=mode), transforms.CenterCrop(image_size)]
+    elif resize_mode == "shortest":
+        steps = [transforms.Resize(image_size, interpolation=mode), transforms.CenterCrop(image_size)]
+    elif resize_mode == "longest":
+        from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
+
+        steps = [ResizeKeepRatio(image_size, interpolation=mode, longest=1),
+                 CenterCropOrPad(image_size, fill=fill_color)]
+    else:
+        raise InputError(f"resize_mode {resize_mode!r}: expected squash, shortest or longest")
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(tuple(mean), tuple(std))])

@@ -108,12 +108,11 @@ def _feature_source(splits, store_path: Optional[str], clip_model: str, pretrain
         global_ = FeatureStore(store_path).split("train").global_
         return lambda rows: rows_as_tensor(global_, rows)
     from spacil.backbone import FrozenCLIP
-    from spacil.data import image_transform
 
     from spacil.devices import resolve_device
 
     backbone = FrozenCLIP(clip_model, pretrained, resolve_device(device))
-    transform = image_transform(backbone.image_size)
+    transform = backbone.preprocess.transform()
     split = splits["train"]
 
     def encode(rows: np.ndarray) -> torch.Tensor:

@@ -203,7 +203,7 @@ class SPA(Learner):
         prompts, semantic = text
         global_scores = self.image_projector(global_) @ prompts.T  # [B, C]
         if not self.ablation.patch_branch:
-            return SPAScores(self.context.logit_scale * global_scores, global_scores)
+            return SPAScores(self.context.with_bias(self.context.logit_scale * global_scores), global_scores)
         columns = self._shortlist(global_scores, labels)
         projected = self.image_projector(patches)
         width = len(self.semantic) if columns is None else columns.shape[1]
@@ -218,7 +218,7 @@ class SPA(Learner):
             # outside outranks one inside on the patch score, and an image's prediction is always a shortlisted class
             stand_in = patch_scores.detach().amin(dim=1, keepdim=True)
             patch_scores = stand_in.expand(-1, global_scores.shape[1]).scatter(1, columns, patch_scores)
-        logits = self.context.logit_scale * (global_scores + self.knobs.patch_weight * patch_scores)
+        logits = self.context.with_bias(self.context.logit_scale * (global_scores + self.knobs.patch_weight * patch_scores))
         scores = SPAScores(logits, global_scores, patch_scores, shortlist=columns)
         if detail:
             scores.relevance, scores.indices, scores.plan = (

@@ -22,7 +22,7 @@ class ZeroShot(Learner):
         self.prompts = torch.cat([self.prompts, info.prompts.to(self.context.device)])
 
     def logits(self, batch: FeatureBatch) -> torch.Tensor:
-        return self.context.logit_scale * batch.global_ @ self.prompts.to(batch.global_.device).T
+        return self.context.with_bias(self.context.logit_scale * batch.global_ @ self.prompts.to(batch.global_.device).T)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "prompts": self.prompts}

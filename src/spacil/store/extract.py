@@ -52,7 +52,8 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from spacil.backbone import FrozenCLIP
-from spacil.data import CLIP_MEAN, CLIP_STD, DatasetIndex, DatasetSpec, SplitIndex, image_transform, index_dataset, normalise_name
+from spacil.backbone import Preprocess
+from spacil.data import DatasetIndex, DatasetSpec, SplitIndex, index_dataset, normalise_name
 from spacil.data.store_size import StoreShape, estimate_store, room_line
 from spacil.devices import device_thread, local_rank_device, resolve_device, resolve_precision
 from spacil.errors import InputError
@@ -102,14 +103,13 @@ class _ImageRows(torch.utils.data.Dataset):
 
 
 class _Normalise:
-    """uint8 [B, 3, H, W] -> the encoder's input on `device`: torchvision's ToTensor then Normalize, the same float32
-    operations in the same order, so the same values. The statistics are put on the device once (a copy from pageable
-    memory per batch could wait for the device)."""
+    """uint8 [B, 3, H, W] -> the encoder's input on `device`: torchvision's ToTensor then Normalize with the model's own
+    statistics (`preprocess`), the same float32 operations in the same order, so the same values. The statistics are put
+    on the device once (a copy from pageable memory per batch could wait for the device)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, preprocess: Preprocess = Preprocess()):
         self.device = device
-        self.mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).view(-1, 1, 1)
-        self.std = torch.tensor(CLIP_STD, dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.mean, self.std = preprocess.statistics(device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True).to(torch.float32).div(255).sub_(self.mean).div_(self.std)
@@ -118,9 +118,9 @@ class _Normalise:
 def encode_pil_images(backbone: FrozenCLIP, images: Sequence, dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
     """PIL images -> (g [B, d], P [B, N, d]) float32 on the backbone's device, as extraction writes a store's rows: the same
     resize, crop and normalisation, the backbone's precision, rounded to the store's `dtype`."""
-    resize = resize_to_uint8(image_transform(backbone.image_size))
+    resize = resize_to_uint8(backbone.preprocess.transform())
     batch = torch.stack([resize(image.convert("RGB")) for image in images])
-    global_, patches = backbone.encode_images(_Normalise(backbone.device)(batch))
+    global_, patches = backbone.encode_images(_Normalise(backbone.device, backbone.preprocess)(batch))
     cast = _TORCH_DTYPES[dtype]
     return global_.to(cast).float(), patches.to(cast).float()
 
@@ -551,7 +551,10 @@ def _extract(data: DatasetIndex, out: Path, model, pretrained, dtype, batch_size
         backbone = backbone.with_precision(precision)
     counts = {split: len(splits[split].items) for split in SPLITS}
     # the arrays of rows this run writes: all of them; or only z, added to a finished store that lacks it
-    adding = complete and pre_projection is not False and "width" not in old_meta
+    if pre_projection and backbone.width is None:
+        backbone.require_pre_projection()
+    has_z = backbone.width is not None  # a family without z (docs/backbones.md) extracts without it
+    adding = complete and pre_projection is not False and "width" not in old_meta and has_z
     if recorded is not None:
         arrays = list(recorded_fingerprint["arrays"])
         if pre_projection is False and "global_pre" in arrays:
@@ -563,7 +566,7 @@ def _extract(data: DatasetIndex, out: Path, model, pretrained, dtype, batch_size
     elif adding:
         arrays = ["global_pre"]
     else:
-        arrays = [name for name in ROW_ARRAYS if name != "global_pre" or pre_projection is not False]
+        arrays = [name for name in ROW_ARRAYS if name != "global_pre" or (pre_projection is not False and has_z)]
     with_pre = "global_pre" in arrays or (complete and "width" in old_meta)
     fingerprint = _fingerprint(spec, backbone, counts, dtype, batch_size, precision, arrays)
     if complete:
@@ -740,7 +743,7 @@ def _encode(out: Path, spec, splits: dict, files: dict, backbone: FrozenCLIP, sh
     if not share:
         return
     device = backbone.device
-    transform = image_transform(backbone.image_size)
+    transform = backbone.preprocess.transform()
     parts = [_ImageRows(splits[split], transform) for split in SPLITS]
     first_row = dict(zip(SPLITS, np.cumsum([0] + [len(p) for p in parts[:-1]]).tolist()))
     loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(parts), batch_sampler=_BatchRows(share, first_row),
@@ -752,7 +755,7 @@ def _encode(out: Path, spec, splits: dict, files: dict, backbone: FrozenCLIP, sh
                        {name: shape[1:] for name, (_, shape) in files[SPLITS[0]].arrays.items()})
     bar = tqdm(total=sum(end - start for _, start, end in share), desc=f"extract {spec.key}", unit="img",
                disable=not show_progress)
-    normalise = _Normalise(device)
+    normalise = _Normalise(device, backbone.preprocess)
     writer = _RowWriter(files, record, done, bar, device)
     try:
         for count, ((split, start, end), (images, errors)) in enumerate(zip(share, loader)):
@@ -790,6 +793,8 @@ def _finish(out: Path, spec, names, backbone: FrozenCLIP, descriptions, descript
         "classes": names,
         "dataset": spec.key,
         "backbone": backbone.info.to_dict(),
+        "image_tower": backbone.tower_record(),
+        "preprocess": backbone.preprocess.to_dict(),
         "text": {
             "templates": list(spec.templates),
             "semantic_tokens": semantic_tokens if descriptions is not None else None,

@@ -213,6 +213,11 @@ class FeatureStore:
     def logit_scale(self) -> float:
         return float(self.backbone.get("logit_scale", 100.0))
 
+    @property
+    def logit_bias(self) -> float:
+        """The model's own logit bias (SigLIP), 0 for a CLIP (which has none)."""
+        return float(self.backbone.get("logit_bias", 0.0))
+
     def split(self, name: str) -> SplitFeatures:
         return self._splits[name]
 
@@ -265,6 +270,10 @@ def require_pre_projection(store: FeatureStore, method: str) -> None:
     """InputError (exit 2, one line) unless `store` holds z (`<split>/global_pre.npy`) and `backbone/visual_proj.npy`."""
     if store.width is not None:
         return
+    tower = store.meta.get("image_tower") or {}
+    if tower.get("pre_projection") is False:  # the family has no z at all (docs/backbones.md): nothing to add
+        raise InputError(f"{store.path}: {method} needs the pre-projection features z, and the store's {tower.get('family')} "
+                         f"image tower has none ({tower.get('no_pre_projection', 'no projection after pooling')})")
     raise InputError(
         f"{store.path}: no pre-projection features (train/global_pre.npy), which {method} needs; add them by running "
         f"`spacil extract --dataset {store.dataset} --data-root DATA --out {store.path}` (with the store's --model, "

@@ -25,7 +25,7 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from spacil.data import CLIP_MEAN, CLIP_STD, image_transform, open_dataset
+from spacil.data import CLIP_MEAN, CLIP_STD, open_dataset
 from spacil.errors import InputError
 from spacil.fileio import atomic_write_text, read_json
 from spacil.store.encoder import store_encoder
@@ -49,6 +49,7 @@ class ViewTransform:
 
     def __init__(self, **params):
         self.params = params
+        self.statistics = (CLIP_MEAN, CLIP_STD)  # the encoder's (mean, std): `add_views` sets the model's own
 
     def __call__(self, images: torch.Tensor, rows: np.ndarray, view: int, seed: int) -> torch.Tensor:
         pixels = images.to(torch.float32).div(255)
@@ -56,14 +57,18 @@ class ViewTransform:
                            for i, row in enumerate(rows)])
         return out
 
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        return normalise_pixels(pixels, *self.statistics)
+
     def one(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
 
-def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """[..., 3, H, W] in [0, 1] -> CLIP's normalised input (torchvision's Normalize)."""
-    mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype, device=pixels.device).view(-1, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=pixels.dtype, device=pixels.device).view(-1, 1, 1)
+def normalise_pixels(pixels: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """[..., 3, H, W] in [0, 1] -> the encoder's normalised input (torchvision's Normalize; CLIP's statistics unless the
+    model's own are given)."""
+    mean = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=pixels.dtype, device=pixels.device).view(-1, 1, 1)
     return (pixels - mean) / std
 
 
@@ -81,7 +86,7 @@ class GaussianNoise(ViewTransform):
 
     def one(self, pixels, generator):
         noise = torch.randn(pixels.shape, generator=generator).to(pixels.device)
-        return (normalise_pixels(pixels) + noise * self.params["noise"]).clamp(0, 1)
+        return (self.normalise(pixels) + noise * self.params["noise"]).clamp(0, 1)
 
 
 class FlipJitter(ViewTransform):
@@ -105,7 +110,7 @@ class FlipJitter(ViewTransform):
         pixels = TF.adjust_contrast(pixels, 1 + p["contrast"] * (2 * draws[2] - 1))
         pixels = TF.adjust_saturation(pixels, 1 + p["saturation"] * (2 * draws[3] - 1))
         pixels = TF.adjust_hue(pixels, p["hue"] * (2 * draws[4] - 1))
-        return normalise_pixels(pixels)
+        return self.normalise(pixels)
 
 
 VIEW_TRANSFORMS = {cls.name: cls for cls in (GaussianNoise, FlipJitter)}
@@ -178,7 +183,8 @@ def add_views(out: str | Path, dataset: str, data_root: str | Path, count: int, 
     todo = [(s, e) for s, e in batches if not any(lo <= s and e <= hi for lo, hi in done)]
     from spacil.store.extract import _ImageRows, _add_range  # one image pipeline and one row-range record for every array
 
-    images = _ImageRows(split, image_transform(backbone.image_size))
+    images = _ImageRows(split, backbone.preprocess.transform())
+    transform.statistics = (backbone.preprocess.mean, backbone.preprocess.std)
     bar = tqdm(total=sum(e - s for s, e in todo), desc=f"views {out.name}", unit="img", disable=not progress)
     try:
         for number, (start, end) in enumerate(todo):

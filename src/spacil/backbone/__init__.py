@@ -2,6 +2,9 @@
 
 `FrozenCLIP` gives, for a batch of images, the global embedding g(x) and the projected patch tokens P(x) from one forward pass,
 and for strings the text embedding e(s) or, for `semantic_tokens=word`, the per-token outputs. Every weight is frozen.
+How g, P and z are read depends on the image tower's family (`spacil.backbone.towers`: open_clip ViT, timm ViT with token
+or attention pooling, timm ConvNeXt); the images are prepared by the model's own preprocessing
+(`spacil.backbone.preprocess`). docs/backbones.md lists the families.
 
 A model is named as open_clip names it: a built-in architecture (`ViT-B-16`) with a pretrained tag (`laion400m_e32`) or a
 local checkpoint file, or `local-dir:PATH` (a folder with `open_clip_config.json` and weights).
@@ -21,8 +24,13 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from spacil.backbone.preprocess import Preprocess, model_preprocess
+from spacil.backbone.towers import TOWERS, ImageTower, image_tower
 from spacil.devices import autocast, check_precision
 from spacil.errors import InputError
+
+__all__ = ["TOWERS", "BackboneInfo", "FrozenCLIP", "ImageTower", "Preprocess", "create_open_clip", "file_sha256",
+           "image_tower", "local_dir_checkpoint", "model_preprocess", "write_tiny_model"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +44,11 @@ class BackboneInfo:
     dim: int
     num_patches: int
     logit_scale: float
+    logit_bias: Optional[float] = None  # SigLIP's learned bias of the image-text logits; None for CLIP
 
     def to_dict(self) -> dict:
+        """The record in meta.json; `logit_bias` only where the model has one (a CLIP's record is as before)."""
+        bias = {} if self.logit_bias is None else {"logit_bias": self.logit_bias}
         return {
             "model": self.model,
             "pretrained": self.pretrained,
@@ -46,6 +57,7 @@ class BackboneInfo:
             "dim": self.dim,
             "num_patches": self.num_patches,
             "logit_scale": self.logit_scale,
+            **bias,
         }
 
 
@@ -115,22 +127,24 @@ class FrozenCLIP:
 
     def __init__(self, model: str = "ViT-B-16", pretrained: Optional[str] = "laion400m_e32", device: str = "cpu",
                  precision: str = "fp32"):
-        import open_clip
-
         self.device = torch.device(device)
         self.precision = check_precision(precision)  # the encoders' forward passes run under autocast in this precision
         self.model, checkpoint_hash = create_open_clip(model, pretrained, device)
-        visual = self.model.visual
-        if not hasattr(visual, "ln_post") or not hasattr(visual, "proj") or getattr(visual, "attn_pool", None) is not None:
-            raise InputError(f"--model {model}: SPA needs a ViT image tower with ln_post and a projection (got {type(visual).__name__})")
-        self.tokenizer = open_clip.get_tokenizer(model)
-        grid = visual.grid_size
-        size = visual.image_size
-        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.num_patches = int(grid[0] * grid[1])
-        self.dim = int(visual.output_dim)
-        self.width = int(visual.proj.shape[0])  # z's dimension: the CLS token after ln_post, before visual.proj
+        self.tower: ImageTower = image_tower(self.model.visual, model)
+        self.family = self.tower.family
+        self.preprocess: Preprocess = model_preprocess(self.model, model, pretrained)
+        self.tokenizer = _get_tokenizer(model)
+        self.image_size = self.preprocess.image_size
+        self.grid = self.tower.grid  # (rows, columns) of the patches, in P's order
+        self.num_patches = self.tower.num_patches
+        self.dim = int(self.tower.dim)
+        self.width = self.tower.width  # z's dimension (None: the family has no z, `self.tower.z_reason` says why)
         self.context_length = int(getattr(self.model, "context_length", 77))
+        # the text tower whose parts spacil runs itself: the CLIP (built-in tower) or CustomTextCLIP's TextTransformer
+        # (SigLIP, EVA, PE); None for a Hugging Face text encoder or a CoCa tower, which only give their pooled output
+        text = self.model if hasattr(self.model, "token_embedding") else getattr(self.model, "text", None)
+        self._text = text if hasattr(text, "token_embedding") and getattr(text, "cls_emb", None) is None else None
+        bias = getattr(self.model, "logit_bias", None)
         self.info = BackboneInfo(
             model=model,
             pretrained=pretrained if not model.startswith(("local-dir:", "hf-hub:")) else None,
@@ -139,41 +153,53 @@ class FrozenCLIP:
             dim=self.dim,
             num_patches=self.num_patches,
             logit_scale=float(self.model.logit_scale.exp().item()),
+            logit_bias=None if bias is None else float(bias.detach().float().reshape(-1)[0].item()),
         )
+
+    def tower_record(self) -> dict:
+        """meta.json's `image_tower`: the family, the patch grid, whether z exists (and why not)."""
+        record = {"family": self.family, "grid": list(self.grid), "pre_projection": self.width is not None}
+        if self.width is None:
+            record["no_pre_projection"] = self.tower.z_reason
+        return record
+
+    def require_pre_projection(self) -> None:
+        """InputError (exit 2) naming the family when it has no z."""
+        if self.width is None:
+            raise InputError(f"{self.info.model}: the {self.family} image tower has no pre-projection feature z "
+                             f"({self.tower.z_reason}); RanPAC, BOFA and ENGINE need one")
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] (normalised) -> (g [B, d], P [B, N, d]), both L2-normalised, one forward pass.
 
-        g is the CLS token after ln_post times visual.proj (the model's own image embedding); P are the patch tokens after
-        ln_post, each times visual.proj. The same as `encode_image_features` without z.
+        g is the model's own image embedding (for the native ViT the CLS token after ln_post times visual.proj); P the
+        patches in the joint space by the tower family's rule (towers.py). The same as `encode_image_features` without z.
         """
         global_, patches, _ = self.encode_image_features(images)
         return global_, patches
 
     @torch.no_grad()
-    def encode_image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """images [B, 3, H, W] (normalised) -> (g [B, d], P [B, N, d], z [B, width]) from one forward pass.
+    def encode_image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """images [B, 3, H, W] (normalised) -> (g [B, d], P [B, N, d], z [B, width] or None) from one forward pass.
 
-        z is the CLS token after ln_post, before visual.proj, not normalised; g = normalise(z @ visual.proj); P are the
-        patch tokens after ln_post, each times visual.proj, normalised.
+        g is the model's own image embedding, P the patches in the joint space (the tower's rule, towers.py), both
+        L2-normalised; z the input of the last projection, not normalised (g = normalise(z @ visual_projection())), None
+        where the family has none. For the native ViT: z the CLS token after ln_post, g = normalise(z @ visual.proj), P
+        the patch tokens after ln_post times visual.proj.
 
-        The transformer runs under autocast in `self.precision`; ln_post, the projection and the normalisation run in fp32
+        The trunk runs under autocast in `self.precision`; the head, the projection and the normalisation run in fp32
         (2% of the cost), so a reduced precision only rounds the tokens, not the final embedding. Outputs are float32 on
         `self.device`.
         """
-        visual = self.model.visual
-        with autocast(self.device, self.precision):
-            tokens = visual.transformer(visual._embeds(images.to(self.device, non_blocking=True)))
+        global_, patches, pre = self.tower.features(images, self.device, self.precision)
         with torch.autocast(device_type=self.device.type, enabled=False):
-            tokens = visual.ln_post(tokens.float())
-            pooled, patches = visual._global_pool(tokens)
-            proj = visual.proj.float()
-            return F.normalize(pooled @ proj, dim=-1), F.normalize(patches @ proj, dim=-1), pooled
+            return F.normalize(global_, dim=-1), F.normalize(patches, dim=-1), pre
 
     def visual_projection(self):
-        """visual.proj as a float32 numpy array [width, d] (g = normalise(z @ it))."""
-        return self.model.visual.proj.detach().float().cpu().numpy()
+        """The last projection as a float32 numpy array [width, d] (g = normalise(z @ it)); InputError where no z exists."""
+        self.require_pre_projection()
+        return self.tower.projection()
 
     def _tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts)).to(self.device)
@@ -200,13 +226,13 @@ class FrozenCLIP:
         out, norms = [], []
         for start in range(0, len(texts), batch_size):
             ids = self._tokenize(texts[start:start + batch_size])
-            if not hasattr(self.model, "token_embedding"):  # a custom text tower: only its output can be had in fp32
+            if self._text is None:  # a Hugging Face or CoCa text tower: only its output can be had, under autocast
                 with autocast(self.device, self.precision):
                     raw = self.model.encode_text(ids).float()
             else:
                 tokens = self._text_transformer(ids)
                 with torch.autocast(device_type=self.device.type, enabled=False):
-                    raw = self._project_text(self._pool_text(self.model.ln_final(tokens.float()), ids))
+                    raw = self._project_text(self._pool_text(self._text.ln_final(tokens.float()), ids))
             out.append(F.normalize(raw, dim=-1))
             norms.append(raw.norm(dim=-1))
         if not out:
@@ -217,22 +243,34 @@ class FrozenCLIP:
         """Token ids [B, L] -> the text transformer's outputs [B, L, width], before ln_final, under autocast."""
         model = self.model
         with autocast(self.device, self.precision):
+            if self._text is not model:  # CustomTextCLIP's TextTransformer: its own embedding and (pad) mask
+                x, mask = self._text._embeds(ids)
+                return self._text.transformer(x, attn_mask=mask)
             cast = model.transformer.get_cast_dtype()
             x = model.token_embedding(ids).to(cast) + model.positional_embedding.to(cast)
             return model.transformer(x, attn_mask=model.attn_mask)
 
     def _pool_text(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """[B, L, width] -> [B, width]: the token the model pools (the EOT token for CLIP), by open_clip's own rule."""
+        """[B, L, width] -> [B, width]: the token the model pools (the EOT token for CLIP, the last position for SigLIP's
+        non-causal tower), by open_clip's own rule."""
         from open_clip.model import text_global_pool
 
-        pool = getattr(self.model, "text_pool_type", "argmax")
-        extra = {"eos_token_id": self.model.text_eos_id} if pool == "eos" else {}
+        pool, eos = self._text_pooling()
+        extra = {"eos_token_id": eos} if pool == "eos" else {}
         pooled = text_global_pool(x, ids, pool, **extra)
         return pooled[0] if isinstance(pooled, tuple) else pooled  # some open_clip releases also return the tokens
 
+    def _text_pooling(self) -> tuple[str, Optional[int]]:
+        """(open_clip pool type, eos token id) of the text tower."""
+        if self._text is self.model:
+            return getattr(self.model, "text_pool_type", "argmax"), getattr(self.model, "text_eos_id", None)
+        return self._text.pool_type, getattr(self._text, "eos_id", None)
+
     def _project_text(self, x: torch.Tensor) -> torch.Tensor:
         """[..., width] after ln_final -> [..., d] through text_projection, in fp32 (call with autocast off)."""
-        projection = self.model.text_projection
+        projection = self._text.text_projection
+        if projection is None:
+            return x
         if isinstance(projection, torch.nn.Linear):
             return F.linear(x, projection.weight.float(), None if projection.bias is None else projection.bias.float())
         return x @ projection.float()
@@ -241,9 +279,10 @@ class FrozenCLIP:
     def encode_text_tokens(self, texts: Sequence[str]) -> list[torch.Tensor]:
         """texts -> per-text [n_words, d]: every token's output after ln_final times text_projection, L2-normalised,
         start/end tokens, padding and punctuation-only tokens dropped (the `semantic_tokens=word` variant of SPEC.md)."""
-        model = self.model
-        if not hasattr(model, "token_embedding") or getattr(model, "text_pool_type", "argmax") != "argmax":
-            raise InputError("semantic_tokens=word needs an open_clip CLIP with a built-in causal text tower")
+        if self._text is None:
+            raise InputError(f"semantic_tokens=word: the text tower of {self.info.model} "
+                             f"({type(getattr(self.model, 'text', self.model)).__name__}) gives no per-token outputs in the "
+                             f"joint space; use semantic_tokens=sentence")
         return [self._word_tokens(text) for text in texts]
 
     def _word_tokens(self, text: str) -> torch.Tensor:
@@ -253,19 +292,25 @@ class FrozenCLIP:
         tokens = self._text_transformer(ids)
         words = self.word_token_positions(ids[0])
         with torch.autocast(device_type=self.device.type, enabled=False):
-            x = self._project_text(self.model.ln_final(tokens[0, words].float()))
+            x = self._project_text(self._text.ln_final(tokens[0, words].float()))
             return F.normalize(x, dim=-1)
 
     def word_token_positions(self, ids: torch.Tensor) -> list[int]:
         """One tokenised text [L] -> the positions `semantic_tokens=word` keeps: between the start and the EOT token (the
-        largest id), punctuation-only tokens left out."""
-        end = int(ids.argmax())
-        return [i for i in range(1, end) if not self._is_punctuation(int(ids[i]))]
+        largest id) for CLIP's tokenizer; for a Hugging Face tokenizer (SigLIP) every token that is not a special one
+        (padding, end); punctuation-only tokens left out."""
+        special = _special_ids(self.tokenizer)
+        if special is None:
+            positions = range(1, int(ids.argmax()))
+        else:
+            positions = [i for i in range(len(ids)) if int(ids[i]) not in special]
+        return [i for i in positions if not self._is_punctuation(int(ids[i]))]
 
     def _is_punctuation(self, token_id: int) -> bool:
         """Whether a token is punctuation only ('.', ',', '!)'): it names no visual part, so `semantic_tokens=word` drops it
         (the words after it keep the context it gave them). Symbols such as '$' or '+' are kept."""
-        decode = getattr(self.tokenizer, "decode", None)
+        inner = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer
+        decode = getattr(inner if inner is not None else self.tokenizer, "decode", None)
         if decode is None:
             return False
         text = decode([token_id]).strip()
@@ -282,6 +327,40 @@ class FrozenCLIP:
     @property
     def logit_scale(self) -> float:
         return self.info.logit_scale
+
+
+def _special_ids(tokenizer) -> Optional[set]:
+    """The special token ids of a Hugging Face tokenizer (open_clip's HFTokenizer), None for CLIP's own BPE tokenizer."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    if inner is None or not hasattr(inner, "all_special_ids"):
+        return None
+    return set(inner.all_special_ids) | ({inner.pad_token_id} if inner.pad_token_id is not None else set())
+
+
+def _get_tokenizer(model: str):
+    """open_clip's tokenizer of `model`; an InputError in one line when it is a Hugging Face tokenizer that cannot be
+    loaded here (transformers missing, or its files not in the Hugging Face cache on an offline machine)."""
+    import open_clip
+
+    try:
+        return open_clip.get_tokenizer(model)
+    except Exception as err:  # noqa: BLE001 - transformers/huggingface_hub raise many kinds; all mean "not loadable"
+        from open_clip.factory import get_model_config, parse_model_name
+
+        schema, name = parse_model_name(model)
+        config = None
+        if schema == "local-dir":
+            config_file = Path(name) / "open_clip_config.json"
+            config = json.loads(config_file.read_text()).get("model_cfg") if config_file.is_file() else None
+        elif schema is None:
+            config = get_model_config(name)
+        hf_name = ((config or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+        if hf_name is None:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"--model {model}: its tokenizer is Hugging Face's {hf_name}, which could not be loaded "
+                         f"({type(err).__name__}: {first}); install `transformers` and put the tokenizer in the Hugging "
+                         f"Face cache on a machine with network (AutoTokenizer.from_pretrained('{hf_name}'))") from None
 
 
 def write_tiny_model(folder: str | Path, seed: int = 0, image_size: int = 32, patch_size: int = 8, embed_dim: int = 32) -> str:
@@ -310,5 +389,59 @@ def write_tiny_model(folder: str | Path, seed: int = 0, image_size: int = 32, pa
     finally:
         torch.random.set_rng_state(generator_state)
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    torch.save(net.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return f"local-dir:{folder}"
+
+
+# Tiny random-weight models of each image-tower family, in open_clip's config format (timm's smallest trunks, a 1-layer
+# text tower): tests, `spacil demo`-style checks and benchmarks/bench_backbones.py build them offline.
+_TINY_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+TINY_TOWER_CONFIGS: dict[str, dict] = {
+    # SigLIP style: MAP pooling, no projection after it, a non-causal text tower pooling its last token, a logit bias,
+    # SigLIP's statistics (0.5) and resize (squash, bilinear)
+    "timm-vit-map": {
+        "model_cfg": {"embed_dim": 192, "init_logit_bias": -10, "custom_text": True,
+                      "vision_cfg": {"image_size": 224, "timm_model_name": "vit_tiny_patch16_224",
+                                     "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+                      "text_cfg": {**_TINY_TEXT, "no_causal_mask": True, "proj_bias": True, "pool_type": "last"}},
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear",
+                           "resize_mode": "squash"},
+    },
+    # EVA02-CLIP style: token pooling, the projection is timm's classifier (a Linear with bias), CLIP's text tower
+    "timm-vit": {
+        "model_cfg": {"embed_dim": 32, "custom_text": True,
+                      "vision_cfg": {"image_size": 224, "timm_model_name": "eva02_tiny_patch14_224",
+                                     "timm_model_pretrained": False, "timm_pool": "token", "timm_proj": None},
+                      "text_cfg": dict(_TINY_TEXT)},
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    },
+    # ConvNeXt-CLIP style: timm's head (average pool, LayerNorm) then open_clip's linear projection
+    "timm-convnext": {
+        "model_cfg": {"embed_dim": 32,
+                      "vision_cfg": {"image_size": 224, "timm_model_name": "convnext_atto", "timm_model_pretrained": False,
+                                     "timm_pool": "", "timm_proj": "linear", "timm_drop": 0.0},
+                      "text_cfg": dict(_TINY_TEXT)},
+        "preprocess_cfg": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bicubic",
+                           "resize_mode": "shortest"},
+    },
+}
+
+
+def write_tiny_tower_model(folder: str | Path, family: str, seed: int = 0) -> str:
+    """Write a tiny random-weight model of image-tower `family` (a key of TINY_TOWER_CONFIGS) as an open_clip
+    `local-dir:` folder through open_clip's own config format and model classes; returns its model name."""
+    import open_clip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY_TOWER_CONFIGS[family], indent=2))
+    generator_state = torch.random.get_rng_state()
+    logging.disable(logging.WARNING)  # "no pretrained weights": these are random on purpose
+    try:
+        torch.manual_seed(seed)  # open_clip and timm initialise from torch's global generator; restored below
+        net = open_clip.create_model(f"local-dir:{folder}")
+    finally:
+        logging.disable(logging.NOTSET)
+        torch.random.set_rng_state(generator_state)
     torch.save(net.state_dict(), folder / "open_clip_pytorch_model.bin")
     return f"local-dir:{folder}"

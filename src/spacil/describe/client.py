@@ -399,8 +399,10 @@ def add_describe_parsers(sub, parser_class) -> None:
     d = sub.add_parser("descriptions", help="work with descriptions files")
     dsub = d.add_subparsers(dest="descriptions_command", required=True, parser_class=parser_class)
     imp = dsub.add_parser("import", help="import a public description set (AREA, CuPL JSON, ENGINE)")
-    imp.add_argument("--format", required=True, choices=["area", "json", "engine"])
-    imp.add_argument("source", help="AREA: the folder of <class>_descriptions.txt; json/engine: the JSON file")
+    imp.add_argument("--format", required=True, choices=["area", "area-sets", "json", "engine"])
+    imp.add_argument("source", help="AREA: the folder of <class>_descriptions.txt; area-sets: AREA's folder of one data "
+                     "set (generated_descriptions, _occ, _aug), for `spacil extract --area-descriptions`; json/engine: the "
+                     "JSON file")
     imp.add_argument("--out", required=True)
     imp.add_argument("--num-descriptions", type=int, default=8)
     imp.add_argument("--dataset", default=None)
@@ -429,6 +431,16 @@ def dispatch(args) -> int:
                                    templates=config.data.templates)
         return 0 if not outcome.failed else 1
     if args.command == "descriptions" and args.descriptions_command == "import":
+        if args.format == "area-sets":  # all three sets, every line: AREA draws from them per batch
+            from spacil.fileio import atomic_write_text
+            from spacil.store.area_texts import import_area_folders
+
+            imported = import_area_folders(args.source, args.dataset)
+            atomic_write_text(args.out, json.dumps(imported, indent=1, ensure_ascii=False))
+            counts = {name: sum(len(v) for v in by_class.values()) for name, by_class in imported["sets"].items()}
+            print(f"imported AREA's description sets of {len(imported['sets']['clean'])} classes "
+                  f"({', '.join(f'{n}: {c} sentences' for n, c in counts.items())}) into {args.out}", file=sys.stdout)
+            return 0
         if args.num_descriptions < 1:
             raise InputError("--num-descriptions must be at least 1")
         result, report = import_descriptions(args.format, args.source, args.num_descriptions, args.dataset)

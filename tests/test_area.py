@@ -158,9 +158,12 @@ def test_pseudo_features_are_the_official_gaussian_draws():
     official_cov = torch.cov(data.t()) + 1e-4 * torch.eye(D)
     assert torch.allclose(mean, data.mean(0)) and torch.allclose(cov, official_cov)
     chol = torch.linalg.cholesky(cov)
-    drawn = A.sample_pseudo(mean, chol, 4, torch.Generator().manual_seed(5))
-    vec = torch.randn(4, D, generator=torch.Generator().manual_seed(5))  # Learner.sample: vec @ sqrt_cov.t() + mean
-    assert torch.allclose(drawn, vec @ chol.t() + mean, atol=1e-5)
+    other_mean, other_chol = mean + 3, chol * 0.5
+    drawn = A.sample_pseudo(torch.stack([mean, other_mean]), torch.stack([chol, other_chol]), 4,
+                            torch.Generator().manual_seed(5))
+    vec = torch.randn(2, 4, D, generator=torch.Generator().manual_seed(5))  # Learner.sample: vec @ sqrt_cov.t() + mean
+    assert torch.allclose(drawn[:4], vec[0] @ chol.t() + mean, atol=1e-5)
+    assert torch.allclose(drawn[4:], vec[1] @ other_chol.t() + other_mean, atol=1e-5)
 
 
 def test_final_logits_route_each_image_to_one_task_and_score_all_seen_classes(world):

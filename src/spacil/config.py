@@ -40,6 +40,7 @@ class DataConfig(_Section):
     view_noise: float = Field(0.25, ge=0)  # gaussian-noise's std
     view_seed: int = 0
     area_descriptions: Optional[str] = None  # AREA's description sets file, encoded into the store when it lacks them
+    area_views: int = Field(0, ge=0)  # AREA's views: that many occlusion and that many area-augment views, added when missing
     init_cls: int = Field(10, ge=1)
     increment: int = Field(10, ge=1)
     shuffle: bool = True  # class order = np.random.seed(seed); np.random.permutation(C)

@@ -54,7 +54,8 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
         finally:
             lock.release()
     meta = read_meta(store / "meta.json")
-    if missing_additions(store, data.pairwise_descriptions, data.views, data.view_transform, data.area_descriptions):
+    if missing_additions(store, data.pairwise_descriptions, data.views, data.view_transform, data.area_descriptions,
+                         data.area_views):
         from filelock import FileLock
 
         from spacil.store.additions import add_engine_inputs
@@ -65,7 +66,7 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
                               view_transform=data.view_transform,
                               view_noise=data.view_noise if data.view_transform == "gaussian-noise" else None,
                               view_seed=data.view_seed, area_descriptions=data.area_descriptions,
-                              names_file=data.names_file, progress=progress)
+                              area_views=data.area_views, names_file=data.names_file, progress=progress)
         meta = read_meta(store / "meta.json")
     text = meta.get("text") or {}
     recorded = text.get("semantic_tokens") if isinstance(text, dict) else None

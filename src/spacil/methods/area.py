@@ -187,11 +187,12 @@ def class_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mean, cov
 
 
-def sample_pseudo(mean: torch.Tensor, cholesky: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """models/area.py Learner.sample (shrink=False): randn [size, D] @ L^T + mean, L the Cholesky factor of the class's
-    covariance (the official code factors it on the CPU at every draw; here once, at the end of the class's task)."""
-    noise = torch.randn(size, mean.shape[-1], generator=generator).to(mean.device)
-    return noise @ cholesky.t() + mean
+def sample_pseudo(means: torch.Tensor, cholesky: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """models/area.py Learner.sample (shrink=False) for every old class at once: means [C, D], cholesky [C, D, D] (the
+    factors of the classes' covariances; the official code factors one on the CPU at every draw, here once, at the end of
+    the class's task) -> [C * size, D], class by class: noise [size, D] @ L_c^T + mean_c, noise drawn as one [C, size, D]."""
+    noise = torch.randn(len(means), size, means.shape[-1], generator=generator).to(means.device)
+    return (torch.einsum("ced,csd->cse", cholesky, noise) + means.unsqueeze(1)).reshape(-1, means.shape[-1])
 
 
 def initial_linear(out_dim: int, in_dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -350,8 +351,7 @@ class Area(Learner):
         seen = self.bounds[-1][1]
         inputs, targets = image, labels
         if old > 0:  # Gaussian pseudo-features of every old class, `samples_per_class` each
-            pseudo = torch.cat([sample_pseudo(self.means[c], self.cholesky[c], knobs.area_samples_per_class,
-                                              generators[_STREAM_PSEUDO]) for c in range(old)])
+            pseudo = sample_pseudo(self.means, self.cholesky, knobs.area_samples_per_class, generators[_STREAM_PSEUDO])
             inputs = torch.cat([image, pseudo])
             targets = torch.cat([labels, torch.arange(old, device=labels.device).repeat_interleave(
                 knobs.area_samples_per_class)])

@@ -11,6 +11,8 @@ from spacil.errors import InputError
 from spacil.fileio import read_json
 from spacil.store.area_texts import AREA_TEXTS_KEY, add_area_texts
 from spacil.store.format import VIEW_SETS_KEY
+
+AREA_VIEW_TRANSFORMS = ("occlusion", "area-augment")
 from spacil.store.pairwise import PAIRWISE_MASK_FILE, add_pairwise
 from spacil.store.views import add_views, make_view_transform
 
@@ -31,19 +33,21 @@ def _has_views(meta: dict, transform: Optional[str]) -> bool:
 
 
 def missing_additions(store: str | Path, pairwise_descriptions: Optional[str], views: int,
-                      view_transform: Optional[str] = None, area_descriptions: Optional[str] = None) -> bool:
-    """Does the finished store lack pairwise descriptions, views of `view_transform` or AREA's description sets that were
-    asked for?"""
+                      view_transform: Optional[str] = None, area_descriptions: Optional[str] = None,
+                      area_views: int = 0) -> bool:
+    """Does the finished store lack pairwise descriptions, views of `view_transform`, AREA's description sets or AREA's
+    views that were asked for?"""
     store = Path(store)
     meta = read_json(store / "meta.json")
     lacks_pairwise = bool(pairwise_descriptions) and not (store / PAIRWISE_MASK_FILE).is_file()
     lacks_area = bool(area_descriptions) and AREA_TEXTS_KEY not in meta
+    lacks_area = lacks_area or (bool(area_views) and not all(_has_views(meta, t) for t in AREA_VIEW_TRANSFORMS))
     return lacks_pairwise or lacks_area or (bool(views) and not _has_views(meta, view_transform))
 
 
 def add_engine_inputs(store: str | Path, dataset: str, data_root: Optional[str | Path], *, model: str,
                       pretrained: Optional[str], device: str, pairwise_descriptions: Optional[str] = None, views: int = 0,
-                      view_transform: Optional[str] = None, view_noise: Optional[float] = None, view_seed: int = 0, area_descriptions: Optional[str] = None,
+                      view_transform: Optional[str] = None, view_noise: Optional[float] = None, view_seed: int = 0, area_descriptions: Optional[str] = None, area_views: int = 0,
                       batch_size: int = 64, names_file: Optional[str] = None, progress: bool = True) -> None:
     """Add what is asked for and missing: the pairwise descriptions and AREA's description sets first (text only), then
     the views."""
@@ -53,6 +57,13 @@ def add_engine_inputs(store: str | Path, dataset: str, data_root: Optional[str |
         add_pairwise(store, pairwise_descriptions, model=model, pretrained=pretrained, device=device)
     if area_descriptions and AREA_TEXTS_KEY not in read_json(store / "meta.json"):
         add_area_texts(store, area_descriptions, model=model, pretrained=pretrained, device=device)
+    if area_views:  # AREA's two view transforms, each a view set beside the store's first views
+        if data_root is None:
+            raise InputError(f"{store}: AREA's views asked for, and no data root to encode them from")
+        for transform in AREA_VIEW_TRANSFORMS:
+            add_views(store, dataset, data_root, area_views, make_view_transform(transform), seed=view_seed, model=model,
+                      pretrained=pretrained, device=device, batch_size=batch_size, names_file=names_file,
+                      progress=progress)
     if views:
         if data_root is None:
             raise InputError(f"{store}: {views} views asked for, and no data root to encode them from")

@@ -281,3 +281,38 @@ def test_area_description_sets_encoded_into_a_store_with_missing_classes_refused
     with pytest.raises(InputError, match="'occluded' set has no sentences for class 'class 1'"):
         read_area_sets(file, names)
     assert len(AREA_SETS) == 5
+
+
+def test_describe_area_sets_with_areas_prompt_resumes_and_encodes_into_a_store(shapes_root, tiny_model, tmp_path,
+                                                                               monkeypatch, capsys):
+    """`spacil describe --area-sets` against the local OpenAI-compatible server: AREA's prompt, one caption per image and
+    set, `<image>\\t<caption>` lines; a rerun asks nothing; `spacil extract --area-descriptions` encodes it; a store of
+    that file runs AREA (with its two view sets added by `spacil extract --views 1 --view-transform ...`)."""
+    from llm_server import LLMServer
+
+    monkeypatch.setenv("SPACIL_TEST_KEY", "k")
+    out = tmp_path / "area_sets.json"
+    args = ["describe", "--dataset", "shapes", "--data-root", str(shapes_root), "--out", str(out), "--area-sets",
+            "--images-per-class", "2", "--api-key-env", "SPACIL_TEST_KEY", "--quiet"]
+    with LLMServer(count=2) as server:
+        assert main([*args, "--base-url", server.base_url]) == 0
+        asked = len(server.requests)
+        assert main([*args, "--base-url", server.base_url]) == 0
+        assert len(server.requests) == asked
+    data = json.loads(out.read_text())
+    classes = data["sets"]["clean"]
+    assert asked == 3 * 2 * len(classes) and set(data["sets"]) == {"clean", "occluded", "augmented"}
+    line = next(iter(classes.values()))[0]
+    assert "\t" in line and "\n" not in line and "detail number one" in line
+    store = tmp_path / "store"
+    extract = ["extract", "--dataset", "shapes", "--data-root", str(shapes_root), "--out", str(store), "--model",
+               tiny_model, "--pretrained", "", "--device", "cpu", "--quiet"]
+    assert main([*extract, "--area-descriptions", str(out), "--views", "1", "--view-transform", "occlusion"]) == 0
+    assert main([*extract, "--views", "1", "--view-transform", "area-augment"]) == 0
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["views"]["transform"] == "occlusion" and set(meta["view_sets"]) == {"area-augment"}
+    assert meta["area_texts"]["source"] == str(out)
+    run = ["run", "--features", str(store), "--out", str(tmp_path / "run"), "--method", "area", "--init-cls", "2",
+           "--increment", "2", "--set", "area_epochs=1", "--set", "basis_rank=2", "--quiet"]
+    assert main(run) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["complete"]

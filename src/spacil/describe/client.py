@@ -395,6 +395,11 @@ def add_describe_parsers(sub, parser_class) -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--pairwise", action="store_true", help="ENGINE's pairwise descriptions (text only, one request per "
                    "pair of classes) in ENGINE's JSON format, for `spacil extract --pairwise-descriptions`")
+    p.add_argument("--area-sets", action="store_true", help="AREA's clean, occluded and augmented description sets (one "
+                   "caption per training image, AREA's prompt) as an AREA descriptions file, for `spacil extract "
+                   "--area-descriptions`")
+    p.add_argument("--images-per-class", type=int, help="--area-sets: caption only the first N training images per class "
+                   "(default: all, as the official script)")
 
     d = sub.add_parser("descriptions", help="work with descriptions files")
     dsub = d.add_subparsers(dest="descriptions_command", required=True, parser_class=parser_class)
@@ -415,6 +420,15 @@ def dispatch(args) -> int:
         overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in _DESCRIBE_FLAGS.items()
                                             if getattr(args, flag) is not None]
         config = load_config(args.config, overrides) if args.config else build_config({}, overrides, source="--set")
+        if args.area_sets:
+            from spacil.describe.area_sets import describe_area_sets
+
+            if args.images_per_class is not None and args.images_per_class < 1:
+                raise InputError(f"--images-per-class {args.images_per_class}: expected at least 1")
+            failed = describe_area_sets(args.dataset, args.data_root, args.out, config.llm, args.classes,
+                                        args.images_per_class, config.seed, progress=not args.quiet,
+                                        class_names=config.data.class_names)
+            return 0 if not failed else 1
         if args.pairwise:
             from spacil.describe.pairwise import describe_pairwise
 

@@ -72,6 +72,40 @@ def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - mean) / std
 
 
+def flip_and_jitter(image: torch.Tensor, generator: torch.Generator, brightness: float, contrast: float,
+                    saturation: float, hue: float) -> torch.Tensor:
+    """[3, H, W] -> a horizontal flip with probability 1/2, then brightness, contrast, saturation factors uniform in
+    [1 - s, 1 + s] and a hue shift uniform in [-h, h], in that fixed order (torchvision's functional ops; five draws)."""
+    from torchvision.transforms import functional as TF
+
+    draws = torch.rand(5, generator=generator).tolist()
+    if draws[0] < 0.5:
+        image = image.flip(-1)
+    image = TF.adjust_brightness(image, 1 + brightness * (2 * draws[1] - 1))
+    image = TF.adjust_contrast(image, 1 + contrast * (2 * draws[2] - 1))
+    image = TF.adjust_saturation(image, 1 + saturation * (2 * draws[3] - 1))
+    return TF.adjust_hue(image.clamp(0, 1), hue * (2 * draws[4] - 1))
+
+
+def occlude(image: torch.Tensor, generator: torch.Generator, rho_min: float = 0.1, rho_max: float = 0.4,
+            eta_min: float = 0.33, eta_max: float = 3.0) -> torch.Tensor:
+    """[C, H, W] -> a copy with one rectangle replaced by noise uniform in [0, 1), as models/area.py
+    `_generate_occluded_inputs` draws it: area int(rho H W), rho uniform in [rho_min, rho_max], aspect eta uniform in
+    [eta_min, eta_max], h = clip(int(sqrt(area eta)), 1, H), w = clip(int(sqrt(area / eta)), 1, W), the top-left corner
+    uniform over the places it fits."""
+    channels, height, width = image.shape
+    draws = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+    area = int((rho_min + (rho_max - rho_min) * draws[0]) * height * width)
+    eta = eta_min + (eta_max - eta_min) * draws[1]
+    h = min(max(int(math.sqrt(area * eta)), 1), height)
+    w = min(max(int(math.sqrt(area / eta)), 1), width)
+    top = int(draws[2] * (height - h + 1))  # np.random.randint(0, H - h + 1), or 0 when the box fills the height
+    left = int(draws[3] * (width - w + 1))
+    out = image.clone()
+    out[:, top:top + h, left:left + w] = torch.rand((channels, h, w), generator=generator).to(image.device)
+    return out
+
+
 class GaussianNoise(ViewTransform):
     """ENGINE's view (models/engine.py Learner.train: `aug_image = inputs + torch.randn_like(inputs) * 0.25`, then
     `torch.clamp(aug_image, 0, 1)`): Gaussian noise of std `noise` added to the *normalised* input tensor, then clamped to
@@ -100,17 +134,7 @@ class FlipJitter(ViewTransform):
         super().__init__(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
 
     def one(self, pixels, generator):
-        from torchvision.transforms import functional as TF
-
-        draws = torch.rand(5, generator=generator).tolist()
-        p = self.params
-        if draws[0] < 0.5:
-            pixels = pixels.flip(-1)
-        pixels = TF.adjust_brightness(pixels, 1 + p["brightness"] * (2 * draws[1] - 1))
-        pixels = TF.adjust_contrast(pixels, 1 + p["contrast"] * (2 * draws[2] - 1))
-        pixels = TF.adjust_saturation(pixels, 1 + p["saturation"] * (2 * draws[3] - 1))
-        pixels = TF.adjust_hue(pixels, p["hue"] * (2 * draws[4] - 1))
-        return normalise_pixels(pixels)
+        return normalise_pixels(flip_and_jitter(pixels, generator, **self.params))
 
 
 class Occlusion(ViewTransform):
@@ -127,19 +151,7 @@ class Occlusion(ViewTransform):
         super().__init__(rho_min=rho_min, rho_max=rho_max, eta_min=eta_min, eta_max=eta_max)
 
     def one(self, pixels, generator):
-        p = self.params
-        channels, height, width = pixels.shape
-        draws = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
-        rho = p["rho_min"] + (p["rho_max"] - p["rho_min"]) * draws[0]
-        area = int(rho * height * width)
-        eta = p["eta_min"] + (p["eta_max"] - p["eta_min"]) * draws[1]
-        h = min(max(int(math.sqrt(area * eta)), 1), height)
-        w = min(max(int(math.sqrt(area / eta)), 1), width)
-        top = int(draws[2] * (height - h + 1))  # np.random.randint(0, H - h + 1), or 0 when the box fills the height
-        left = int(draws[3] * (width - w + 1))
-        out = normalise_pixels(pixels).clone()
-        out[:, top:top + h, left:left + w] = torch.rand((channels, h, w), generator=generator).to(pixels.device)
-        return out
+        return occlude(normalise_pixels(pixels), generator, **self.params)
 
 
 class AreaAugment(ViewTransform):
@@ -155,17 +167,7 @@ class AreaAugment(ViewTransform):
         super().__init__(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
 
     def one(self, pixels, generator):
-        from torchvision.transforms import functional as TF
-
-        draws = torch.rand(5, generator=generator).tolist()
-        p = self.params
-        out = normalise_pixels(pixels)
-        if draws[0] < 0.5:
-            out = out.flip(-1)
-        out = TF.adjust_brightness(out, 1 + p["brightness"] * (2 * draws[1] - 1))
-        out = TF.adjust_contrast(out, 1 + p["contrast"] * (2 * draws[2] - 1))
-        out = TF.adjust_saturation(out, 1 + p["saturation"] * (2 * draws[3] - 1))
-        return TF.adjust_hue(out.clamp(0, 1), p["hue"] * (2 * draws[4] - 1))
+        return flip_and_jitter(normalise_pixels(pixels), generator, **self.params)
 
 
 VIEW_TRANSFORMS = {cls.name: cls for cls in (GaussianNoise, FlipJitter, Occlusion, AreaAugment)}

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from spacil.config import LLMConfig
+from spacil.describe.descriptions import chosen_classes
 from spacil.errors import InputError
 from spacil.fileio import atomic_write_text, read_json
 from spacil.store.area_texts import FILE_FORMAT
@@ -118,13 +119,7 @@ def describe_area_sets(dataset: str, data_root: str | Path, out: str | Path, llm
     out = Path(out)
     data = _load(out, dataset)
     names, splits = open_dataset(dataset, data_root, class_names=class_names)
-    wanted = list(range(len(names)))
-    if classes:
-        lookup = {n: i for i, n in enumerate(names)}
-        missing = [c for c in classes if c not in lookup]
-        if missing:
-            raise InputError(f"--classes: '{missing[0]}' is not a class of {dataset}")
-        wanted = [lookup[c] for c in classes]
+    wanted = chosen_classes(names, classes, dataset)
     split = splits["train"]
     jobs = []
     for c in wanted:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from spacil.config import LLMConfig
 from spacil.data import DatasetSpec, dataset_spec, open_dataset
 from spacil.data.check import add_names_and_templates
-from spacil.describe.descriptions import (DescriptionSet, default_token_counter, import_descriptions, load_descriptions, parse_answer, template_descriptions, validate_descriptions)
+from spacil.describe.descriptions import (DescriptionSet, chosen_classes, default_token_counter, import_descriptions, load_descriptions, parse_answer, template_descriptions, validate_descriptions)
 from spacil.errors import InputError
 from spacil.fileio import make_dirs
 from spacil.describe.sampling import choose_samples, compose_grid
@@ -170,13 +170,7 @@ def describe_dataset(
     elif mode != "none":
         raise InputError(f"--llm {mode}: expected openai or none")
     names, splits = open_dataset(dataset, data_root, class_names=class_names, templates=templates)
-    wanted = list(range(len(names)))
-    if classes:
-        lookup = {n: i for i, n in enumerate(names)}
-        missing = [c for c in classes if c not in lookup]
-        if missing:
-            raise InputError(f"--classes: '{missing[0]}' is not a class of {dataset}")
-        wanted = [lookup[c] for c in classes]
+    wanted = chosen_classes(names, classes, dataset)
 
     if mode == "none":
         existing = load_descriptions(out) if out.exists() else DescriptionSet()

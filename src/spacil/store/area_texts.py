@@ -69,14 +69,19 @@ def read_area_sets(path: str | Path, names: list[str]) -> dict[str, list[list[st
     return found
 
 
+def _file_key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
 def import_area_folders(folder: str | Path, dataset: Optional[str] = None) -> dict:
     """AREA's released descriptions of one data set (`descriptions/<data set>/` of LAMDA-CL/ICML2026-AREA, with
     `generated_descriptions`, `generated_descriptions_occ` and `generated_descriptions_aug`, each one
     `<class>_descriptions.txt` per class of `generated_descriptions/classnames.txt`) -> an AREA descriptions file (dict).
 
     The class list is classnames.txt when present (the official code reads it), else the clean set's files. Every line is
-    kept as the official code reads it (stripped; `<image file>\t` prefix included). A set without a class's file, or with
-    an empty one, is an InputError (one line) naming the folder and the class."""
+    kept as the official code reads it (stripped; `<image file>\\t` prefix included). Files are matched to class names by
+    their letters and digits (the release writes some with spaces, some with underscores). A set without a class's file,
+    or with an empty one, is an InputError (one line) naming the folder and the class."""
     folder = Path(folder)
     folders = {"clean": "generated_descriptions", "occluded": "generated_descriptions_occ",
                "augmented": "generated_descriptions_aug"}
@@ -96,9 +101,13 @@ def import_area_folders(folder: str | Path, dataset: Optional[str] = None) -> di
     for name, sub in folders.items():
         by_class = {}
         missing = []
+        # the release names a class's file with underscores (the official code's rule) or, in some folders, spaces, and
+        # classnames.txt and the files now and then split a word differently ("Hand Stand" / "Handstand"): matched by
+        # letters and digits alone
+        files = {_file_key(f.name[: -len("_descriptions.txt")]): f for f in (folder / sub).glob("*_descriptions.txt")}
         for class_name in classes:
-            file = folder / sub / (class_name.replace(" ", "_").replace("/", "_") + "_descriptions.txt")
-            if not file.is_file():
+            file = files.get(_file_key(class_name))
+            if file is None:
                 missing.append(class_name)
                 continue
             try:

@@ -214,8 +214,9 @@ def test_area_sets_import_and_missing_classes(tmp_path, capsys):
     root = tmp_path / "Toy"
     for sub, lines in (("generated_descriptions", 3), ("generated_descriptions_occ", 2), ("generated_descriptions_aug", 2)):
         (root / sub).mkdir(parents=True)
-        for name in ("red apple", "F/A-18"):
-            file = root / sub / (name.replace(" ", "_").replace("/", "_") + "_descriptions.txt")
+        for name in ("red apple", "F/A-18"):  # the release writes some folders' file names with spaces
+            spaced = sub.endswith("_occ")
+            file = root / sub / (name.replace(" ", " " if spaced else "_").replace("/", "_") + "_descriptions.txt")
             file.write_text("".join(f"img{i}.png\tA {name} seen from angle {i}.\n" for i in range(lines)))
     (root / "generated_descriptions" / "classnames.txt").write_text("red apple\nF/A-18\n")
     out = tmp_path / "sets.json"
@@ -230,13 +231,21 @@ def test_area_sets_import_and_missing_classes(tmp_path, capsys):
     assert "F/A-18" in err and "generated_descriptions_aug" in err and err.count("\n") == 1
 
 
-def test_published_clean_set_reads_as_the_official_code_reads_it(reference):
+def test_published_clean_set_reads_as_the_official_code_reads_it(reference, tmp_path):
+    """The published clean set of CUB (its one folder, linked as all three sets): every class, every line whole."""
+    from spacil.store.area_texts import import_area_folders
+
     folder = reference / "area_descriptions" / "CUB"
     if not folder.is_dir():
         pytest.skip("no CUB folder in the reference copy")
-    file = sorted(folder.glob("*_descriptions.txt"))[0]
-    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    assert lines and all("\t" in line for line in lines)  # `<image file>\t<sentence>`, encoded whole by the official code
+    for sub in ("generated_descriptions", "generated_descriptions_occ", "generated_descriptions_aug"):
+        (tmp_path / sub).symlink_to(folder, target_is_directory=True)
+    imported = import_area_folders(tmp_path)
+    files = sorted(folder.glob("*_descriptions.txt"))
+    assert len(imported["sets"]["clean"]) == len(files) == 200
+    first = [line.strip() for line in files[0].read_text(encoding="utf-8").splitlines() if line.strip()]
+    name = files[0].name[: -len("_descriptions.txt")].replace("_", " ")
+    assert imported["sets"]["occluded"][name] == first and all("\t" in line for line in first)
 
 
 def test_a_store_without_area_inputs_is_refused_before_the_run_folder(tmp_path, capsys):
@@ -316,3 +325,20 @@ def test_describe_area_sets_with_areas_prompt_resumes_and_encodes_into_a_store(s
            "--increment", "2", "--set", "area_epochs=1", "--set", "basis_rank=2", "--quiet"]
     assert main(run) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["complete"]
+
+
+def test_spacil_check_knows_areas_arrays(tmp_path):
+    """`spacil check` reads AREA's view sets and description sets like every other array: a sound store passes, a NaN in
+    one of them is named."""
+    from spacil.store.check import check_store
+
+    store = make_random_store(tmp_path / "store", width=24, area=3)
+    assert check_store(store) == []
+    views = np.load(store / "train" / "views_occlusion_global.npy")
+    views[2, 1, 0] = np.nan
+    np.save(store / "train" / "views_occlusion_global.npy", views)
+    texts = np.load(store / "text" / "area_augmented.npy")
+    texts[1, 0, 3] = np.inf
+    np.save(store / "text" / "area_augmented.npy", texts)
+    findings = check_store(store)
+    assert len(findings) == 2 and "views_occlusion_global.npy" in findings[0] and "area_augmented.npy" in findings[1]

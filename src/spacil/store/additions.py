@@ -10,9 +10,7 @@ from typing import Optional
 from spacil.errors import InputError
 from spacil.fileio import read_json
 from spacil.store.area_texts import AREA_TEXTS_KEY, add_area_texts
-from spacil.store.format import VIEW_SETS_KEY
-
-AREA_VIEW_TRANSFORMS = ("occlusion", "area-augment")
+from spacil.store.format import AREA_VIEW_TRANSFORMS, VIEW_SETS_KEY
 from spacil.store.pairwise import PAIRWISE_MASK_FILE, add_pairwise
 from spacil.store.views import add_views, make_view_transform
 

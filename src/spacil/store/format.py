@@ -290,6 +290,7 @@ VIEWS_PRE_FILE = "train/views_global_pre.npy"
 
 
 VIEW_SETS_KEY = "view_sets"  # meta.json: views of further transforms, {transform name: record like "views"}
+AREA_VIEW_TRANSFORMS = ("occlusion", "area-augment")  # the view transforms AREA reads
 
 
 def view_set_files(transform: str) -> tuple[str, str]:

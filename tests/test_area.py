@@ -140,7 +140,7 @@ def test_routing_distances_and_task_choice_match_the_official_one_image_at_a_tim
     w = world
     bases = w["visual_basis"]
     bounds = [(0, 2), (2, 5)]
-    chosen = A.route(w["image"], bases, bounds, 0.1, 50)
+    chosen = A.route(w["image"], bases, bounds, 0.1)
     for b in range(len(w["image"])):
         dists = []
         for start, end in bounds:  # get_most_similar_task: 'C D K -> C K D -> (C K) D'
@@ -148,6 +148,7 @@ def test_routing_distances_and_task_choice_match_the_official_one_image_at_a_tim
             cost = _official_cost(w["image"][b:b + 1], rows)
             dists.append(_official_sinkhorn(cost))
             assert torch.allclose(A.sinkhorn_distance(A.routing_cost(w["image"][b:b + 1], rows)), dists[-1], atol=1e-5)
+            assert torch.allclose(A.sinkhorn_value(cost), dists[-1], atol=1e-4)  # the loop's value in closed form
         assert int(chosen[b]) == int(torch.argmax(torch.tensor(dists)))
 
 
@@ -186,7 +187,7 @@ def test_final_logits_route_each_image_to_one_task_and_score_all_seen_classes(wo
     got = learner.logits(FeatureBatch(z, None, extra={"global_pre": z}))
     image = z @ proj
     for b in range(7):
-        task = int(A.route(image[b:b + 1], w["visual_basis"], learner.bounds, 0.1, 50))
+        task = int(A.route(image[b:b + 1], w["visual_basis"], learner.bounds, 0.1))
         lin = lambda weight: (lambda x: x @ weight.T)  # noqa: E731
         expected = _official_forward(image[b:b + 1], w["text"], w["visual_basis"], w["textual_basis"],
                                      lin(learner.visual_scorers[task]), lin(learner.textual_scorers[task]),

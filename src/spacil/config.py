@@ -217,16 +217,16 @@ class AreaConfig(_Section):
     """AREA (Xie, Shi, Zhou, ICML 2026; methods/area.py). Defaults: the official models/area.py `get_attribute` defaults
     (the packaged configs set each data set's exps/area/*.json); `area_*` for the training keys, `basis_rank` for the
     official `K`, `area_samples_per_class` for `samples_per_class`; the constants the official code writes inline are keys
-    too (`consistency_views`: M = 3 in Learner.train; `routing_epsilon` and `routing_iters`: `_sinkhorn_distance`'s 0.1 and
-    50; `area_momentum`: optim.SGD's 0.9)."""
+    too (`consistency_views`: M = 3 in Learner.train; `routing_epsilon`: `_sinkhorn_distance`'s 0.1 (its 50 rounds are no
+    knob: the value it returns does not depend on them, methods/area.py `sinkhorn_value`); `area_momentum`: optim.SGD's
+    0.9)."""
 
     basis_rank: int = Field(16, ge=1)  # official `K`: directions per class of the visual and textual bases
     vib_lambda: float = Field(1.0, ge=0)  # weight of the occlusion + consistency losses
     g_lambda: float = Field(0.0, ge=0, le=1)  # weight of the GDA logits at test time (0 in every official config)
     area_samples_per_class: int = Field(4, ge=0)  # Gaussian pseudo-features of every old class in every batch
     consistency_views: int = Field(3, ge=1)  # M augmented views per batch
-    routing_epsilon: float = Field(0.1, gt=0)
-    routing_iters: int = Field(50, ge=1)
+    routing_epsilon: float = Field(0.1, gt=0)  # the Sinkhorn value's epsilon (its 50 rounds do not change the value)
     area_epochs: int = Field(20, ge=0)  # official `epochs`
     area_lr: float = Field(0.001, gt=0)  # official `init_lr`
     area_milestones: list[int] = [7, 15]  # official `milestones` (MultiStepLR, per epoch)

@@ -162,14 +162,21 @@ def sinkhorn_distance(cost: torch.Tensor, epsilon: float = 0.1, iters: int = 50)
     return (f * mu).sum(dim=1) + (g * nu).sum(dim=1)
 
 
-def route(image: torch.Tensor, visual_bases: torch.Tensor, bounds: list[tuple[int, int]], epsilon: float,
-          iters: int) -> torch.Tensor:
+def sinkhorn_value(cost: torch.Tensor, epsilon: float = 0.1) -> torch.Tensor:
+    """What `sinkhorn_distance` returns, without its loop: the last update g = log nu - (f + log K) makes
+    <f, mu> + <g, nu> = f (1 - sum nu) + <nu, log nu> + <nu, cost> / epsilon = mean(cost) / epsilon - log N, whatever f
+    and the number of rounds (sum nu = 1). cost [B, N] -> [B]."""
+    return cost.mean(dim=1) / epsilon - math.log(cost.shape[1])
+
+
+def route(image: torch.Tensor, visual_bases: torch.Tensor, bounds: list[tuple[int, int]], epsilon: float) -> torch.Tensor:
     """models/area.py `get_most_similar_task`: image [B, D] f; visual_bases [S, D, K] of the seen classes; bounds the
-    column range of each task -> [B] the task with the largest Sinkhorn value of its (C_t * K) basis vectors."""
+    column range of each task -> [B] the task with the largest Sinkhorn value of its (C_t * K) basis vectors (computed
+    by `sinkhorn_value`, equal to the official 50 rounds' result)."""
     values = []
     for start, end in bounds:
         rows = visual_bases[start:end].permute(0, 2, 1).reshape(-1, visual_bases.shape[1])  # (C K) D
-        values.append(sinkhorn_distance(routing_cost(image, rows), epsilon, iters))
+        values.append(sinkhorn_value(routing_cost(image, rows), epsilon))
     return torch.stack(values, dim=1).argmax(dim=1)
 
 
@@ -293,8 +300,8 @@ class Area(Learner):
             self.gda.update(F.normalize(task.extra["global_pre"], dim=-1), targets - start, end - start)
         if knobs.area_epochs == 0:
             return
-        occluded = task.extra["views_occlusion_pre"]  # [n, V, width]
-        augmented = task.extra["views_area_augment_pre"]  # [n, V', width]
+        occluded = self._f(task.extra["views_occlusion_pre"])  # [n, V, d], f of every stored view, once per task
+        augmented = self._f(task.extra["views_area_augment_pre"])  # [n, V', d]
         visual_adapter = torch.nn.Parameter(self.visual_adapter.clone())
         textual_adapter = torch.nn.Parameter(self.textual_adapter.clone())
         visual_scorer = torch.nn.Parameter(self.visual_scorers[-1].clone())
@@ -316,9 +323,8 @@ class Area(Learner):
             order = torch.randperm(len(data), generator=generators[_STREAM_BATCHES]).to(device)
             for first in range(0, len(data), size):
                 rows = order[first:first + size]
-                loss = self._loss(image[rows], targets[rows], self._f(self._pick_views(occluded, rows, generators)),
-                                  [self._f(self._pick_views(augmented, rows, generators))
-                                   for _ in range(knobs.consistency_views)],
+                loss = self._loss(image[rows], targets[rows], self._pick_views(occluded, rows, generators),
+                                  [self._pick_views(augmented, rows, generators) for _ in range(knobs.consistency_views)],
                                   old, generators, visual_adapter, textual_adapter, visual_scorer, textual_scorer)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -332,7 +338,7 @@ class Area(Learner):
 
     @staticmethod
     def _pick_views(views: torch.Tensor, rows: torch.Tensor, generators: dict) -> torch.Tensor:
-        """One stored view of each row, drawn per batch (the official code makes a fresh one per batch): [B, width]."""
+        """One stored view of each row, drawn per batch (the official code makes a fresh one per batch): [B, d]."""
         pick = torch.randint(views.shape[1], (len(rows),), generator=generators[_STREAM_VIEWS]).to(views.device)
         return views[rows, pick]
 
@@ -395,7 +401,7 @@ class Area(Learner):
         knobs = self.knobs
         image = self._f(batch.extra["global_pre"])
         seen = self.bounds[-1][1]
-        chosen = route(image, self.visual_bases[:seen], self.bounds, knobs.routing_epsilon, knobs.routing_iters)
+        chosen = route(image, self.visual_bases[:seen], self.bounds, knobs.routing_epsilon)
         outputs = torch.zeros(len(image), seen, device=image.device)
         for task in chosen.unique().tolist():
             rows = chosen == task

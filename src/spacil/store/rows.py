@@ -50,10 +50,11 @@ def row_arrays(store: FeatureStore, split: str, names: tuple[str, ...] | list[st
     return found
 
 
-# name -> (the FeatureStore attribute holding it, how to add it to a finished store)
-TEXT_INPUTS = {"area_texts": ("area_texts", "`spacil extract --dataset {dataset} --out {store} --area-descriptions FILE` "
+# name -> (the FeatureStore attribute holding it, what it is, how to add it to a finished store)
+TEXT_INPUTS = {"area_texts": ("area_texts", "AREA description sets (text/area_*.npy)",
+                              "`spacil extract --dataset {dataset} --data-root DATA --out {store} --area-descriptions FILE` "
                               "(FILE from `spacil descriptions import --format area-sets FOLDER` or `spacil describe "
-                              "--area-sets`)")}
+                              "--area-sets`; the store's other arrays are kept)")}
 
 
 def require_text_inputs(store: FeatureStore, names: tuple[str, ...] | list[str], method: str) -> None:
@@ -61,7 +62,7 @@ def require_text_inputs(store: FeatureStore, names: tuple[str, ...] | list[str],
     for name in names:
         if name not in TEXT_INPUTS:
             raise ValueError(f"{method}: unknown store text input {name!r} (known: {', '.join(TEXT_INPUTS)})")
-        attribute, how = TEXT_INPUTS[name]
+        attribute, what, how = TEXT_INPUTS[name]
         if getattr(store, attribute, None) is None:
-            raise InputError(f"{store.path}: no AREA description sets (text/area_*.npy), which {method} needs; add them "
-                             f"with " + how.format(dataset=store.dataset, store=store.path))
+            raise InputError(f"{store.path}: no {what}, which {method} needs; add them with "
+                             + how.format(dataset=store.dataset, store=store.path))

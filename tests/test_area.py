@@ -2,7 +2,6 @@
 utils/inc_net.py Area), written here from a reading of that code in plain torch, on small random inputs."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

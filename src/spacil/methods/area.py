@@ -29,7 +29,6 @@ open_clip's un-normalised encode_image), stored occlusion and area-augment views
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch

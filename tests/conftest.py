@@ -45,14 +45,15 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def make_random_store(path: Path, num_classes: int = 12, dim: int = 16, num_patches: int = 9, tokens: int = 3,
                       train: int = 8, test: int = 4, seed: int = 0, ragged: bool = True, templates: int = 0,
-                      unbalanced: bool = False, width: int = 0, pairwise: int = 0, views: int = 0) -> Path:
+                      unbalanced: bool = False, width: int = 0, pairwise: int = 0, views: int = 0, area: int = 0) -> Path:
     """A small store written with plain numpy.save, as another program following INTERFACES.md would.
     templates: also write text/templates.npy (and text/template_norms.npy) with that many tokens per class; unbalanced:
     class c has between half and one and a half times the images per class (a different count for each class); width:
     also write the pre-projection features z [n, width] and backbone/visual_proj.npy [width, dim] (drawn after the
     rest, from their own generator, so every other array is the same with or without them); pairwise: also ENGINE's
     pairwise descriptions with that many slots per pair (ragged); views: also that many stored views of every training
-    image (both from a third generator)."""
+    image (both from a third generator); area: also AREA's inputs (occlusion and area-augment views, two each, and its
+    description sets with up to that many sentences per class, from a fourth generator; needs width)."""
     import json
 
     from spacil.demo.world import lift_to_pre_projection
@@ -110,8 +111,39 @@ def make_random_store(path: Path, num_classes: int = 12, dim: int = 16, num_patc
     if views:
         meta["views"] = {"count": views, "transform": "gaussian-noise", "params": {"noise": 0.25}, "seed": 0,
                          "arrays": ["train/views_global.npy"]}
+    if area:
+        _write_area_inputs(path, meta, area, np.random.default_rng([seed, 25]))
     (path / "meta.json").write_text(json.dumps(meta))
     return path
+
+
+def _write_area_inputs(path: Path, meta: dict, sentences: int, rng) -> None:
+    """AREA's inputs in a random store: views of two transforms (z of altered copies) and the description sets."""
+    from spacil.store.area_texts import AREA_SETS, area_text_files
+    from spacil.store.format import view_set_files
+
+    pre = np.load(path / "train" / "global_pre.npy").astype(np.float32)
+    sets = meta.setdefault("view_sets", {})
+    for transform in ("occlusion", "area-augment"):
+        g_file, z_file = view_set_files(transform)
+        z = pre[:, None] + 0.3 * rng.normal(size=(len(pre), 2, pre.shape[1]))
+        g = unit(rng.normal(size=(len(pre), 2, meta["dim"])))
+        np.save(path / z_file, z.astype(np.float16))
+        np.save(path / g_file, g.astype(np.float16))
+        sets[transform] = {"count": 2, "transform": transform, "params": {}, "seed": 0, "arrays": [g_file, z_file]}
+    prompts = np.load(path / "text" / "prompts.npy")
+    for name in AREA_SETS:
+        width = sentences if name in ("clean", "occluded", "augmented") else 1
+        units = unit(prompts[:, None] + 0.5 * rng.normal(size=(len(prompts), width, prompts.shape[1])))
+        mask = np.ones((len(prompts), width), dtype=bool)
+        if width > 1:
+            mask[1::2, -1] = False
+        units[~mask] = 0
+        features, norms, masks = area_text_files(name)
+        np.save(path / features, units.astype(np.float32))
+        np.save(path / norms, (rng.uniform(5, 10, size=mask.shape) * mask).astype(np.float32))
+        np.save(path / masks, mask)
+    meta["area_texts"] = {"source": "random", "sets": list(AREA_SETS)}
 
 
 @pytest.fixture()

@@ -66,7 +66,7 @@ class LLMServer:
         text = next(part["text"] for part in body["messages"][-1]["content"] if part["type"] == "text")
         assert any(part["type"] == "image_url" and part["image_url"]["url"].startswith("data:image/png;base64,")
                    for part in body["messages"][-1]["content"])
-        name = re.search(r'class "([^"]+)"', text).group(1)
+        name = re.search(r'(?:class|photo of a) "([^"]+)"', text).group(1)  # spacil's prompt, AREA's prompt
         with self.lock:
             index = len(self.calls(name))
             actions = self.script.get(name, ["ok"])

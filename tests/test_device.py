@@ -209,7 +209,8 @@ def test_gaussian_sampling_is_reproducible_on_the_device(device, cov_type):
 SHORT = ["epochs=1", "proof.tuned_epoch=1", "proof.tuned_batch_size=8", "adapter_epochs=1", "adapter_batch_size=8"]
 # and the knobs of methods with sections of their own (RanPAC's projection width, BOFA's and ENGINE's epochs and batches)
 SHORT_BY_METHOD = {"ranpac": ["ranpac.M=64"], "bofa": ["stage1_epochs=1", "stage2_epochs=1", "bofa_batch_size=8", "Kt=4"],
-                   "engine": ["engine_epochs=1", "engine_batch_size=8"]}
+                   "engine": ["engine_epochs=1", "engine_batch_size=8"],
+                   "area": ["area_epochs=1", "area_batch_size=8", "basis_rank=2", "area_samples_per_class=2"]}
 
 
 def _short(method: str) -> list[str]:
@@ -218,9 +219,9 @@ def _short(method: str) -> list[str]:
 
 @pytest.fixture()
 def method_store(tmp_path):
-    """What every registered method reads: z (RanPAC, BOFA, ENGINE), per-template text features, pairwise descriptions
-    and stored views (ENGINE)."""
-    return make_random_store(tmp_path / "method_store", templates=3, width=24, pairwise=2, views=3)
+    """What every registered method reads: z (RanPAC, BOFA, ENGINE, AREA), per-template text features, pairwise
+    descriptions and stored views (ENGINE), AREA's view sets and description sets."""
+    return make_random_store(tmp_path / "method_store", templates=3, width=24, pairwise=2, views=3, area=3)
 
 
 def _tensors_of(value, path: str, seen: set):

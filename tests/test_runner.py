@@ -37,6 +37,8 @@ SMALL_SETTINGS = {
     "ranpac": ("--set", "ranpac.M=64"),
     "bofa": ("--set", "stage1_epochs=2", "--set", "stage2_epochs=2", "--set", "bofa_batch_size=8", "--set", "Kt=4"),
     "engine": ("--set", "engine_epochs=2", "--set", "engine_batch_size=8"),
+    "area": ("--set", "area_epochs=2", "--set", "area_batch_size=8", "--set", "basis_rank=2",
+             "--set", "area_samples_per_class=2"),
 }
 CONFIGURATIONS = [(name, SMALL_SETTINGS.get(name, ())) for name in METHODS] + [
     ("spa", ("--set", f"ablation.{part}=false")) for part in AblationConfig.model_fields
@@ -50,7 +52,7 @@ SMALL_BATCHES = ("--set", "epochs=2", "--set", "batch_size=8")
 def rich_store(tmp_path) -> Path:
     """Templates (the no-LLM ablation's tokens), a different number of images for every class, z (what RanPAC and BOFA read),
     pairwise descriptions and stored views (what ENGINE reads)."""
-    return make_random_store(tmp_path / "rich_store", templates=3, unbalanced=True, width=24, pairwise=2, views=3)
+    return make_random_store(tmp_path / "rich_store", templates=3, unbalanced=True, width=24, pairwise=2, views=3, area=4)
 
 
 def _state(path: Path) -> dict:
@@ -174,15 +176,19 @@ def _perturb_later_classes(store, after_task: int, seed: int):
         counts = {c: int(rng.integers(1, 2 * max(1, int((labels == c).sum())) + 2)) for c in later}
         new_labels = np.concatenate([labels[keep], np.repeat(later, [counts[c] for c in later])]).astype(np.int64)
         np.save(store / split / "labels.npy", new_labels)
-        for name in ("global.npy", "patches.npy", "global_pre.npy", "views_global.npy"):
+        for name in ("global.npy", "patches.npy", "global_pre.npy", "views_global.npy", "views_occlusion_global.npy",
+                     "views_occlusion_global_pre.npy", "views_area_augment_global.npy", "views_area_augment_global_pre.npy"):
             if not (store / split / name).exists():
                 continue
             array = np.load(store / split / name)
             fresh = rng.normal(size=(len(new_labels) - int(keep.sum()), *array.shape[1:]))
             fresh /= np.linalg.norm(fresh, axis=-1, keepdims=True)
             np.save(store / split / name, np.concatenate([array[keep], fresh.astype(array.dtype)]))
+    from spacil.store.area_texts import all_area_text_files
+
+    area_texts = [Path(rel).name for rel in all_area_text_files() if not rel.endswith("_mask.npy")]
     for name in ("prompts.npy", "descriptions.npy", "templates.npy", "template_norms.npy", "pairwise.npy",
-                 "pairwise_norms.npy"):
+                 "pairwise_norms.npy", *area_texts):
         if not (store / "text" / name).exists():
             continue
         array = np.load(store / "text" / name)

@@ -224,7 +224,7 @@ def test_missing_sweep_file_and_packaged_grid(tmp_path, capsys):
     # (18 configs x (8 methods + 6 ablations of SPA) x 3 seeds; a method added to the grid adds 54)
     assert main(["sweep", "paper_grid", "--out", str(tmp_path / "paper"), "--dry-run"]) == 0
     plan = capsys.readouterr().out.splitlines()
-    assert plan[-1].startswith("810 cells under") and "810 to run" in plan[-1]
+    assert plan[-1].startswith("864 cells under") and "864 to run" in plan[-1]
     assert any(line.endswith("cifar224_b0/spa-no_ot/seed1993") for line in plan)
     assert any(line.endswith("sun_b150/simplecil/seed1995") for line in plan)
     assert any(line.endswith("cub_b100/ranpac/seed1994") for line in plan) and any("/bofa/" in line for line in plan)

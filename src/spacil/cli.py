@@ -56,10 +56,13 @@ def _add_extract(sub) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="autocast precision of the encoders (default: the store's when resuming, else bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--views", type=int, default=0, help="also encode N views of every training image (ENGINE; docs/extraction.md)")
-    p.add_argument("--view-transform", default=None, help="gaussian-noise (ENGINE's, the default) or flip-jitter")
+    p.add_argument("--view-transform", default=None, help="gaussian-noise (ENGINE's, the default), flip-jitter, or AREA's "
+                   "occlusion / area-augment (views of a second transform are kept beside the first)")
     p.add_argument("--view-noise", type=float, default=None, help="gaussian-noise's std (default 0.25)")
     p.add_argument("--view-seed", type=int, default=0, help="the views' seed (each image's view v: its own generator)")
     p.add_argument("--pairwise-descriptions", help="ENGINE's pairwise descriptions (JSON) to encode into the store")
+    p.add_argument("--area-descriptions", help="AREA's description sets (`spacil descriptions import --format area-sets`) "
+                   "to encode into the store")
     p.add_argument("--names-file", help="class names to check against the folders (a warning on mismatch, never a shift)")
     from spacil.data.check import add_names_and_templates
 
@@ -174,7 +177,7 @@ def cmd_extract(args) -> int:
         add_engine_inputs(args.out, args.dataset, args.data_root, model=args.model, pretrained=args.pretrained,
                           device=args.device, pairwise_descriptions=args.pairwise_descriptions, views=args.views,
                           view_transform=args.view_transform, view_noise=args.view_noise, view_seed=args.view_seed,
-                          batch_size=args.batch_size, names_file=args.names_file, progress=not args.quiet)
+                          area_descriptions=args.area_descriptions, batch_size=args.batch_size, names_file=args.names_file, progress=not args.quiet)
     if not args.quiet and int(os.environ.get("RANK", "0") or 0) == 0:
         print(f"feature store written: {args.out}")
     return 0

@@ -36,9 +36,11 @@ class DataConfig(_Section):
     # file (ENGINE's JSON format), and `views` stored views of every training image under `view_transform`
     pairwise_descriptions: Optional[str] = None
     views: int = Field(0, ge=0)
-    view_transform: Literal["gaussian-noise", "flip-jitter"] = "gaussian-noise"
+    view_transform: Literal["gaussian-noise", "flip-jitter", "occlusion", "area-augment"] = "gaussian-noise"
     view_noise: float = Field(0.25, ge=0)  # gaussian-noise's std
     view_seed: int = 0
+    area_descriptions: Optional[str] = None  # AREA's description sets file, encoded into the store when it lacks them
+    area_views: int = Field(0, ge=0)  # AREA's views: that many occlusion and that many area-augment views, added when missing
     init_cls: int = Field(10, ge=1)
     increment: int = Field(10, ge=1)
     shuffle: bool = True  # class order = np.random.seed(seed); np.random.permutation(C)
@@ -217,6 +219,30 @@ class EngineConfig(_Section):
     view_schedule: Literal["per-epoch", "per-batch"] = "per-epoch"
 
 
+class AreaConfig(_Section):
+    """AREA (Xie, Shi, Zhou, ICML 2026; methods/area.py). Defaults: the official models/area.py `get_attribute` defaults
+    (the packaged configs set each data set's exps/area/*.json); `area_*` for the training keys, `basis_rank` for the
+    official `K`, `area_samples_per_class` for `samples_per_class`; the constants the official code writes inline are keys
+    too (`consistency_views`: M = 3 in Learner.train; `routing_epsilon`: `_sinkhorn_distance`'s 0.1 (its 50 rounds are no
+    knob: the value it returns does not depend on them, methods/area.py `sinkhorn_value`); `area_momentum`: optim.SGD's
+    0.9)."""
+
+    basis_rank: int = Field(16, ge=1)  # official `K`: directions per class of the visual and textual bases
+    vib_lambda: float = Field(1.0, ge=0)  # weight of the occlusion + consistency losses
+    g_lambda: float = Field(0.0, ge=0, le=1)  # weight of the GDA logits at test time (0 in every official config)
+    area_samples_per_class: int = Field(4, ge=0)  # Gaussian pseudo-features of every old class in every batch
+    consistency_views: int = Field(3, ge=1)  # M augmented views per batch
+    routing_epsilon: float = Field(0.1, gt=0)  # the Sinkhorn value's epsilon (its 50 rounds do not change the value)
+    area_epochs: int = Field(20, ge=0)  # official `epochs`
+    area_lr: float = Field(0.001, gt=0)  # official `init_lr`
+    area_milestones: list[int] = [7, 15]  # official `milestones` (MultiStepLR, per epoch)
+    area_gamma: float = Field(0.1, gt=0)  # official `scheduler_gamma`
+    area_batch_size: int = Field(128, ge=1)  # official `batch_size`
+    area_weight_decay: float = Field(0.0001, ge=0)  # official `weight_decay`
+    area_optimizer: Literal["sgd", "adam"] = "sgd"  # official `optimizer` (adam = AdamW, as in the official code)
+    area_momentum: float = Field(0.9, ge=0, lt=1)
+
+
 class Config(_Section):
     method: str = "spa"
     seed: int = Field(1993, ge=0, le=2**32 - 1)  # numpy.random.seed takes 0..2**32-1
@@ -231,12 +257,13 @@ class Config(_Section):
     ranpac: RanPACConfig = RanPACConfig()
     bofa: BOFAConfig = BOFAConfig()
     engine: EngineConfig = EngineConfig()
+    area: AreaConfig = AreaConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-_SECTIONS = ("data", "spa", "ablation", "train", "llm", "rapf", "proof", "ranpac", "bofa", "engine")
+_SECTIONS = ("data", "spa", "ablation", "train", "llm", "rapf", "proof", "ranpac", "bofa", "engine", "area")
 
 
 def _leaf_paths() -> dict[str, list[str]]:

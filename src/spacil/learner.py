@@ -64,6 +64,10 @@ class TaskInfo:
     template_norms: Optional[torch.Tensor] = None
     pairwise: Optional[torch.Tensor] = None
     pairwise_counts: Optional[torch.Tensor] = None
+    # area_texts: AREA's description sets and prompts of the new classes, {set: (un-normalised features [n_new, M, d],
+    # real sentences per class [n_new])} (store/area_texts.py); None unless the learner declares "area_texts" in
+    # `text_inputs` and the store has them
+    area_texts: Optional[dict] = None
 
 
 @dataclass
@@ -305,6 +309,9 @@ class Learner:
     # checks the store has them (a one-line error saying how to add them) and hands them over in FeatureBatch.extra
     train_arrays: tuple[str, ...] = ()
     eval_arrays: tuple[str, ...] = ()
+    # store text inputs beyond prompts/templates/descriptions/pairwise that this method reads (e.g. "area_texts"); the
+    # runner refuses a store without them before the run folder is written (store.rows.require_text_inputs)
+    text_inputs: tuple[str, ...] = ()
 
     def __init__(self, config: Config, context: LearnerContext):
         self.config = config

@@ -54,7 +54,8 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
         finally:
             lock.release()
     meta = read_meta(store / "meta.json")
-    if missing_additions(store, data.pairwise_descriptions, data.views):
+    if missing_additions(store, data.pairwise_descriptions, data.views, data.view_transform, data.area_descriptions,
+                         data.area_views):
         from filelock import FileLock
 
         from spacil.store.additions import add_engine_inputs
@@ -64,7 +65,8 @@ def prepare_store(config: Config, progress: bool = True) -> Path:
                               device=config.device, pairwise_descriptions=data.pairwise_descriptions, views=data.views,
                               view_transform=data.view_transform,
                               view_noise=data.view_noise if data.view_transform == "gaussian-noise" else None,
-                              view_seed=data.view_seed, names_file=data.names_file, progress=progress)
+                              view_seed=data.view_seed, area_descriptions=data.area_descriptions,
+                              area_views=data.area_views, names_file=data.names_file, progress=progress)
         meta = read_meta(store / "meta.json")
     text = meta.get("text") or {}
     recorded = text.get("semantic_tokens") if isinstance(text, dict) else None

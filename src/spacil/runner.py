@@ -24,7 +24,7 @@ from spacil.devices import device_name, memory_budget, resolve_device, use_devic
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
 from spacil.store.format import FeatureStore, rows_as_tensor
-from spacil.store.rows import row_arrays
+from spacil.store.rows import require_text_inputs, row_arrays
 from spacil.fileio import append_text, atomic_write_bytes, atomic_write_text, make_dirs
 from spacil.learner import Learner, LearnerContext, TaskData, TaskInfo
 from spacil.methods import METHODS, create_learner
@@ -55,6 +55,7 @@ class Run:
         for split, names in (("train", getattr(learner_class, "train_arrays", ())),
                              ("test", getattr(learner_class, "eval_arrays", ()))):
             row_arrays(store, split, names, config.method)  # a missing one: exit 2 before anything is written
+        require_text_inputs(store, getattr(learner_class, "text_inputs", ()), config.method)
         proj = None if store.visual_proj is None else torch.from_numpy(np.array(store.visual_proj, dtype=np.float32))
         context = LearnerContext(store.dim, store.num_patches, store.logit_scale, self.device, progress, store.width, proj,
                                  store.logit_bias)
@@ -173,9 +174,13 @@ class Run:
         if store.pairwise is not None:  # among the classes seen so far only: nothing of a later class is read
             units, slots = store.pairwise.block(self.order[:end])
             pairwise, counts = torch.from_numpy(units).to(self.device), torch.from_numpy(slots).to(self.device)
+        area_texts = None
+        if "area_texts" in self.learner.text_inputs and store.area_texts is not None:  # the new classes' rows only
+            area_texts = {name: tuple(torch.from_numpy(a).to(self.device) for a in store.area_texts.rows(name, class_ids))
+                          for name in store.area_texts.arrays}
         return TaskInfo(task, list(range(start, end)), [store.classes[c] for c in class_ids], rows(store.prompts),
                         rows(store.descriptions), mask, rows(store.templates),
-                        rows(store.template_norms), pairwise, counts)
+                        rows(store.template_norms), pairwise, counts, area_texts)
 
     def _split_data(self, split_name: str, task: int, positions: list[int]) -> TaskData:
         """The rows of `split_name` whose classes sit at `positions` of the class order, as a lazy TaskData."""

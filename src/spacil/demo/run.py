@@ -39,6 +39,10 @@ RAPF_DEMO_SCHEDULE = {"rapf": {"adapter_epochs": 188, "milestones": [50, 125]}}
 # ratio; G is 12 MB instead of 800 MB).
 RANPAC_DEMO = {"ranpac": {"M": 1250}}
 
+# AREA: the official non-CIFAR values (exps/area/*.json: K 8, init_lr 0.01, batch 64, weight decay 0.05) with the demo's
+# epochs; the world has 8 sentences per class in each description set, so K = 8 fills every textual basis.
+AREA_DEMO = {"area": {"basis_rank": 8, "area_lr": 0.01, "area_batch_size": 64, "area_weight_decay": 0.05}}
+
 # The demo's table (Markdown), written next to report.md; the README's demo table is this file of a full demo.
 TABLE_FILE = "demo_table.md"
 
@@ -54,6 +58,7 @@ RUNS = (
     ("ranpac", "ranpac", RANPAC_DEMO),
     ("bofa", "bofa", {}),
     ("engine", "engine", {}),
+    ("area", "area", AREA_DEMO),
     ("spa", "spa", {}),
     ("spa_global_only", "spa", {"ablation": {"patch_branch": False}}),
     ("spa_no_ot", "spa", {"ablation": {"optimal_transport": False}}),
@@ -81,6 +86,8 @@ def _run_one(name: str, method: str, extra: dict, store: Path, runs: Path, epoch
         tree = _merge(tree, {"proof": {"tuned_epoch": epochs}})
     if method == "engine":  # so does ENGINE
         tree = _merge(tree, {"engine": {"engine_epochs": epochs}})
+    if method == "area":  # and AREA
+        tree = _merge(tree, {"area": {"area_epochs": epochs}})
     config = build_config(tree, source="demo")
     folder = runs / name
     if (folder / "summary.json").exists():

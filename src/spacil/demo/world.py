@@ -45,6 +45,8 @@ class WorldSpec:
     width: int = 96  # z's dimension (before the projection to d)
     seed: int = 7
     views: int = 10  # stored views of each training image (ENGINE's image-augmentation term)
+    area_views: int = 2  # AREA's stored occlusion and area-augment views of each training image (each)
+    area_sentences: int = 8  # sentences per class in each of AREA's description sets
     view_noise: float = 0.5  # how far a view's global feature moves (relative to the class noise)
 
 
@@ -122,11 +124,13 @@ def make_world(path: str | Path, spec: WorldSpec = WorldSpec()) -> dict:
     atomic_save_npy(Path(path) / VIEWS_GLOBAL_FILE, _unit(noisy).astype(np.float16))
     views = {"count": spec.views, "transform": "generated", "params": {"noise": spec.view_noise}, "seed": spec.seed,
              "arrays": [VIEWS_GLOBAL_FILE]}
+    area_meta = write_area_inputs(path, spec, class_dirs, part_text, general, prompts, templates, train[0],
+                                  visual_proj, np.random.default_rng([spec.seed, 25]))
     write_store(
         path, classes=names, dataset="demo", backbone={"model": "demo-world", "pretrained": None, "logit_scale": 100.0},
         splits={"train": train[:3], "test": test[:3]}, prompts=prompts.astype(np.float32), templates=templates,
         descriptions=(descriptions, mask), global_pre=global_pre, visual_proj=visual_proj, template_norms=template_norms,
-        extra_meta={"views": views,
+        extra_meta={"views": views, **area_meta,
                     "text": {"semantic_tokens": "sentence", "descriptions_source": "generated", "pairwise_source": "generated"},
                     "generator": {"name": "spacil demo world", **spec.__dict__}},
     )
@@ -154,3 +158,50 @@ def pairwise_descriptions(class_family: np.ndarray, class_parts: np.ndarray, par
             mask[a, b, :len(chosen)] = True
     norms = (rng.uniform(6, 10, size=mask.shape) * mask).astype(np.float32)
     return units, norms, mask
+
+
+def write_area_inputs(path: str | Path, spec: WorldSpec, class_dirs: np.ndarray, part_text: np.ndarray,
+                      general: np.ndarray, prompts: np.ndarray, templates: np.ndarray, train_global: np.ndarray,
+                      visual_proj: np.ndarray, rng: np.random.Generator) -> dict:
+    """AREA's inputs of the world, drawn after everything else from their own generator (every other array keeps its
+    bytes): occlusion views (the feature pulled towards a random occluder direction), area-augment views (a small move),
+    both as z; the clean, occluded and augmented description sets (each sentence a mix of one of the class's parts or its
+    general sentence with noise; occluded ones with an occluder direction, augmented ones with a colour direction) and the
+    two prompts. -> the meta.json entries that name them."""
+    from spacil.store.area_texts import AREA_SETS, area_text_files
+    from spacil.store.format import view_set_files
+
+    path = Path(path)
+    d = spec.dim
+    g = np.asarray(train_global, dtype=np.float32)
+    occluder, colour = _unit(rng.normal(size=(2, d)))
+    view_sets = {}
+    for transform, move in (("occlusion", lambda: 0.8 * occluder + 0.5 * rng.normal(size=(len(g), d)) / np.sqrt(d)),
+                            ("area-augment", lambda: 0.3 * colour + 0.3 * rng.normal(size=(len(g), d)) / np.sqrt(d))):
+        views = np.stack([_unit(g + move()) for _ in range(spec.area_views)], axis=1)  # [n, V, d]
+        z = np.stack([lift_to_pre_projection(views[:, v], visual_proj, rng) for v in range(spec.area_views)], axis=1)
+        g_file, z_file = view_set_files(transform)
+        (path / "train").mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(path / g_file, views.astype(np.float16))
+        atomic_save_npy(path / z_file, z.astype(np.float16))
+        view_sets[transform] = {"count": spec.area_views, "transform": transform, "params": {"generated": True},
+                                "seed": spec.seed, "arrays": [g_file, z_file]}
+    sources = np.concatenate([part_text, general], axis=1)  # [C, P + 1, d]
+    classes, count = len(class_dirs), spec.area_sentences
+    sets = {}
+    for name, shift in (("clean", None), ("occluded", occluder), ("augmented", colour)):
+        pick = sources[np.arange(classes)[:, None], rng.integers(sources.shape[1], size=(classes, count))]
+        mixed = pick + 0.3 * rng.normal(size=pick.shape) / np.sqrt(d) * 2
+        if shift is not None:
+            mixed = mixed + 0.5 * shift
+        sets[name] = _unit(mixed)
+    sets["name_prompt"] = prompts[:, None]
+    sets["photo_prompt"] = templates[:, :1]
+    (path / "text").mkdir(parents=True, exist_ok=True)
+    for name in AREA_SETS:
+        units = np.asarray(sets[name], dtype=np.float32)
+        features, norms, mask = area_text_files(name)
+        atomic_save_npy(path / features, units)
+        atomic_save_npy(path / norms, rng.uniform(6, 10, size=units.shape[:2]).astype(np.float32))
+        atomic_save_npy(path / mask, np.ones(units.shape[:2], dtype=bool))
+    return {"view_sets": view_sets, "area_texts": {"source": "generated", "sets": list(AREA_SETS)}}

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from spacil.config import LLMConfig
 from spacil.data import DatasetSpec, dataset_spec, open_dataset
 from spacil.data.check import add_names_and_templates
-from spacil.describe.descriptions import (DescriptionSet, default_token_counter, import_descriptions, load_descriptions, parse_answer, template_descriptions, validate_descriptions)
+from spacil.describe.descriptions import (DescriptionSet, chosen_classes, default_token_counter, import_descriptions, load_descriptions, parse_answer, template_descriptions, validate_descriptions)
 from spacil.errors import InputError
 from spacil.fileio import make_dirs
 from spacil.describe.sampling import choose_samples, compose_grid
@@ -169,13 +169,7 @@ def describe_dataset(
     elif mode != "none":
         raise InputError(f"--llm {mode}: expected openai or none")
     names, splits = open_dataset(dataset, data_root, class_names=class_names, templates=templates)
-    wanted = list(range(len(names)))
-    if classes:
-        lookup = {n: i for i, n in enumerate(names)}
-        missing = [c for c in classes if c not in lookup]
-        if missing:
-            raise InputError(f"--classes: '{missing[0]}' is not a class of {dataset}")
-        wanted = [lookup[c] for c in classes]
+    wanted = chosen_classes(names, classes, dataset)
 
     if mode == "none":
         existing = load_descriptions(out) if out.exists() else DescriptionSet()
@@ -394,12 +388,19 @@ def add_describe_parsers(sub, parser_class) -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--pairwise", action="store_true", help="ENGINE's pairwise descriptions (text only, one request per "
                    "pair of classes) in ENGINE's JSON format, for `spacil extract --pairwise-descriptions`")
+    p.add_argument("--area-sets", action="store_true", help="AREA's clean, occluded and augmented description sets (one "
+                   "caption per training image, AREA's prompt) as an AREA descriptions file, for `spacil extract "
+                   "--area-descriptions`")
+    p.add_argument("--images-per-class", type=int, help="--area-sets: caption only the first N training images per class "
+                   "(default: all, as the official script)")
 
     d = sub.add_parser("descriptions", help="work with descriptions files")
     dsub = d.add_subparsers(dest="descriptions_command", required=True, parser_class=parser_class)
     imp = dsub.add_parser("import", help="import a public description set (AREA, CuPL JSON, ENGINE)")
-    imp.add_argument("--format", required=True, choices=["area", "json", "engine"])
-    imp.add_argument("source", help="AREA: the folder of <class>_descriptions.txt; json/engine: the JSON file")
+    imp.add_argument("--format", required=True, choices=["area", "area-sets", "json", "engine"])
+    imp.add_argument("source", help="AREA: the folder of <class>_descriptions.txt; area-sets: AREA's folder of one data "
+                     "set (generated_descriptions, _occ, _aug), for `spacil extract --area-descriptions`; json/engine: the "
+                     "JSON file")
     imp.add_argument("--out", required=True)
     imp.add_argument("--num-descriptions", type=int, default=8)
     imp.add_argument("--dataset", default=None)
@@ -412,6 +413,15 @@ def dispatch(args) -> int:
         overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in _DESCRIBE_FLAGS.items()
                                             if getattr(args, flag) is not None]
         config = load_config(args.config, overrides) if args.config else build_config({}, overrides, source="--set")
+        if args.area_sets:
+            from spacil.describe.area_sets import describe_area_sets
+
+            if args.images_per_class is not None and args.images_per_class < 1:
+                raise InputError(f"--images-per-class {args.images_per_class}: expected at least 1")
+            failed = describe_area_sets(args.dataset, args.data_root, args.out, config.llm, args.classes,
+                                        args.images_per_class, config.seed, progress=not args.quiet,
+                                        class_names=config.data.class_names)
+            return 0 if not failed else 1
         if args.pairwise:
             from spacil.describe.pairwise import describe_pairwise
 
@@ -428,6 +438,16 @@ def dispatch(args) -> int:
                                    templates=config.data.templates)
         return 0 if not outcome.failed else 1
     if args.command == "descriptions" and args.descriptions_command == "import":
+        if args.format == "area-sets":  # all three sets, every line: AREA draws from them per batch
+            from spacil.fileio import atomic_write_text
+            from spacil.store.area_texts import import_area_folders
+
+            imported = import_area_folders(args.source, args.dataset)
+            atomic_write_text(args.out, json.dumps(imported, indent=1, ensure_ascii=False))
+            counts = {name: sum(len(v) for v in by_class.values()) for name, by_class in imported["sets"].items()}
+            print(f"imported AREA's description sets of {len(imported['sets']['clean'])} classes "
+                  f"({', '.join(f'{n}: {c} sentences' for n, c in counts.items())}) into {args.out}", file=sys.stdout)
+            return 0
         if args.num_descriptions < 1:
             raise InputError("--num-descriptions must be at least 1")
         result, report = import_descriptions(args.format, args.source, args.num_descriptions, args.dataset)

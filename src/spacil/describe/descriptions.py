@@ -71,6 +71,18 @@ class DescriptionSet:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
 
 
+def chosen_classes(names: Sequence[str], classes: Optional[Sequence[str]], dataset: str) -> list[int]:
+    """The indices of `classes` (`--classes`) among the data set's `names`, all of them when none are given; a name the
+    data set lacks is an InputError."""
+    if not classes:
+        return list(range(len(names)))
+    lookup = {n: i for i, n in enumerate(names)}
+    missing = [c for c in classes if c not in lookup]
+    if missing:
+        raise InputError(f"--classes: '{missing[0]}' is not a class of {dataset}")
+    return [lookup[c] for c in classes]
+
+
 def load_descriptions(path: str | Path) -> DescriptionSet:
     """Read a descriptions file (or a CuPL-style `{class: [sentences]}` object); any fault is an InputError naming the file
     and the key."""

@@ -6,6 +6,7 @@ from types import MappingProxyType
 
 from spacil.errors import InputError
 from spacil.learner import Learner, LearnerContext
+from spacil.methods.area import Area
 from spacil.methods.bofa import BOFA
 from spacil.methods.engine import Engine
 from spacil.methods.finetune import FineTune
@@ -17,7 +18,7 @@ from spacil.methods.spa import SPA
 from spacil.methods.zeroshot import ZeroShot
 
 METHODS: "MappingProxyType[str, type[Learner]]" = MappingProxyType({
-    cls.name: cls for cls in (SPA, ZeroShot, SimpleCIL, FineTune, RAPF, Proof, RanPAC, BOFA, Engine)
+    cls.name: cls for cls in (SPA, ZeroShot, SimpleCIL, FineTune, RAPF, Proof, RanPAC, BOFA, Engine, Area)
 })
 
 

@@ -1,5 +1,5 @@
-"""Adding ENGINE's inputs to a finished store: pairwise descriptions (store/pairwise.py) and stored views
-(store/views.py). Used by `spacil extract --pairwise-descriptions FILE --views N` and by a run whose config asks for them;
+"""Adding ENGINE's and AREA's inputs to a finished store: pairwise descriptions (store/pairwise.py), AREA's description
+sets (store/area_texts.py) and stored views (store/views.py). Used by `spacil extract --pairwise-descriptions FILE --views N` and by a run whose config asks for them;
 what the store has already is neither re-encoded nor touched."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from typing import Optional
 
 from spacil.errors import InputError
 from spacil.fileio import read_json
+from spacil.store.area_texts import AREA_TEXTS_KEY, add_area_texts
+from spacil.store.format import AREA_VIEW_TRANSFORMS, VIEW_SETS_KEY
 from spacil.store.pairwise import PAIRWISE_MASK_FILE, add_pairwise
 from spacil.store.views import add_views, make_view_transform
 
@@ -21,22 +23,45 @@ def check_view_request(views: int, transform: Optional[str], noise: Optional[flo
         make_view_transform(transform or "gaussian-noise", noise)
 
 
-def missing_additions(store: str | Path, pairwise_descriptions: Optional[str], views: int) -> bool:
-    """Does the finished store lack pairwise descriptions or views that were asked for?"""
+def _has_views(meta: dict, transform: Optional[str]) -> bool:
+    """Does meta.json name views of `transform` (the first views or a view set)?"""
+    transform = transform or "gaussian-noise"
+    first = meta.get("views") or {}
+    return first.get("transform") == transform or transform in (meta.get(VIEW_SETS_KEY) or {})
+
+
+def missing_additions(store: str | Path, pairwise_descriptions: Optional[str], views: int,
+                      view_transform: Optional[str] = None, area_descriptions: Optional[str] = None,
+                      area_views: int = 0) -> bool:
+    """Does the finished store lack pairwise descriptions, views of `view_transform`, AREA's description sets or AREA's
+    views that were asked for?"""
     store = Path(store)
+    meta = read_json(store / "meta.json")
     lacks_pairwise = bool(pairwise_descriptions) and not (store / PAIRWISE_MASK_FILE).is_file()
-    return lacks_pairwise or (bool(views) and "views" not in read_json(store / "meta.json"))
+    lacks_area = bool(area_descriptions) and AREA_TEXTS_KEY not in meta
+    lacks_area = lacks_area or (bool(area_views) and not all(_has_views(meta, t) for t in AREA_VIEW_TRANSFORMS))
+    return lacks_pairwise or lacks_area or (bool(views) and not _has_views(meta, view_transform))
 
 
 def add_engine_inputs(store: str | Path, dataset: str, data_root: Optional[str | Path], *, model: str,
                       pretrained: Optional[str], device: str, pairwise_descriptions: Optional[str] = None, views: int = 0,
-                      view_transform: Optional[str] = None, view_noise: Optional[float] = None, view_seed: int = 0,
+                      view_transform: Optional[str] = None, view_noise: Optional[float] = None, view_seed: int = 0, area_descriptions: Optional[str] = None, area_views: int = 0,
                       batch_size: int = 64, names_file: Optional[str] = None, progress: bool = True) -> None:
-    """Add what is asked for and missing: the pairwise descriptions first (text only), then the views."""
+    """Add what is asked for and missing: the pairwise descriptions and AREA's description sets first (text only), then
+    the views."""
     store = Path(store)
     check_view_request(views, view_transform, view_noise)
     if pairwise_descriptions and not (store / PAIRWISE_MASK_FILE).is_file():
         add_pairwise(store, pairwise_descriptions, model=model, pretrained=pretrained, device=device)
+    if area_descriptions and AREA_TEXTS_KEY not in read_json(store / "meta.json"):
+        add_area_texts(store, area_descriptions, model=model, pretrained=pretrained, device=device)
+    if area_views:  # AREA's two view transforms, each a view set beside the store's first views
+        if data_root is None:
+            raise InputError(f"{store}: AREA's views asked for, and no data root to encode them from")
+        for transform in AREA_VIEW_TRANSFORMS:
+            add_views(store, dataset, data_root, area_views, make_view_transform(transform), seed=view_seed, model=model,
+                      pretrained=pretrained, device=device, batch_size=batch_size, names_file=names_file,
+                      progress=progress)
     if views:
         if data_root is None:
             raise InputError(f"{store}: {views} views asked for, and no data root to encode them from")

@@ -20,8 +20,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from spacil.errors import InputError
+from spacil.store.area_texts import AREA_SETS, area_text_files
 from spacil.store.format import (IMAGE_PATHS_FILE, PRE_PROJECTION_FILE, PROGRESS_FILE, SPLITS, TEMPLATE_NORMS_FILE,
-                                 VISUAL_PROJ_FILE, FeatureStore, open_npy, read_image_paths, read_meta)
+                                 VISUAL_PROJ_FILE, FeatureStore, open_npy, read_image_paths, read_meta, view_set_files,
+                                 AREA_VIEW_TRANSFORMS)
 
 # Largest chunk read at once by the streaming pass (bytes of the stored array).
 CHUNK_BYTES = 32 << 20
@@ -61,9 +63,18 @@ SPECS = tuple(
     ArraySpec("text/pairwise_norms.npy", False, ("float32",), ("classes", "classes", "pairwise_slots"), False),
     ArraySpec("train/views_global.npy", False, _FLOAT, ("n_train", "views", "dim"), True),
     ArraySpec("train/views_global_pre.npy", False, _FLOAT, ("n_train", "views", "width"), False),
+    # AREA's view sets (store/views.py) and description sets (store/area_texts.py)
+    *(spec for transform in AREA_VIEW_TRANSFORMS for spec in (
+        ArraySpec(view_set_files(transform)[0], False, _FLOAT, ("n_train", f"views_{transform}", "dim"), True),
+        ArraySpec(view_set_files(transform)[1], False, _FLOAT, ("n_train", f"views_{transform}", "width"), False))),
+    *(spec for name in AREA_SETS for spec in (
+        ArraySpec(area_text_files(name)[2], False, ("bool",), ("classes", f"area_{name}_slots"), False),
+        ArraySpec(area_text_files(name)[0], False, ("float32",), ("classes", f"area_{name}_slots", "dim"), True),
+        ArraySpec(area_text_files(name)[1], False, ("float32",), ("classes", f"area_{name}_slots"), False))),
 )
 # Token arrays whose padding rows are not unit vectors, and the masks that say which rows are real.
-_MASKS = {"text/descriptions.npy": "text/description_mask.npy", "text/pairwise.npy": "text/pairwise_mask.npy"}
+_MASKS = {"text/descriptions.npy": "text/description_mask.npy", "text/pairwise.npy": "text/pairwise_mask.npy",
+          **{area_text_files(name)[0]: area_text_files(name)[2] for name in AREA_SETS}}
 # The pre-projection extension: read only when meta.json names "width", and then required.
 PRE_PROJECTION_SPECS = tuple(
     ArraySpec(f"{split}/{PRE_PROJECTION_FILE}", True, _FLOAT, (f"n_{split}", "width"), False) for split in SPLITS

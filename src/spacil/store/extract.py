@@ -813,6 +813,9 @@ def _finish(out: Path, spec, names, backbone: FrozenCLIP, descriptions, descript
             meta["text"]["pairwise_source"] = old_meta["text"]["pairwise_source"]
         if "views" in old_meta:  # added to the finished store (store/views.py): its arrays stay, so does their record
             meta["views"] = old_meta["views"]
+        for key in ("view_sets", "area_texts"):  # view sets and AREA's description sets, likewise
+            if key in old_meta:
+                meta[key] = old_meta[key]
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     _remove(out / PROGRESS_FILE)  # first: from here on the folder reads as a finished store
     for record in sorted(out.glob(RANK_PROGRESS_GLOB)):

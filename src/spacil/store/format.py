@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from spacil.errors import InputError
 from spacil.fileio import atomic_save_npy, atomic_write_text, make_dirs, read_json
+from spacil.store.area_texts import open_area_texts
 from spacil.store.pairwise import open_pairwise
 
 FORMAT = "spacil-features"
@@ -147,6 +148,8 @@ class SplitFeatures:
     # stored views (store/views.py), train split only: g [n, V, d] and z [n, V, width] of V altered copies of each image
     views_global: Optional[np.ndarray] = None
     views_global_pre: Optional[np.ndarray] = None
+    # every stored view by transform name, the first views included: {transform: {"global": [n, V, d], "global_pre": ...}}
+    view_sets: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -204,6 +207,15 @@ class FeatureStore:
             if array.dtype != train.global_.dtype:
                 raise InputError(f"{self.path / 'train' / (name + '.npy')}: dtype {array.dtype}, expected {train.global_.dtype}")
             setattr(train, name, array)
+        # every view set by transform name (AREA: occlusion and area-augment), checked like the first views
+        for transform, arrays in open_view_sets(self.path, self.meta, len(train), self.dim, self.width, self._array).items():
+            for kind, array in arrays.items():
+                if array.dtype != train.global_.dtype:
+                    raise InputError(f"{self.path}: {transform} views ({kind}): dtype {array.dtype}, expected "
+                                     f"{train.global_.dtype}")
+            train.view_sets[transform] = arrays
+        # AREA's description sets (store/area_texts.py), None when the store has none
+        self.area_texts = open_area_texts(self.path, self.meta, len(self.classes), self.dim, self._array)
 
     @property
     def num_classes(self) -> int:
@@ -284,6 +296,47 @@ def require_pre_projection(store: FeatureStore, method: str) -> None:
 # Stored views (store/views.py writes them): train split only, rows on axis 0; meta.json's "views" names them.
 VIEWS_GLOBAL_FILE = "train/views_global.npy"
 VIEWS_PRE_FILE = "train/views_global_pre.npy"
+
+
+VIEW_SETS_KEY = "view_sets"  # meta.json: views of further transforms, {transform name: record like "views"}
+AREA_VIEW_TRANSFORMS = ("occlusion", "area-augment")  # the view transforms AREA reads
+
+
+def view_set_files(transform: str) -> tuple[str, str]:
+    """The g and z arrays of the view set of `transform` (a transform other than the store's first views')."""
+    slug = transform.replace("-", "_")
+    return f"train/views_{slug}_global.npy", f"train/views_{slug}_global_pre.npy"
+
+
+def _open_view_record(store_path: Path, record: dict, where: str, files: tuple[str, str], rows: int, dim: int,
+                      width: Optional[int], array) -> dict[str, np.ndarray]:
+    count = record.get("count") if isinstance(record, dict) else None
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InputError(f"{store_path / 'meta.json'}: '{where}.count' is {count!r}, expected an integer >= 1")
+    found = {"global": array(files[0], (rows, count, dim))}
+    if files[1] in record.get("arrays", []):
+        if width is None:
+            raise InputError(f"{store_path / 'meta.json'}: names {files[1]} but the store has no 'width'")
+        found["global_pre"] = array(files[1], (rows, count, width))
+    return found
+
+
+def open_view_sets(store_path: Path, meta: dict, rows: int, dim: int, width: Optional[int],
+                   array) -> dict[str, dict[str, np.ndarray]]:
+    """Every stored view of a finished store by transform name, the first views ("views") included:
+    {transform: {"global": [n, V, d], "global_pre": [n, V, w] (with z)}}. `array(rel, shape)` opens and checks one."""
+    found = {}
+    record = meta.get("views")
+    if isinstance(record, dict) and record.get("transform"):
+        found[str(record["transform"])] = _open_view_record(store_path, record, "views", (VIEWS_GLOBAL_FILE, VIEWS_PRE_FILE),
+                                                            rows, dim, width, array)
+    sets = meta.get(VIEW_SETS_KEY) or {}
+    if not isinstance(sets, dict):
+        raise InputError(f"{store_path / 'meta.json'}: '{VIEW_SETS_KEY}' must be an object {{transform: record}}")
+    for name, record in sets.items():
+        found[str(name)] = _open_view_record(store_path, record, f"{VIEW_SETS_KEY}.{name}", view_set_files(str(name)),
+                                             rows, dim, width, array)
+    return found
 
 
 def open_views(store_path: Path, meta: dict, rows: int, dim: int, width: Optional[int], array) -> dict[str, np.ndarray]:

@@ -6,6 +6,10 @@ augmentation term).
     train/views_global_pre.npy  store dtype [n, V, width]  z of each view (when the store holds z)
     meta.json "views"           {"count": V, "transform": NAME, "params": {...}, "seed": S, "arrays": [...]}
 
+Views of a second transform (AREA reads occlusion and area-augment views) are a *view set* beside the first:
+    train/views_<transform>_global.npy, train/views_<transform>_global_pre.npy (transform with '-' as '_'),
+    meta.json "view_sets": {NAME: the same record}
+
 A view's pixels depend on (seed, training row, view number) alone, never on the batch or the device it is drawn on:
 each image's noise comes from its own CPU generator. Views are added to a finished store (rows, text and meta.json are
 kept, nothing else is re-encoded) in fixed batches of rows with a record, `.views.progress.json`, written before the
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +34,7 @@ from spacil.data import CLIP_MEAN, CLIP_STD, open_dataset
 from spacil.errors import InputError
 from spacil.fileio import atomic_write_text, read_json
 from spacil.store.encoder import store_encoder
-from spacil.store.format import VIEWS_GLOBAL_FILE, VIEWS_PRE_FILE, read_npy_header
+from spacil.store.format import VIEW_SETS_KEY, VIEWS_GLOBAL_FILE, VIEWS_PRE_FILE, read_npy_header, view_set_files
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,40 @@ def normalise_pixels(pixels: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torc
     return (pixels - mean) / std
 
 
+def flip_and_jitter(image: torch.Tensor, generator: torch.Generator, brightness: float, contrast: float,
+                    saturation: float, hue: float) -> torch.Tensor:
+    """[3, H, W] -> a horizontal flip with probability 1/2, then brightness, contrast, saturation factors uniform in
+    [1 - s, 1 + s] and a hue shift uniform in [-h, h], in that fixed order (torchvision's functional ops; five draws)."""
+    from torchvision.transforms import functional as TF
+
+    draws = torch.rand(5, generator=generator).tolist()
+    if draws[0] < 0.5:
+        image = image.flip(-1)
+    image = TF.adjust_brightness(image, 1 + brightness * (2 * draws[1] - 1))
+    image = TF.adjust_contrast(image, 1 + contrast * (2 * draws[2] - 1))
+    image = TF.adjust_saturation(image, 1 + saturation * (2 * draws[3] - 1))
+    return TF.adjust_hue(image.clamp(0, 1), hue * (2 * draws[4] - 1))
+
+
+def occlude(image: torch.Tensor, generator: torch.Generator, rho_min: float = 0.1, rho_max: float = 0.4,
+            eta_min: float = 0.33, eta_max: float = 3.0) -> torch.Tensor:
+    """[C, H, W] -> a copy with one rectangle replaced by noise uniform in [0, 1), as models/area.py
+    `_generate_occluded_inputs` draws it: area int(rho H W), rho uniform in [rho_min, rho_max], aspect eta uniform in
+    [eta_min, eta_max], h = clip(int(sqrt(area eta)), 1, H), w = clip(int(sqrt(area / eta)), 1, W), the top-left corner
+    uniform over the places it fits."""
+    channels, height, width = image.shape
+    draws = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+    area = int((rho_min + (rho_max - rho_min) * draws[0]) * height * width)
+    eta = eta_min + (eta_max - eta_min) * draws[1]
+    h = min(max(int(math.sqrt(area * eta)), 1), height)
+    w = min(max(int(math.sqrt(area / eta)), 1), width)
+    top = int(draws[2] * (height - h + 1))  # np.random.randint(0, H - h + 1), or 0 when the box fills the height
+    left = int(draws[3] * (width - w + 1))
+    out = image.clone()
+    out[:, top:top + h, left:left + w] = torch.rand((channels, h, w), generator=generator).to(image.device)
+    return out
+
+
 class GaussianNoise(ViewTransform):
     """ENGINE's view (models/engine.py Learner.train: `aug_image = inputs + torch.randn_like(inputs) * 0.25`, then
     `torch.clamp(aug_image, 0, 1)`): Gaussian noise of std `noise` added to the *normalised* input tensor, then clamped to
@@ -100,20 +139,43 @@ class FlipJitter(ViewTransform):
         super().__init__(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
 
     def one(self, pixels, generator):
-        from torchvision.transforms import functional as TF
-
-        draws = torch.rand(5, generator=generator).tolist()
-        p = self.params
-        if draws[0] < 0.5:
-            pixels = pixels.flip(-1)
-        pixels = TF.adjust_brightness(pixels, 1 + p["brightness"] * (2 * draws[1] - 1))
-        pixels = TF.adjust_contrast(pixels, 1 + p["contrast"] * (2 * draws[2] - 1))
-        pixels = TF.adjust_saturation(pixels, 1 + p["saturation"] * (2 * draws[3] - 1))
-        pixels = TF.adjust_hue(pixels, p["hue"] * (2 * draws[4] - 1))
-        return self.normalise(pixels)
+        return self.normalise(flip_and_jitter(pixels, generator, **self.params))
 
 
-VIEW_TRANSFORMS = {cls.name: cls for cls in (GaussianNoise, FlipJitter)}
+class Occlusion(ViewTransform):
+    """AREA's occluded view (models/area.py Learner._generate_occluded_inputs): one rectangle of the *normalised* input
+    tensor replaced by noise uniform in [0, 1) (as the official code does, on the normalised tensor). Its area is
+    int(rho * H * W) with rho uniform in [rho_min, rho_max], its aspect eta uniform in [eta_min, eta_max]:
+    h = clip(int(sqrt(area * eta)), 1, H), w = clip(int(sqrt(area / eta)), 1, W), top-left corner uniform over the places
+    it fits. The official code draws a fresh occlusion per batch (numpy's global generator); here view v of image i is
+    drawn once, from (seed, i, v)."""
+
+    name = "occlusion"
+
+    def __init__(self, rho_min: float = 0.1, rho_max: float = 0.4, eta_min: float = 0.33, eta_max: float = 3.0):
+        super().__init__(rho_min=rho_min, rho_max=rho_max, eta_min=eta_min, eta_max=eta_max)
+
+    def one(self, pixels, generator):
+        return occlude(self.normalise(pixels), generator, **self.params)
+
+
+class AreaAugment(ViewTransform):
+    """AREA's augmented view (models/area.py Learner.train: `T.RandomHorizontalFlip(p=0.5)` then
+    `T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)` applied to the *normalised* input tensor, as the
+    official code does; torchvision's float ops clamp to [0, 1] there). Differences: the official code applies one draw to
+    the whole batch tensor and ColorJitter permutes its four ops at random; here every image has its own draw and the ops
+    run in the fixed order brightness, contrast, saturation, hue."""
+
+    name = "area-augment"
+
+    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2, hue: float = 0.1):
+        super().__init__(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+
+    def one(self, pixels, generator):
+        return flip_and_jitter(self.normalise(pixels), generator, **self.params)
+
+
+VIEW_TRANSFORMS = {cls.name: cls for cls in (GaussianNoise, FlipJitter, Occlusion, AreaAugment)}
 
 
 def make_view_transform(name: str, noise: Optional[float] = None) -> ViewTransform:
@@ -147,13 +209,17 @@ def add_views(out: str | Path, dataset: str, data_root: str | Path, count: int, 
     if count < 1:
         raise InputError(f"--views {count}: expected at least 1")
     has_pre = "width" in meta
-    arrays = [VIEWS_GLOBAL_FILE] + ([VIEWS_PRE_FILE] if has_pre else [])
+    # the first views a store gets are meta.json's "views"; views of another transform are a view set beside them
+    primary = meta.get("views") is None or meta["views"].get("transform") == transform.name
+    global_file, pre_file = (VIEWS_GLOBAL_FILE, VIEWS_PRE_FILE) if primary else view_set_files(transform.name)
+    arrays = [global_file] + ([pre_file] if has_pre else [])
     wanted = views_record(count, transform, seed, arrays)
-    if meta.get("views") == wanted:
+    existing = meta.get("views") if primary else (meta.get(VIEW_SETS_KEY) or {}).get(transform.name)
+    if existing == wanted:
         return out
-    if meta.get("views") is not None:
-        raise InputError(f"{meta_path}: the store has views made otherwise ({meta['views'].get('count')} "
-                         f"{meta['views'].get('transform')}, seed {meta['views'].get('seed')}); extract into another --out")
+    if existing is not None:
+        raise InputError(f"{meta_path}: the store has {transform.name} views made otherwise ({existing.get('count')} "
+                         f"views, seed {existing.get('seed')}, {existing.get('params')}); extract into another --out")
     backbone = store_encoder(meta, meta_path, model, pretrained, device, backbone)
     names, splits = open_dataset(dataset, data_root, names_file)
     split = splits["train"]
@@ -163,13 +229,13 @@ def add_views(out: str | Path, dataset: str, data_root: str | Path, count: int, 
         raise InputError(f"--data-root {data_root}: {len(split.items)} training images, the store has {rows}")
     fingerprint = {**wanted, "batch_size": batch_size, "rows": rows, "dtype": dtype.name,
                    "backbone": meta.get("backbone"), "precision": meta.get("precision", "fp32")}
-    record_path = out / VIEWS_PROGRESS_FILE
+    record_path = out / (VIEWS_PROGRESS_FILE if primary else f".views_{transform.name}.progress.json")
     record = read_json(record_path) if record_path.exists() else None
     if record is not None and record.get("fingerprint") != fingerprint:
         raise InputError(f"{record_path}: an unfinished views extraction with other settings; delete it to start over")
-    shapes = {VIEWS_GLOBAL_FILE: (rows, count, backbone.dim)}
+    shapes = {global_file: (rows, count, backbone.dim)}
     if has_pre:
-        shapes[VIEWS_PRE_FILE] = (rows, count, int(meta["width"]))
+        shapes[pre_file] = (rows, count, int(meta["width"]))
     done: list = [] if record is None else [list(r) for r in record.get("done", [])]
     if not done:  # the record first, then the arrays at their final size
         atomic_write_text(record_path, json.dumps({"fingerprint": fingerprint, "done": []}))
@@ -202,9 +268,9 @@ def add_views(out: str | Path, dataset: str, data_root: str | Path, count: int, 
                     global_, _, pre = backbone.encode_image_features(inputs)
                 else:
                     global_, _ = backbone.encode_images(inputs)
-                maps[VIEWS_GLOBAL_FILE][start:end, view] = global_.to(torch.float32).cpu().numpy().astype(dtype)
+                maps[global_file][start:end, view] = global_.to(torch.float32).cpu().numpy().astype(dtype)
                 if has_pre:
-                    maps[VIEWS_PRE_FILE][start:end, view] = pre.to(torch.float32).cpu().numpy().astype(dtype)
+                    maps[pre_file][start:end, view] = pre.to(torch.float32).cpu().numpy().astype(dtype)
             for array in maps.values():
                 array.flush()
             done = _add_range(done, start, end)
@@ -215,7 +281,11 @@ def add_views(out: str | Path, dataset: str, data_root: str | Path, count: int, 
     for array in maps.values():
         array.flush()
     del maps
-    meta["views"] = wanted
+    meta = read_json(meta_path)  # as it is now (nothing else writes it while views are added, but keep what is there)
+    if primary:
+        meta["views"] = wanted
+    else:
+        meta[VIEW_SETS_KEY] = {**(meta.get(VIEW_SETS_KEY) or {}), transform.name: wanted}
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     record_path.unlink(missing_ok=True)
     log.info("%s: %d %s views of %d training images", out, count, transform.name, rows)

@@ -1,0 +1,222 @@
+"""AREA's description sets in the store (*extension*, docs/interfaces.md): every sentence of each class of the clean,
+occluded and augmented sets (AREA's `generated_descriptions`, `_occ`, `_aug`), and AREA's two prompts, encoded once
+through the frozen text encoder.
+
+    text/area_<set>.npy        float32 [C, M, d]  normalised text features, slots front first
+    text/area_<set>_norms.npy  float32 [C, M]     their norms before normalisation (units * norms = encode_text's output)
+    text/area_<set>_mask.npy   bool    [C, M]     which of the M slots are real
+    meta.json "area_texts"     {"source": FILE, "sets": [...]}  written after the arrays: a store has them once it says so
+
+<set> is one of AREA_SETS: `clean`, `occluded`, `augmented` (the sentences exactly as the official code encodes them: each
+line of `<class>_descriptions.txt`, stripped, image file name and tab included), `name_prompt` ("a good photo of a {}.",
+models/area.py `_get_class_name_features`) and `photo_prompt` ("a photo of a {}.", the clean score of `train`).
+Indexed by data-set class index: a method reads the rows of the classes it has seen and nothing else. The array files are
+listed by `area_text_files` (the store's other text arrays are checked the same way).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from spacil.errors import InputError
+from spacil.fileio import atomic_save_npy, atomic_write_text, read_json
+
+AREA_TEXTS_KEY = "area_texts"
+DESCRIPTION_SETS = ("clean", "occluded", "augmented")
+PROMPT_SETS = {"name_prompt": "a good photo of a {}.", "photo_prompt": "a photo of a {}."}
+AREA_SETS = DESCRIPTION_SETS + tuple(PROMPT_SETS)
+FILE_FORMAT = "spacil-area-descriptions"
+
+
+def area_text_files(name: str) -> tuple[str, str, str]:
+    """(features, norms, mask) of set `name`, relative to the store."""
+    return f"text/area_{name}.npy", f"text/area_{name}_norms.npy", f"text/area_{name}_mask.npy"
+
+
+def all_area_text_files() -> list[str]:
+    return [rel for name in AREA_SETS for rel in area_text_files(name)]
+
+
+def read_area_sets(path: str | Path, names: list[str]) -> dict[str, list[list[str]]]:
+    """An AREA descriptions file (`spacil descriptions import --format area-sets`) -> {set: [sentences of class c for c in
+    names]}, class names matched ignoring case and underscores. A class without sentences in a set is an InputError (one
+    line) naming the file, the set and the class."""
+    from spacil.data import normalise_name
+
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != FILE_FORMAT or not isinstance(data.get("sets"), dict):
+        raise InputError(f"{path}: not an AREA descriptions file (make one with `spacil descriptions import --format "
+                         f"area-sets FOLDER`)")
+    found = {}
+    for name in DESCRIPTION_SETS:
+        by_class = data["sets"].get(name)
+        if not isinstance(by_class, dict):
+            raise InputError(f"{path}: no '{name}' set")
+        by_norm = {normalise_name(k): v for k, v in by_class.items()}
+        rows = []
+        for class_name in names:
+            sentences = by_norm.get(normalise_name(class_name))
+            if not isinstance(sentences, list) or not [s for s in sentences if isinstance(s, str) and s.strip()]:
+                missing = sum(1 for n in names if not by_norm.get(normalise_name(n)))
+                raise InputError(f"{path}: the '{name}' set has no sentences for class '{class_name}' ({missing} of the "
+                                 f"store's {len(names)} classes missing)")
+            rows.append([s.strip() for s in sentences if isinstance(s, str) and s.strip()])
+        found[name] = rows
+    return found
+
+
+def _file_key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def import_area_folders(folder: str | Path, dataset: Optional[str] = None) -> dict:
+    """AREA's released descriptions of one data set (`descriptions/<data set>/` of LAMDA-CL/ICML2026-AREA, with
+    `generated_descriptions`, `generated_descriptions_occ` and `generated_descriptions_aug`, each one
+    `<class>_descriptions.txt` per class of `generated_descriptions/classnames.txt`) -> an AREA descriptions file (dict).
+
+    The class list is classnames.txt when present (the official code reads it), else the clean set's files. Every line is
+    kept as the official code reads it (stripped; `<image file>\\t` prefix included). Files are matched to class names by
+    their letters and digits (the release writes some with spaces, some with underscores). A set without a class's file,
+    or with an empty one, is an InputError (one line) naming the folder and the class."""
+    folder = Path(folder)
+    folders = {"clean": "generated_descriptions", "occluded": "generated_descriptions_occ",
+               "augmented": "generated_descriptions_aug"}
+    for name, sub in folders.items():
+        if not (folder / sub).is_dir():
+            raise InputError(f"{folder / sub}: missing; expected AREA's descriptions folder of one data set (with "
+                             f"{', '.join(folders.values())})")
+    listing = folder / folders["clean"] / "classnames.txt"
+    if listing.is_file():
+        classes = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        classes = sorted(f.name[: -len("_descriptions.txt")].replace("_", " ")
+                         for f in (folder / folders["clean"]).glob("*_descriptions.txt"))
+    if not classes:
+        raise InputError(f"{folder / folders['clean']}: no classnames.txt and no *_descriptions.txt files")
+    sets: dict[str, dict[str, list[str]]] = {}
+    for name, sub in folders.items():
+        by_class = {}
+        missing = []
+        # the release names a class's file with underscores (the official code's rule) or, in some folders, spaces, and
+        # classnames.txt and the files now and then split a word differently ("Hand Stand" / "Handstand"): matched by
+        # letters and digits alone
+        files = {_file_key(f.name[: -len("_descriptions.txt")]): f for f in (folder / sub).glob("*_descriptions.txt")}
+        for class_name in classes:
+            file = files.get(_file_key(class_name))
+            if file is None:
+                missing.append(class_name)
+                continue
+            try:
+                lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except UnicodeDecodeError as err:
+                raise InputError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+            if not lines:
+                raise InputError(f"{file}: empty; AREA draws a sentence of every class from it")
+            by_class[class_name] = lines
+        if missing:
+            raise InputError(f"{folder / sub}: no descriptions of class '{missing[0]}' "
+                             f"({missing[0].replace(' ', '_').replace('/', '_')}_descriptions.txt; {len(missing)} of "
+                             f"{len(classes)} classes missing)")
+        sets[name] = by_class
+    return {"format": FILE_FORMAT, "version": 1, "dataset": dataset, "source": str(folder), "sets": sets}
+
+
+def prompt_sets(names: list[str]) -> dict[str, list[list[str]]]:
+    """AREA's two prompts per class (models/area.py: `c.replace('_', ' ')` filled in)."""
+    return {key: [[template.format(name.replace("_", " "))] for name in names] for key, template in PROMPT_SETS.items()}
+
+
+def encode_sets(encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]], sets: dict[str, list[list[str]]], dim: int,
+                batch: int = 256) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Encode every sentence once. `encode(texts)` -> (normalised features [len, d], norms [len]).
+    -> {set: (units [C, M, d], norms [C, M], mask [C, M])}, M the most sentences of any class in that set."""
+    out = {}
+    for name, rows in sets.items():
+        width = max(len(r) for r in rows)
+        units = np.zeros((len(rows), width, dim), dtype=np.float32)
+        norms = np.zeros((len(rows), width), dtype=np.float32)
+        mask = np.zeros((len(rows), width), dtype=bool)
+        flat = [(c, m, text) for c, texts in enumerate(rows) for m, text in enumerate(texts)]
+        for start in range(0, len(flat), batch):
+            chunk = flat[start:start + batch]
+            features, lengths = encode([text for *_, text in chunk])
+            for (c, m, _), feature, length in zip(chunk, np.asarray(features, np.float32), np.asarray(lengths, np.float32)):
+                units[c, m], norms[c, m], mask[c, m] = feature, length, True
+        out[name] = (units, norms, mask)
+    return out
+
+
+def write_area_texts(store: str | Path, encoded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], source: str) -> None:
+    """The arrays of every set, then meta.json's record (a store is read with them only once it names them)."""
+    store = Path(store)
+    (store / "text").mkdir(parents=True, exist_ok=True)
+    for name, arrays in encoded.items():
+        for rel, array in zip(area_text_files(name), arrays):
+            atomic_save_npy(store / rel, array)
+    meta = read_json(store / "meta.json")
+    meta[AREA_TEXTS_KEY] = {"source": source, "sets": list(encoded)}
+    atomic_write_text(store / "meta.json", json.dumps(meta, indent=2))
+
+
+def add_area_texts(out: str | Path, file: str | Path, model: str = "ViT-B-16", pretrained: Optional[str] = "laion400m_e32",
+                   device: str = "auto", backbone=None) -> Path:
+    """Encode AREA's description sets (`file`) and prompts into the finished store `out` through the text encoder the
+    store was encoded with; nothing else is touched. A class of the store missing from a set fails before any encoding."""
+    from spacil.store.encoder import store_encoder
+
+    out = Path(out)
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        raise InputError(f"{meta_path}: missing; AREA's descriptions are added to a finished store")
+    meta = read_json(meta_path)
+    names = list(meta.get("classes") or [])
+    sets = {**read_area_sets(file, names), **prompt_sets(names)}
+    backbone = store_encoder(meta, meta_path, model, pretrained, device, backbone)
+
+    def encode(texts):
+        units, lengths = backbone.encode_texts_with_norms(texts)
+        return units.cpu().numpy(), lengths.cpu().numpy()
+
+    write_area_texts(out, encode_sets(encode, sets, backbone.dim), str(file))
+    return out
+
+
+class AreaTexts:
+    """A store's AREA description sets, memory-mapped: {set: (units [C, M, d], norms [C, M], mask [C, M])}."""
+
+    def __init__(self, arrays: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]):
+        self.arrays = arrays
+
+    def rows(self, name: str, class_ids) -> tuple[np.ndarray, np.ndarray]:
+        """Set `name` of the classes `class_ids` (data-set indices), reading nothing else:
+        (un-normalised features [n, M, d] float32, counts of real slots [n])."""
+        units, norms, mask = self.arrays[name]
+        ids = np.asarray(class_ids, dtype=np.int64)
+        raw = np.asarray(units[ids], dtype=np.float32) * np.asarray(norms[ids], dtype=np.float32)[..., None]
+        return raw, np.asarray(mask[ids]).sum(axis=1).astype(np.int64)
+
+
+def open_area_texts(store_path: Path, meta: dict, classes: int, dim: int, array: Callable) -> Optional[AreaTexts]:
+    """The description sets a finished store names in meta.json (checked), or None."""
+    record = meta.get(AREA_TEXTS_KEY)
+    if record is None:
+        return None
+    if not isinstance(record, dict) or sorted(record.get("sets") or []) != sorted(AREA_SETS):
+        raise InputError(f"{store_path / 'meta.json'}: '{AREA_TEXTS_KEY}.sets' must name {', '.join(AREA_SETS)}")
+    found = {}
+    for name in AREA_SETS:
+        units_rel, norms_rel, mask_rel = area_text_files(name)
+        units = array(units_rel, (classes, None, dim))
+        norms = array(norms_rel, (classes, units.shape[1]))
+        mask = array(mask_rel, (classes, units.shape[1]))
+        for got, rel, want in ((units, units_rel, np.float32), (norms, norms_rel, np.float32), (mask, mask_rel, np.bool_)):
+            if got.dtype != want:
+                raise InputError(f"{store_path / rel}: dtype {got.dtype}, expected {np.dtype(want).name}")
+        if not np.asarray(mask).any(axis=1).all():
+            raise InputError(f"{store_path / mask_rel}: a class has no sentence in AREA's '{name}' set")
+        found[name] = (units, norms, mask)
+    return AreaTexts(found)

@@ -305,7 +305,7 @@ def test_imagenet1k_configs_and_sweep(tmp_path, capsys):
     assert (b500.data.init_cls, b500.data.increment) == (500, 100)
     assert main(["sweep", "imagenet1k", "--out", str(tmp_path / "sweep"), "--dry-run"]) == 0
     plan = capsys.readouterr().out.splitlines()
-    assert plan[-1].startswith("60 cells under")
+    assert plan[-1].startswith("66 cells under")
     assert any(line.endswith("imagenet1k_b500/spa-global_only/seed1995") for line in plan)
 
 

@@ -23,7 +23,8 @@ from spacil.config import Config, differing_keys, dump_config, read_yaml_mapping
 from spacil.devices import device_name, memory_budget, resolve_device, use_device
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
-from spacil.store.format import FeatureStore, rows_as_tensor
+from spacil.store.finite import check_whole_arrays, first_nonfinite_row
+from spacil.store.format import SPLITS, FeatureStore, rows_as_tensor
 from spacil.store.rows import row_arrays
 from spacil.fileio import append_text, atomic_write_bytes, atomic_write_text, make_dirs
 from spacil.learner import Learner, LearnerContext, TaskData, TaskInfo
@@ -72,7 +73,10 @@ class Run:
         if self.learner.needs_patches and store.num_patches < top_k != type(config.spa).model_fields["top_k_patches"].default:
             raise InputError(f"top_k_patches={config.spa.top_k_patches}: the store {store.path} has {store.num_patches} "
                              f"patch tokens per image; expected at most {store.num_patches}")
-        # rows of each array already found finite (a NaN in a store would otherwise give a silent, wrong accuracy)
+        # NaN and infinity (store/finite.py): the store's class- and model-level arrays in full, now, before anything is
+        # written; the per-row arrays row by row as they are read (rows already found finite, per array)
+        if check_finite:
+            check_whole_arrays(store.path, store.opened, SPLITS)
         self.finite_rows: Optional[dict[str, np.ndarray]] = {} if check_finite else None
         self.evaluations: list[TaskEvaluation] = []
         self.first_task = 0
@@ -294,22 +298,6 @@ def _check_plain(value, where: str) -> None:
     elif not (value is None or isinstance(value, (torch.Tensor, bool, int, float, str))):
         raise TypeError(f"{where}: a {type(value).__name__}; a learner's state_dict may hold only tensors, numbers, "
                         f"strings, bools, None, lists and dicts (checkpoints load with weights_only=True)")
-
-
-def first_nonfinite_row(data: np.ndarray) -> Optional[int]:
-    """The index of the first row of `data` [N, ...] holding a NaN or an infinity, or None.
-
-    float16 and float32 rows are tested on their bits (exponent all ones), about 8 times faster than np.isfinite on
-    float16; the row is then located with np.isfinite only when there is one."""
-    bits = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}.get(data.dtype)
-    if bits is not None and data.size:
-        view = np.ascontiguousarray(data).view(bits[0])
-        if (view & bits[0](bits[1])).max() != bits[1]:
-            return None
-    elif data.size == 0 or np.isfinite(data).all():
-        return None
-    bad = ~np.isfinite(data.reshape(len(data), -1)).all(axis=1)
-    return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
 
 class _RowView:

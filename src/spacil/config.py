@@ -354,9 +354,16 @@ def resolve_config_path(path: str | Path) -> Path:
 PLACEMENT_KEYS = ("device",)
 
 
-def differing_keys(saved: dict, config: Config, ignore: tuple[str, ...] = PLACEMENT_KEYS) -> list[str]:
-    """Dotted keys whose value in `saved` (a parsed config.yaml) differs from `config`, placement keys left out."""
+def differing_keys(saved: dict, config: Config, ignore: tuple[str, ...] = PLACEMENT_KEYS,
+                   folder: Optional[str | Path] = None) -> list[str]:
+    """Dotted keys whose value in `saved` (a parsed config.yaml) differs from `config`, placement keys left out. With
+    `folder` (where `saved` was read), paths are compared where they lead: `saved`'s recorded against `folder`,
+    `config`'s against the working directory (spacil.recorded_paths)."""
     current = config.to_dict()
+    if folder is not None:
+        from spacil.recorded_paths import resolve_data_paths
+
+        saved, current = resolve_data_paths(saved, folder), resolve_data_paths(current, None)
     differ = []
     for key in sorted(set(saved) | set(current)):
         if key in ignore:
@@ -369,5 +376,13 @@ def differing_keys(saved: dict, config: Config, ignore: tuple[str, ...] = PLACEM
     return differ
 
 
-def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+def dump_config(config: Config, folder: Optional[str | Path] = None, absolute: bool = False) -> str:
+    """The config as YAML; its data paths relative to `folder` (the file's folder: a run's config.yaml), or absolute."""
+    from spacil.recorded_paths import record_data_paths, resolve_data_paths
+
+    tree = config.to_dict()
+    if folder is not None:
+        tree = record_data_paths(tree, folder)
+    elif absolute:
+        tree = resolve_data_paths(tree, None)
+    return yaml.safe_dump(tree, sort_keys=False)

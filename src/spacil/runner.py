@@ -29,6 +29,7 @@ from spacil.store.rows import row_arrays
 from spacil.fileio import append_text, atomic_write_bytes, atomic_write_text, make_dirs
 from spacil.learner import Learner, LearnerContext, TaskData, TaskInfo
 from spacil.methods import METHODS, create_learner
+from spacil.recorded_paths import resolve_recorded
 from spacil.runlock import RunFolderLock
 from spacil.metrics import TaskEvaluation, accuracy_matrix, evaluate_task, summarise
 
@@ -104,22 +105,30 @@ class Run:
             if not starting_over and ((self.out / "summary.json").exists() or (self.out / "checkpoints").exists()):
                 raise InputError(f"--out {self.out}: holds a run already; use --resume or another folder")
             make_dirs(self.out)
-            atomic_write_text(self.out / "config.yaml", dump_config(self.config))
+            atomic_write_text(self.out / "config.yaml", dump_config(self.config, folder=self.out))
             atomic_write_text(self.out / "class_order.json", json.dumps(
                 {"seed": self.config.seed, "order": self.order, "task_sizes": self.sizes,
                  "classes": [self.store.classes[c] for c in self.order]}, indent=1))
             atomic_write_text(self.out / "log.txt", "")
 
     def _check_saved_config(self) -> None:
-        """The run folder's config.yaml must parse and match this run's config (placement keys such as device aside)."""
+        """The run folder's config.yaml must parse and match this run's config (placement keys such as device aside;
+        paths compared where they lead, spacil.recorded_paths)."""
         path = self.out / "config.yaml"
         saved = read_yaml_mapping(path, "run's config")
-        differ = differing_keys(saved, self.config)
+        differ = differing_keys(saved, self.config, folder=self.out)
+        moved = "data.features" in differ and not self._recorded_store_exists(saved)
+        if moved:  # the store is no longer where the run recorded it, and this run names where it is now
+            differ.remove("data.features")
         if differ:
             shown = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")
             raise InputError(f"{path}: differs from this run's config ({shown}); resume with the same settings")
-        if saved.get("device") != self.config.device:  # a run may move between devices: record where it ends
-            atomic_write_text(path, dump_config(self.config))
+        if saved.get("device") != self.config.device or moved:  # a run may move: record where it computes and reads
+            atomic_write_text(path, dump_config(self.config, folder=self.out))
+
+    def _recorded_store_exists(self, saved: dict) -> bool:
+        recorded = (saved.get("data") or {}).get("features") if isinstance(saved.get("data"), dict) else None
+        return bool(recorded) and (resolve_recorded(recorded, self.out) / "meta.json").is_file()
 
     def _load_checkpoint(self, path: Path) -> None:
         evaluations = load_checkpoint(path, self.learner, self.config.method)
@@ -236,6 +245,12 @@ class Run:
                       f"Inc{config.data.increment})  seed: {config.seed}  device: {config.device}")
         else:
             self._log(f"resuming after task {self.first_task} (device: {config.device})")
+        remaining = range(self.first_task, len(self.sizes))
+        note = self.learner.cost_note([len(self._rows_of("train", list(range(*self.bounds[t])))) for t in remaining],
+                                      [self.sizes[t] for t in remaining])
+        if note:  # on standard error even with --quiet: a cost to see before it is paid
+            append_text(self.out / "log.txt", note + "\n")
+            log.warning(note)
         summary = None
         for task in range(self.first_task, len(self.sizes)):
             started = time.perf_counter()

@@ -387,7 +387,7 @@ def write_text_features(
 def write_visual_proj(path: str | Path, visual_proj: np.ndarray) -> None:
     """backbone/visual_proj.npy float32 [width, d]."""
     file = Path(path) / VISUAL_PROJ_FILE
-    file.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(file.parent)
     atomic_save_npy(file, np.asarray(visual_proj, dtype=np.float32))
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from spacil.data import CLIP_MEAN, CLIP_STD, image_transform, open_dataset
 from spacil.errors import InputError
-from spacil.fileio import atomic_write_text, read_json
+from spacil.fileio import atomic_write_text, read_json, writing
 from spacil.store.encoder import store_encoder
 from spacil.store.format import VIEWS_GLOBAL_FILE, VIEWS_PRE_FILE, read_npy_header
 
@@ -168,7 +168,8 @@ def add_views(out: str | Path, dataset: str, data_root: str | Path, count: int, 
     done: list = [] if record is None else [list(r) for r in record.get("done", [])]
     if not done:  # the record first, then the arrays at their final size
         atomic_write_text(record_path, json.dumps({"fingerprint": fingerprint, "done": []}))
-        maps = {rel: open_memmap(out / rel, mode="w+", dtype=dtype, shape=shape) for rel, shape in shapes.items()}
+        with writing(out):
+            maps = {rel: open_memmap(out / rel, mode="w+", dtype=dtype, shape=shape) for rel, shape in shapes.items()}
     else:
         maps = {rel: open_memmap(out / rel, mode="r+") for rel in shapes}
         for rel, shape in shapes.items():

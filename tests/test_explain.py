@@ -310,6 +310,8 @@ def test_runs_record_their_store_relative_and_resume_from_anywhere(world, tmp_pa
     shutil.move(str(project / "stores" / "shapes"), str(tmp_path / "shapes"))
     assert main([*args, "--features", str(tmp_path / "shapes"), "--out", str(run), "--resume"]) == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["features"] == "../../../shapes"
+    # a run's config.yaml runs again as it is, from any directory (its paths resolve against its folder)
+    assert main(["run", "--config", str(run / "config.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
     other = tmp_path / "other"
     shutil.copytree(world["store"], other)
     assert main([*args, "--features", str(other), "--out", str(run), "--resume"]) == 2  # another store: refused

@@ -324,9 +324,16 @@ def read_yaml_mapping(path: str | Path, what: str, empty_ok: bool = False) -> di
 
 
 def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Read a YAML config (a path, or the name of a packaged benchmark config such as `cifar224_b0`)."""
+    """Read a YAML config (a path, or the name of a packaged benchmark config such as `cifar224_b0`). A run folder's
+    config.yaml (beside its class_order.json) names its paths relative to the run folder (spacil.recorded_paths): they
+    are resolved there, so that it runs again as it is from any directory; other configs' paths are the user's, relative
+    to the working directory."""
+    from spacil.recorded_paths import resolve_data_paths
+
     path = resolve_config_path(path)
     tree = read_yaml_mapping(path, "config", empty_ok=True)
+    if path.name == "config.yaml" and (path.parent / "class_order.json").is_file():
+        tree = resolve_data_paths(tree, path.parent)
     return build_config(tree, overrides, source=str(path))
 
 

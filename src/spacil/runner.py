@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import pickle
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -250,7 +251,7 @@ class Run:
                                       [self.sizes[t] for t in remaining])
         if note:  # on standard error even with --quiet: a cost to see before it is paid
             append_text(self.out / "log.txt", note + "\n")
-            log.warning(note)
+            print(note, file=sys.stderr, flush=True)
         summary = None
         for task in range(self.first_task, len(self.sizes)):
             started = time.perf_counter()

@@ -86,7 +86,7 @@ def _run_one(name: str, method: str, extra: dict, store: Path, runs: Path, epoch
     if (folder / "summary.json").exists():
         summary = json.loads((folder / "summary.json").read_text())
         saved = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else None
-        same = isinstance(saved, dict) and not differing_keys(saved, config)  # a run on another device is reused
+        same = isinstance(saved, dict) and not differing_keys(saved, config, folder=folder)  # another device: reused
         if summary.get("complete") and same:
             return folder  # finished earlier with the same settings
         if not same:

@@ -93,3 +93,14 @@ def test_nothing_outside_fileio_opens_a_file_for_writing_or_makes_a_folder():
              for path in package.rglob("*.py") if path.name != "fileio.py"
              for number, line in enumerate(path.read_text().splitlines(), 1) if writes.search(line)]
     assert found == [], found
+
+
+def test_a_memory_map_created_on_a_full_disk_is_one_line_not_a_sigbus(full_disk):
+    """Stored views are written through memory maps created at their final size: their blocks are reserved first."""
+    from spacil.fileio import reserve_space
+
+    sparse = full_disk / "views_global.npy"
+    with open(sparse, "wb") as handle:  # a sparse file of 1 MiB: creating it takes no room
+        handle.truncate(1 << 20)
+    with pytest.raises(InputError, match=f"{sparse}: cannot write \\(No space left on device; .* free\\)"):
+        reserve_space(sparse)

@@ -126,6 +126,23 @@ def open_log(path: str | Path):
         return open(path, "a")
 
 
+def reserve_space(path: str | Path) -> None:
+    """Allocate the blocks of a file created at its final size (a memory map, sparse until written) now: a full disk is
+    then write_error's one line here, not a SIGBUS that kills the process when a row is written through the map later.
+    Where the filesystem cannot allocate ahead (or the platform lacks posix_fallocate), nothing is done."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with writing(path):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                raise
+        finally:
+            os.close(fd)
+
+
 def make_dirs(path: str | Path) -> Path:
     """mkdir -p, with write_error's one line when it fails."""
     path = Path(path)

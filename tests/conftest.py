@@ -4,6 +4,7 @@ images are generated, and Hugging Face is forced offline."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,32 @@ def assert_same_state(a, b, where: str = "state") -> None:
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
     else:
         assert a == b, where
+
+
+# small disks (issue 26): a failed write must be one line and leave no partial file --------------------------------------
+def _mounted_tmpfs(path: Path, options: str, what: str):
+    """Mount a tmpfs with `options` at `path` for one test (root only: skipped otherwise), then unmount it."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                                                   capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip(f"no {what} here (needs root and mount)")
+    yield path
+    subprocess.run(["umount", str(path)])
+
+
+@pytest.fixture()
+def full_disk(tmp_path):
+    """A 4 KiB tmpfs (one page): room for a folder, none for a figure."""
+    yield from _mounted_tmpfs(tmp_path / "disk", "size=4k", "small tmpfs")
+
+
+@pytest.fixture()
+def readonly_disk(tmp_path):
+    yield from _mounted_tmpfs(tmp_path / "readonly", "ro,size=4k", "read-only tmpfs")
+
+
+def no_partial_files(folder: Path) -> bool:
+    """Nothing empty and no temporary file of a write left under `folder`."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return not any(p.name.endswith(".tmp") or p.stat().st_size == 0 for p in files)

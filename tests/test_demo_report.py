@@ -25,8 +25,10 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert image["complete"] and len(image["curve"]) == 2
     explained = json.loads((out / "image_path" / "explain" / "test_5.json").read_text())  # spacil explain of one image
     assert explained["method"] == "spa" and explained["explained"] and (out / "image_path" / "explain" / "test_5.png").is_file()
-    # run again: everything finished is reused
+    # run again: everything finished is reused (its run folders record the world relative to themselves: issue 26)
+    written = {path: path.stat().st_mtime_ns for path in (out / "runs").glob("*/summary.json")}
     assert main(["demo", "--out", str(out), "--quick"]) == 0
+    assert written == {path: path.stat().st_mtime_ns for path in (out / "runs").glob("*/summary.json")}
 
 
 def test_report_over_runs(random_store, tmp_path, capsys):

@@ -74,7 +74,8 @@ def test_descriptions_become_the_stores_semantic_tokens(tiny_model, shapes_root,
     loaded = FeatureStore(store)
     assert loaded.description_mask.sum(axis=1).tolist() == [2, 1, 0, 0]
     np.testing.assert_allclose(np.linalg.norm(loaded.descriptions[0, :2], axis=-1), 1, atol=1e-5)
-    assert json.loads((store / "meta.json").read_text())["text"]["descriptions_source"] == str(descriptions)
+    # recorded relative to the store (issue 26: it resolves from any working directory)
+    assert json.loads((store / "meta.json").read_text())["text"]["descriptions_source"] == "../" + descriptions.name
 
 
 def test_descriptions_can_be_added_to_a_finished_store_only_with_its_model(tiny_model, shapes_root, tmp_path):

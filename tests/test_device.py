@@ -17,7 +17,7 @@ from spacil import learner as learner_module
 from spacil import runner as runner_module
 from conftest import assert_same_state, interrupt_at_task, make_random_store
 from spacil.cli import main
-from spacil.config import build_config
+from spacil.config import build_config, load_config
 from spacil.devices import PROCESSES_PER_GPU_ENV, local_rank_device, memory_budget
 from spacil.errors import InputError
 from spacil.methods import METHODS
@@ -254,7 +254,7 @@ def test_a_resume_places_every_learners_state_on_its_device(method_store, tmp_pa
     original = interrupt_at_task(monkeypatch, learner_class, 2)
     assert _run(method_store, tmp_path / "r", method, *_short(method)) == 130
     monkeypatch.setattr(learner_class, "fit_task", original)
-    config = build_config(yaml.safe_load((tmp_path / "r" / "config.yaml").read_text()))
+    config = load_config(tmp_path / "r" / "config.yaml")  # its paths are relative to the run folder (issue 26)
     monkeypatch.setattr(runner_module, "resolve_device", lambda name: torch.device("meta"))
     with warnings.catch_warnings():  # (spacil's main reset the filters) loading into meta tensors copies nothing, and says so
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")

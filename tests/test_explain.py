@@ -245,3 +245,74 @@ def test_word_tokens_are_mapped_to_their_sentences(world, tiny_model, shapes_roo
     words = [len(s.rstrip(".").split()) for s in explained["sentences"]]  # "a photo of a red square.": 6 words ('.' dropped)
     assert explained["token_sentence"] == [i for i, n in enumerate(words) for _ in range(n)]
     assert np.array(explained["plan"]).shape == (4, sum(words))
+
+
+# issue 26: write failures and recorded paths ----------------------------------------------------------------------------
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("spacil: error: "), err
+    return err
+
+
+def test_explain_on_a_full_disk_or_a_readonly_folder_is_one_line(world, full_disk, readonly_disk, capsys):
+    from conftest import no_partial_files
+
+    run, photo = str(world["runs"]["spa"]), str(world["photos"][0])
+    assert main(["explain", run, photo, "--out", str(full_disk / "explain"), "--device", "cpu"]) == 2
+    err = _one_line(capsys)
+    assert str(full_disk / "explain" / "astronaut.png") in err and "No space left on device" in err and "free" in err
+    assert no_partial_files(full_disk)
+    assert main(["explain", run, photo, "--out", str(readonly_disk / "explain"), "--device", "cpu"]) == 2
+    assert f"{readonly_disk / 'explain'}: cannot write (Read-only file system" in _one_line(capsys)
+
+
+def test_a_store_moved_with_its_runs_and_explain_from_another_directory(world, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    moved = tmp_path / "moved"
+    shutil.copytree(world["store"], moved / "store")
+    shutil.copytree(world["runs"]["spa"], moved / "spa")
+    shutil.copy(world["descriptions"], moved / "descriptions.json")
+    config = yaml.safe_load((moved / "spa" / "config.yaml").read_text())
+    assert config["data"]["features"] == "../store"  # recorded relative to the run folder
+    assert json.loads((moved / "store" / "meta.json").read_text())["text"]["descriptions_source"] == "../descriptions.json"
+    shutil.move(str(world["base"] / "descriptions.json"), str(tmp_path / "elsewhere.json"))  # only the moved copy is left
+    try:
+        elsewhere = tmp_path / "cwd"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        assert main(["explain", "../moved/spa", str(world["photos"][0]), "--out", "out", "--device", "cpu"]) == 0
+        assert (elsewhere / "out" / "astronaut.png").is_file()
+        record = json.loads((elsewhere / "out" / "astronaut.json").read_text())
+        assert record["explained"][0]["sentences"]  # the sentences came from the descriptions file moved beside the store
+    finally:
+        shutil.move(str(tmp_path / "elsewhere.json"), str(world["base"] / "descriptions.json"))
+    # a run folder of spacil 0.3 recorded the store as given, relative to where `spacil run` ran: still read from there
+    config["data"]["features"] = "store"
+    (moved / "spa" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    monkeypatch.chdir(moved)
+    assert main(["explain", "spa", str(world["photos"][0]), "--out", str(tmp_path / "old"), "--device", "cpu"]) == 0
+
+
+def test_runs_record_their_store_relative_and_resume_from_anywhere(world, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    project = tmp_path / "project"
+    shutil.copytree(world["store"], project / "stores" / "shapes")
+    monkeypatch.chdir(project)
+    args = ["run", "--method", "simplecil", "--init-cls", "2", "--increment", "2", "--quiet", "--device", "cpu"]
+    assert main([*args, "--features", "stores/shapes", "--out", "runs/simplecil"]) == 0
+    run = project / "runs" / "simplecil"
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["features"] == "../../stores/shapes"
+    monkeypatch.chdir(tmp_path)  # the same store named from elsewhere is the same setting
+    assert main([*args, "--features", "project/stores/shapes", "--out", "project/runs/simplecil", "--resume"]) == 0
+    # the store moved without its runs: a resume that names its new place goes on, and records it
+    shutil.move(str(project / "stores" / "shapes"), str(tmp_path / "shapes"))
+    assert main([*args, "--features", str(tmp_path / "shapes"), "--out", str(run), "--resume"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["features"] == "../../../shapes"
+    # a run's config.yaml runs again as it is, from any directory (its paths resolve against its folder)
+    assert main(["run", "--config", str(run / "config.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    other = tmp_path / "other"
+    shutil.copytree(world["store"], other)
+    assert main([*args, "--features", str(other), "--out", str(run), "--resume"]) == 2  # another store: refused
+    assert "data.features" in _one_line(capsys)

@@ -357,9 +357,16 @@ def read_yaml_mapping(path: str | Path, what: str, empty_ok: bool = False) -> di
 
 
 def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Read a YAML config (a path, or the name of a packaged benchmark config such as `cifar224_b0`)."""
+    """Read a YAML config (a path, or the name of a packaged benchmark config such as `cifar224_b0`). A run folder's
+    config.yaml (beside its class_order.json) names its paths relative to the run folder (spacil.recorded_paths): they
+    are resolved there, so that it runs again as it is from any directory; other configs' paths are the user's, relative
+    to the working directory."""
+    from spacil.recorded_paths import resolve_data_paths
+
     path = resolve_config_path(path)
     tree = read_yaml_mapping(path, "config", empty_ok=True)
+    if path.name == "config.yaml" and (path.parent / "class_order.json").is_file():
+        tree = resolve_data_paths(tree, path.parent)
     return build_config(tree, overrides, source=str(path))
 
 
@@ -387,9 +394,16 @@ def resolve_config_path(path: str | Path) -> Path:
 PLACEMENT_KEYS = ("device",)
 
 
-def differing_keys(saved: dict, config: Config, ignore: tuple[str, ...] = PLACEMENT_KEYS) -> list[str]:
-    """Dotted keys whose value in `saved` (a parsed config.yaml) differs from `config`, placement keys left out."""
+def differing_keys(saved: dict, config: Config, ignore: tuple[str, ...] = PLACEMENT_KEYS,
+                   folder: Optional[str | Path] = None) -> list[str]:
+    """Dotted keys whose value in `saved` (a parsed config.yaml) differs from `config`, placement keys left out. With
+    `folder` (where `saved` was read), paths are compared where they lead: `saved`'s recorded against `folder`,
+    `config`'s against the working directory (spacil.recorded_paths)."""
     current = config.to_dict()
+    if folder is not None:
+        from spacil.recorded_paths import resolve_data_paths
+
+        saved, current = resolve_data_paths(saved, folder), resolve_data_paths(current, None)
     differ = []
     for key in sorted(set(saved) | set(current)):
         if key in ignore:
@@ -412,7 +426,15 @@ def config_notes(config: Config) -> list[str]:
     return notes
 
 
-def dump_config(config: Config) -> str:
-    """The resolved config as YAML, its notes (`config_notes`) as leading comments."""
+def dump_config(config: Config, folder: Optional[str | Path] = None, absolute: bool = False) -> str:
+    """The config as YAML, its notes (`config_notes`) as leading comments; its data paths relative to `folder` (the file's
+    folder: a run's config.yaml), or absolute."""
+    from spacil.recorded_paths import record_data_paths, resolve_data_paths
+
+    tree = config.to_dict()
+    if folder is not None:
+        tree = record_data_paths(tree, folder)
+    elif absolute:
+        tree = resolve_data_paths(tree, None)
     comments = "".join(f"# note: {note}\n" for note in config_notes(config))
-    return comments + yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return comments + yaml.safe_dump(tree, sort_keys=False)

@@ -26,10 +26,11 @@ from spacil.config import Config, build_config, read_yaml_mapping
 from spacil.data import class_order, normalise_name
 from spacil.devices import resolve_device
 from spacil.errors import InputError
-from spacil.fileio import atomic_write_text
+from spacil.fileio import atomic_save_figure, atomic_write_text, make_dirs
 from spacil.learner import FeatureBatch, Learner, LearnerContext
 from spacil.methods import create_learner
 from spacil.methods.spa import SPA
+from spacil.recorded_paths import resolve_data_paths, resolve_recorded
 from spacil.runner import load_checkpoint
 from spacil.store.format import FeatureStore
 
@@ -65,7 +66,8 @@ def load_run(run_dir: str | Path, store: Optional[str | Path] = None, device: st
     if not config_path.is_file():
         raise InputError(f"{config_path}: missing; not a run folder")
     resolved = resolve_device(device)
-    config = build_config(read_yaml_mapping(config_path, "run's config"), source=str(config_path))
+    # its paths are recorded relative to the run folder (older runs: to where `spacil run` ran): recorded_paths
+    config = build_config(resolve_data_paths(read_yaml_mapping(config_path, "run's config"), run_dir), source=str(config_path))
     config = config.model_copy(update={"device": str(resolved)})
     store_path = store or config.data.features
     if store_path is None:
@@ -143,9 +145,7 @@ def _descriptions_file(store: FeatureStore, override: Optional[str | Path]) -> P
         source = text.get("descriptions_source")
         if not source:
             raise InputError(f"{meta_path}: names no descriptions file (text.descriptions_source); pass --descriptions FILE")
-        path = Path(source)
-        if not path.is_absolute() and not path.is_file() and (store.path / path).is_file():
-            path = store.path / path
+        path = resolve_recorded(source, store.path)  # relative to the store (older stores: to where extract ran)
     if not path.is_file():
         raise InputError(f"{path}: the descriptions file {meta_path} names is gone; pass --descriptions FILE")
     return path
@@ -308,8 +308,10 @@ def draw(image, record: dict, path: str | Path, grid: tuple[int, int]) -> None:
         _draw_sentences(fig, ax_text, ax, explained, cell, cols, colours[explained["role"]], right_of_photo=ax_text is not axes[0])
     _draw_scores(axes[-1], record)
     fig.subplots_adjust(left=0.01, right=0.97, top=0.88, bottom=0.08, wspace=0.1)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        atomic_save_figure(path, fig, dpi=DPI)
+    finally:
+        plt.close(fig)
 
 
 def _draw_sentences(fig, ax, photo_ax, explained: dict, cell, cols: int, colour: str, right_of_photo: bool) -> None:
@@ -453,7 +455,7 @@ def explain_images(run_dir: str | Path, images: Sequence[str | Path] = (), store
                                     None if given is None else given[start:start + IMAGES_PER_BATCH])
     grid = tuple(int(g) for g in backbone.grid)  # the family's own patch grid (rows, columns)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     written = []
     for source, picture, record, stem in zip(sources, pictures, records, _output_stems(labels)):
         record = {"image": source, "grid": list(grid), **record, "panels": panels_of(record)}

@@ -1,6 +1,7 @@
 """Writing files so that an interrupted process never leaves a half-written one, and reading JSON with one-line errors.
 
-Every stage writes through these: the store, descriptions, run folders, reports and sweeps. A write that fails (a full
+Every stage writes through these: the store, descriptions, run folders, reports, sweeps, figures and images (rendered in
+memory first: `atomic_save_figure`, `atomic_save_image`); nothing else in spacil opens a file for writing or makes a folder. A write that fails (a full
 disk, a read-only folder, a quota) is one InputError naming the path and the free space there, and leaves no temporary
 file behind: after room is made, the same command resumes.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -89,6 +91,56 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
         with open(tmp, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
         os.replace(tmp, path)
+
+
+def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """np.savez of `arrays`, built in memory and written by atomic_write_bytes (no pickles)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+def atomic_save_figure(path: str | Path, figure, **savefig_options) -> None:
+    """A matplotlib figure rendered in memory (in the format of `path`'s suffix, PNG without one), then written by
+    atomic_write_bytes: a full disk or a read-only folder is write_error's one line and leaves no partial or empty file
+    (matplotlib's own savefig leaves a 0-byte file and a traceback)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png", **savefig_options)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+def atomic_save_image(path: str | Path, image, **save_options) -> None:
+    """A PIL image encoded in memory (the format of `path`'s suffix, PNG when it names none PIL knows), then written by
+    atomic_write_bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"), **save_options)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+def open_log(path: str | Path):
+    """A log file opened for appending, for the caller to close (a worker's standard output goes there as it runs, so it
+    cannot be written whole and renamed): write_error's one line when it cannot be opened."""
+    with writing(path):
+        return open(path, "a")
+
+
+def reserve_space(path: str | Path) -> None:
+    """Allocate the blocks of a file created at its final size (a memory map, sparse until written) now: a full disk is
+    then write_error's one line here, not a SIGBUS that kills the process when a row is written through the map later.
+    Where the filesystem cannot allocate ahead (or the platform lacks posix_fallocate), nothing is done."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with writing(path):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                raise
+        finally:
+            os.close(fd)
 
 
 def make_dirs(path: str | Path) -> Path:

@@ -325,6 +325,11 @@ class Learner:
         return self.name
 
     # hooks -------------------------------------------------------------------------------------------------------------
+    def cost_note(self, train_rows: list[int], task_sizes: list[int]) -> Optional[str]:
+        """One line the runner shows before the run starts, for a method whose cost a user should see first (the
+        training rows and the classes of each task), or None (the default)."""
+        return None
+
     def begin_task(self, info: TaskInfo) -> None:
         self.seen_positions.extend(info.positions)
         self.seen_names.extend(info.names)

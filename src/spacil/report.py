@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.fileio import atomic_write_text, make_dirs, read_json
+from spacil.fileio import atomic_save_figure, atomic_write_text, make_dirs, read_json
 
 
 def _number(value) -> bool:
@@ -188,8 +189,10 @@ def plot_curves(summaries: Sequence[dict], path: str | Path, title: str = "Accur
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_save_figure(path, fig)
+    finally:
+        plt.close(fig)
 
 
 def plot_matrix(matrix: np.ndarray, path: str | Path, title: str) -> None:
@@ -211,12 +214,44 @@ def plot_matrix(matrix: np.ndarray, path: str | Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="accuracy (%)")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_save_figure(path, fig)
+    finally:
+        plt.close(fig)
 
 
-def write_report(runs: Sequence[str | Path], out: Optional[str | Path] = None) -> str:
-    """Write report.md, report.csv and curves.png (and one matrix PNG per run) to `out`; return the Markdown table."""
+# files a run folder holds from its start, before its first task is finished (summary.json comes with that task)
+RUN_STARTED_FILES = ("config.yaml", "class_order.json", "log.txt", ".writer.lock")
+
+
+def reportable_runs(runs: Sequence[str | Path], warn: Callable[[str], None]) -> list[Path]:
+    """The runs of `runs` that have a summary to report. The others are skipped with one line each through `warn`: a run
+    that finished no task yet (`skipped (unfinished run): PATH`) and anything that is not a run folder (`skipped (not a
+    run folder): PATH`: another folder, a file such as an earlier report's, which `spacil report runs/*` also names).
+    None left is an InputError (exit 2); a damaged summary.json stays one (load_run)."""
+    kept = []
+    for run in map(Path, runs):
+        if (run / "summary.json").is_file():
+            kept.append(run)
+        elif run.is_dir() and any((run / name).exists() for name in RUN_STARTED_FILES):
+            warn(f"skipped (unfinished run): {run}")
+        else:
+            warn(f"skipped (not a run folder): {run}")
+    if not kept:
+        raise InputError(f"nothing to report: none of the {len(runs)} paths given is a run folder with a finished task "
+                         f"(summary.json)")
+    return kept
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def write_report(runs: Sequence[str | Path], out: Optional[str | Path] = None,
+                 warn: Callable[[str], None] = _stderr) -> str:
+    """Write report.md, report.csv and curves.png (and one matrix PNG per run) to `out`; return the Markdown table.
+    Unfinished runs and paths that are not run folders are skipped, one line each through `warn` (reportable_runs)."""
+    runs = reportable_runs(runs, warn)
     summaries = [load_run(r) for r in runs]
     out = Path(out) if out else Path(runs[0]).resolve().parent
     make_dirs(out)

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import pickle
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,11 +24,13 @@ from spacil.config import Config, differing_keys, dump_config, read_yaml_mapping
 from spacil.devices import device_name, memory_budget, resolve_device, use_device
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
-from spacil.store.format import FeatureStore, rows_as_tensor
+from spacil.store.finite import check_whole_arrays, first_nonfinite_row
+from spacil.store.format import SPLITS, FeatureStore, rows_as_tensor
 from spacil.store.rows import require_text_inputs, row_arrays
 from spacil.fileio import append_text, atomic_write_bytes, atomic_write_text, make_dirs
 from spacil.learner import Learner, LearnerContext, TaskData, TaskInfo
 from spacil.methods import METHODS, create_learner
+from spacil.recorded_paths import resolve_recorded
 from spacil.runlock import RunFolderLock
 from spacil.metrics import TaskEvaluation, accuracy_matrix, evaluate_task, summarise
 
@@ -74,7 +77,10 @@ class Run:
         if self.learner.needs_patches and store.num_patches < top_k != type(config.spa).model_fields["top_k_patches"].default:
             raise InputError(f"top_k_patches={config.spa.top_k_patches}: the store {store.path} has {store.num_patches} "
                              f"patch tokens per image; expected at most {store.num_patches}")
-        # rows of each array already found finite (a NaN in a store would otherwise give a silent, wrong accuracy)
+        # NaN and infinity (store/finite.py): the store's class- and model-level arrays in full, now, before anything is
+        # written; the per-row arrays row by row as they are read (rows already found finite, per array)
+        if check_finite:
+            check_whole_arrays(store.path, store.opened, SPLITS)
         self.finite_rows: Optional[dict[str, np.ndarray]] = {} if check_finite else None
         self.evaluations: list[TaskEvaluation] = []
         self.first_task = 0
@@ -102,22 +108,30 @@ class Run:
             if not starting_over and ((self.out / "summary.json").exists() or (self.out / "checkpoints").exists()):
                 raise InputError(f"--out {self.out}: holds a run already; use --resume or another folder")
             make_dirs(self.out)
-            atomic_write_text(self.out / "config.yaml", dump_config(self.config))
+            atomic_write_text(self.out / "config.yaml", dump_config(self.config, folder=self.out))
             atomic_write_text(self.out / "class_order.json", json.dumps(
                 {"seed": self.config.seed, "order": self.order, "task_sizes": self.sizes,
                  "classes": [self.store.classes[c] for c in self.order]}, indent=1))
             atomic_write_text(self.out / "log.txt", "")
 
     def _check_saved_config(self) -> None:
-        """The run folder's config.yaml must parse and match this run's config (placement keys such as device aside)."""
+        """The run folder's config.yaml must parse and match this run's config (placement keys such as device aside;
+        paths compared where they lead, spacil.recorded_paths)."""
         path = self.out / "config.yaml"
         saved = read_yaml_mapping(path, "run's config")
-        differ = differing_keys(saved, self.config)
+        differ = differing_keys(saved, self.config, folder=self.out)
+        moved = "data.features" in differ and not self._recorded_store_exists(saved)
+        if moved:  # the store is no longer where the run recorded it, and this run names where it is now
+            differ.remove("data.features")
         if differ:
             shown = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")
             raise InputError(f"{path}: differs from this run's config ({shown}); resume with the same settings")
-        if saved.get("device") != self.config.device:  # a run may move between devices: record where it ends
-            atomic_write_text(path, dump_config(self.config))
+        if saved.get("device") != self.config.device or moved:  # a run may move: record where it computes and reads
+            atomic_write_text(path, dump_config(self.config, folder=self.out))
+
+    def _recorded_store_exists(self, saved: dict) -> bool:
+        recorded = (saved.get("data") or {}).get("features") if isinstance(saved.get("data"), dict) else None
+        return bool(recorded) and (resolve_recorded(recorded, self.out) / "meta.json").is_file()
 
     def _load_checkpoint(self, path: Path) -> None:
         evaluations = load_checkpoint(path, self.learner, self.config.method)
@@ -238,6 +252,12 @@ class Run:
                       f"Inc{config.data.increment})  seed: {config.seed}  device: {config.device}")
         else:
             self._log(f"resuming after task {self.first_task} (device: {config.device})")
+        remaining = range(self.first_task, len(self.sizes))
+        note = self.learner.cost_note([len(self._rows_of("train", list(range(*self.bounds[t])))) for t in remaining],
+                                      [self.sizes[t] for t in remaining])
+        if note:  # on standard error even with --quiet: a cost to see before it is paid
+            append_text(self.out / "log.txt", note + "\n")
+            print(note, file=sys.stderr, flush=True)
         summary = None
         for task in range(self.first_task, len(self.sizes)):
             started = time.perf_counter()
@@ -300,22 +320,6 @@ def _check_plain(value, where: str) -> None:
     elif not (value is None or isinstance(value, (torch.Tensor, bool, int, float, str))):
         raise TypeError(f"{where}: a {type(value).__name__}; a learner's state_dict may hold only tensors, numbers, "
                         f"strings, bools, None, lists and dicts (checkpoints load with weights_only=True)")
-
-
-def first_nonfinite_row(data: np.ndarray) -> Optional[int]:
-    """The index of the first row of `data` [N, ...] holding a NaN or an infinity, or None.
-
-    float16 and float32 rows are tested on their bits (exponent all ones), about 8 times faster than np.isfinite on
-    float16; the row is then located with np.isfinite only when there is one."""
-    bits = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}.get(data.dtype)
-    if bits is not None and data.size:
-        view = np.ascontiguousarray(data).view(bits[0])
-        if (view & bits[0](bits[1])).max() != bits[1]:
-            return None
-    elif data.size == 0 or np.isfinite(data).all():
-        return None
-    bad = ~np.isfinite(data.reshape(len(data), -1)).all(axis=1)
-    return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
 
 class _RowView:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import logging
 import unicodedata
@@ -28,6 +29,7 @@ from spacil.backbone.preprocess import Preprocess, model_preprocess
 from spacil.backbone.towers import TOWERS, ImageTower, image_tower
 from spacil.devices import autocast, check_precision
 from spacil.errors import InputError
+from spacil.fileio import atomic_write_bytes, atomic_write_text, make_dirs
 
 __all__ = ["TOWERS", "BackboneInfo", "FrozenCLIP", "ImageTower", "Preprocess", "create_open_clip", "file_sha256",
            "image_tower", "local_dir_checkpoint", "model_preprocess", "write_tiny_model"]
@@ -372,7 +374,7 @@ def write_tiny_model(folder: str | Path, seed: int = 0, image_size: int = 32, pa
     import open_clip
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     model_cfg = {
         "embed_dim": embed_dim,
         "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "patch_size": patch_size, "head_width": 32},
@@ -388,8 +390,10 @@ def write_tiny_model(folder: str | Path, seed: int = 0, image_size: int = 32, pa
         net = open_clip.model.CLIP(**model_cfg)
     finally:
         torch.random.set_rng_state(generator_state)
-    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    torch.save(net.state_dict(), folder / "open_clip_pytorch_model.bin")
+    atomic_write_text(folder / "open_clip_config.json", json.dumps(config, indent=2))
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    atomic_write_bytes(folder / "open_clip_pytorch_model.bin", buffer.getbuffer())
     return f"local-dir:{folder}"
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from spacil.config import build_config, differing_keys
 from spacil.demo.world import WorldSpec, make_world
 from spacil.store.format import FeatureStore
-from spacil.fileio import atomic_write_text
+from spacil.fileio import atomic_save_figure, atomic_save_npz, atomic_write_text, make_dirs
 from spacil.report import write_report
 from spacil.runner import Run
 
@@ -93,7 +93,7 @@ def _run_one(name: str, method: str, extra: dict, store: Path, runs: Path, epoch
     if (folder / "summary.json").exists():
         summary = json.loads((folder / "summary.json").read_text())
         saved = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else None
-        same = isinstance(saved, dict) and not differing_keys(saved, config)  # a run on another device is reused
+        same = isinstance(saved, dict) and not differing_keys(saved, config, folder=folder)  # another device: reused
         if summary.get("complete") and same:
             return folder  # finished earlier with the same settings
         if not same:
@@ -142,8 +142,10 @@ def plot_patch_selection(store: Path, world: dict, top_k: int, path: Path, image
     fig.suptitle("patch relevance to a class's descriptions; cyan: the k picked patches, green: patches showing the class's parts",
                  fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_save_figure(path, fig)
+    finally:
+        plt.close(fig)
 
 
 def image_level_path(out: Path, echo, device: str = "auto") -> dict:
@@ -188,7 +190,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, echo=print, devi
 
     echo(f"device: {resolve_device(device)}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     spec = WorldSpec() if not quick else replace(WorldSpec(), num_classes=30, train_per_class=16, test_per_class=8)
     epochs = DEMO_OVERRIDES["train"]["epochs"] if not quick else 1
     store = out / "world"
@@ -196,7 +198,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, echo=print, devi
     if not (store / "meta.json").exists() or not world_info_path.exists():
         shutil.rmtree(store, ignore_errors=True)
         world = make_world(store, spec)
-        np.savez(world_info_path, test_part_locations=world["test_part_locations"], grid=world["grid"], names=np.array(world["names"]))
+        atomic_save_npz(world_info_path, test_part_locations=world["test_part_locations"], grid=world["grid"], names=np.array(world["names"]))
     stored = np.load(world_info_path)
     world = {"test_part_locations": stored["test_part_locations"], "grid": int(stored["grid"]), "names": list(stored["names"])}
     echo(f"demo world: {spec.num_classes} classes in families of {spec.family_size}, {spec.grid}x{spec.grid} patches, "

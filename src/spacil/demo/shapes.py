@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spacil.fileio import atomic_save_image, make_dirs
+
 SHAPE_CLASSES = (("red", "square"), ("green", "circle"), ("blue", "triangle"), ("yellow", "cross"),
                  ("purple", "square"), ("orange", "circle"))
 _COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
@@ -50,10 +52,10 @@ def write_shapes_dataset(root: str | Path, train_per_class: int = 8, test_per_cl
         names.append(f"{colour} {shape}")
         for split, count in (("train", train_per_class), ("test", test_per_class)):
             target = root / split / folder
-            target.mkdir(parents=True, exist_ok=True)
+            make_dirs(target)
             for i in range(count):
                 image = _draw(shape, _COLOURS[colour], rng, size)
                 path = target / f"{i:03d}.png"
                 if not path.exists():
-                    image.save(path)
+                    atomic_save_image(path, image)
     return names

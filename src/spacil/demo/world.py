@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spacil.fileio import atomic_save_npy
+from spacil.fileio import atomic_save_npy, make_dirs
 from spacil.store.format import VIEWS_GLOBAL_FILE, write_store
 from spacil.store.pairwise import write_pairwise
 
@@ -120,7 +120,7 @@ def make_world(path: str | Path, spec: WorldSpec = WorldSpec()) -> dict:
     write_pairwise(path, *pairwise_descriptions(class_family, class_parts, part_text, general, engine_rng))
     train_global = train[0].astype(np.float32)
     noisy = train_global[:, None] + spec.view_noise * engine_rng.normal(size=(len(train_global), spec.views, d)) / np.sqrt(d)
-    (Path(path) / "train").mkdir(parents=True, exist_ok=True)
+    make_dirs(Path(path) / "train")
     atomic_save_npy(Path(path) / VIEWS_GLOBAL_FILE, _unit(noisy).astype(np.float16))
     views = {"count": spec.views, "transform": "generated", "params": {"noise": spec.view_noise}, "seed": spec.seed,
              "arrays": [VIEWS_GLOBAL_FILE]}

@@ -30,7 +30,7 @@ from spacil.data import DatasetSpec, dataset_spec, open_dataset
 from spacil.data.check import add_names_and_templates
 from spacil.describe.descriptions import (DescriptionSet, chosen_classes, default_token_counter, import_descriptions, load_descriptions, parse_answer, template_descriptions, validate_descriptions)
 from spacil.errors import InputError
-from spacil.fileio import make_dirs
+from spacil.fileio import atomic_write_bytes, make_dirs
 from spacil.describe.sampling import choose_samples, compose_grid
 
 PROMPT_VERSION = "spa-describe-v1"
@@ -266,9 +266,9 @@ def describe_dataset(
                 continue
             grid = compose_grid([splits["train"].loader(splits["train"].items[rows[i]]) for i in chosen])
             grid_path = grid_dir / f"{index:04d}_{name.replace('/', '_').replace(' ', '_')}.png"
-            grid.save(grid_path)
             buffer = io.BytesIO()
             grid.save(buffer, format="PNG")
+            atomic_write_bytes(grid_path, buffer.getvalue())  # the bytes sent are the bytes kept
             job = ClassJob(index, name, sample_ids, buffer.getvalue(), str(grid_path), key)
             future = executor.submit(ask, job, len(chosen))
             # the callback records the answer even when Ctrl-C stops the main thread while the request is in flight

@@ -60,6 +60,7 @@ from spacil.errors import InputError
 from spacil.store.format import (FORMAT, IMAGE_PATHS_FILE, PROGRESS_FILE, SPLITS, VERSION, pad_token_sets, read_image_paths,
                                  read_npy_header, write_text_features, write_visual_proj)
 from spacil.fileio import atomic_save_npy, atomic_write_text, make_dirs, read_json, writing
+from spacil.recorded_paths import relative_to
 
 log = logging.getLogger(__name__)
 
@@ -798,7 +799,8 @@ def _finish(out: Path, spec, names, backbone: FrozenCLIP, descriptions, descript
         "text": {
             "templates": list(spec.templates),
             "semantic_tokens": semantic_tokens if descriptions is not None else None,
-            "descriptions_source": descriptions_source,
+            # relative to the store (spacil.recorded_paths)
+            "descriptions_source": relative_to(descriptions_source, out) if descriptions_source else None,
         },
         **provenance,
     }

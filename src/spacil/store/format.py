@@ -156,10 +156,15 @@ class SplitFeatures:
 
 
 class FeatureStore:
-    """A validated, memory-mapped feature store. Any shape or version mismatch is an InputError naming the file."""
+    """A validated, memory-mapped feature store. Any shape or version mismatch is an InputError naming the file.
+
+    Every array is opened through `_array` (or `_optional`), which registers it in `opened`: a run checks each one it
+    reads for NaN and infinity (store/finite.py), so an array added to the format is checked by being opened there."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        # every array opened (relative path -> array), by `_array`: what a run checks for NaN and infinity (store/finite.py)
+        self.opened: dict[str, np.ndarray] = {}
         meta_path = self.path / "meta.json"
         if not self.path.is_dir():
             raise InputError(f"{self.path}: no such feature store folder")
@@ -252,6 +257,7 @@ class FeatureStore:
         if array.ndim != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)):
             expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise InputError(f"{file}: shape {list(array.shape)}, expected {expected}")
+        self.opened[rel] = array
         return array
 
     def _optional(self, rel: str, shape: tuple) -> Optional[np.ndarray]:
@@ -431,7 +437,7 @@ def write_text_features(
         make_dirs(text)
         atomic_save_npy(text / "templates.npy", np.asarray(templates, dtype=np.float32))
     if template_norms is not None:
-        text.mkdir(parents=True, exist_ok=True)
+        make_dirs(text)
         atomic_save_npy(Path(path) / TEMPLATE_NORMS_FILE, np.asarray(template_norms, dtype=np.float32))
     if descriptions is not None:
         tokens, mask = descriptions
@@ -443,7 +449,7 @@ def write_text_features(
 def write_visual_proj(path: str | Path, visual_proj: np.ndarray) -> None:
     """backbone/visual_proj.npy float32 [width, d]."""
     file = Path(path) / VISUAL_PROJ_FILE
-    file.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(file.parent)
     atomic_save_npy(file, np.asarray(visual_proj, dtype=np.float32))
 
 

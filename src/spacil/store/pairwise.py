@@ -20,7 +20,8 @@ import numpy as np
 
 from spacil.errors import InputError
 from spacil.store.encoder import store_encoder
-from spacil.fileio import atomic_save_npy, read_json
+from spacil.fileio import atomic_save_npy, make_dirs, read_json
+from spacil.recorded_paths import relative_to
 
 PAIRWISE_FILE = "text/pairwise.npy"
 PAIRWISE_NORMS_FILE = "text/pairwise_norms.npy"
@@ -92,7 +93,7 @@ def pairwise_features(encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray
 def write_pairwise(path: str | Path, units: np.ndarray, norms: np.ndarray, mask: np.ndarray) -> None:
     """The three arrays, mask last (a store is read with them only when all three are there)."""
     text = Path(path) / "text"
-    text.mkdir(parents=True, exist_ok=True)
+    make_dirs(text)
     atomic_save_npy(Path(path) / PAIRWISE_FILE, np.asarray(units, dtype=np.float32))
     atomic_save_npy(Path(path) / PAIRWISE_NORMS_FILE, np.asarray(norms, dtype=np.float32))
     atomic_save_npy(Path(path) / PAIRWISE_MASK_FILE, np.asarray(mask, dtype=bool))
@@ -120,7 +121,7 @@ def add_pairwise(out: str | Path, file: str | Path, model: str = "ViT-B-16", pre
 
     write_pairwise(out, *pairwise_features(encode, names, pairs, backbone.dim))
     text = dict(meta.get("text") or {})
-    text["pairwise_source"] = str(file)
+    text["pairwise_source"] = relative_to(file, out)  # relative to the store (spacil.recorded_paths)
     meta["text"] = text
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return out

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from spacil.data import CLIP_MEAN, CLIP_STD, open_dataset
 from spacil.errors import InputError
-from spacil.fileio import atomic_write_text, read_json
+from spacil.fileio import atomic_write_text, read_json, reserve_space, writing
 from spacil.store.encoder import store_encoder
 from spacil.store.format import VIEW_SETS_KEY, VIEWS_GLOBAL_FILE, VIEWS_PRE_FILE, read_npy_header, view_set_files
 
@@ -239,7 +239,10 @@ def add_views(out: str | Path, dataset: str, data_root: str | Path, count: int, 
     done: list = [] if record is None else [list(r) for r in record.get("done", [])]
     if not done:  # the record first, then the arrays at their final size
         atomic_write_text(record_path, json.dumps({"fingerprint": fingerprint, "done": []}))
-        maps = {rel: open_memmap(out / rel, mode="w+", dtype=dtype, shape=shape) for rel, shape in shapes.items()}
+        with writing(out):
+            maps = {rel: open_memmap(out / rel, mode="w+", dtype=dtype, shape=shape) for rel, shape in shapes.items()}
+        for rel in shapes:  # rows are written through the maps: their blocks now, or one line on a full disk
+            reserve_space(out / rel)
     else:
         maps = {rel: open_memmap(out / rel, mode="r+") for rel in shapes}
         for rel, shape in shapes.items():

@@ -63,7 +63,7 @@ def cell_state(cell: Cell) -> CellState:
             raise ValueError("not a mapping")
     except (OSError, ValueError, yaml.YAMLError) as err:
         return CellState(cell, "changed", f"config.yaml unreadable: {err}")
-    differ = differing_keys(saved, cell.config)
+    differ = differing_keys(saved, cell.config, folder=folder)
     if differ:
         return CellState(cell, "changed", ", ".join(differ))
     summary = load_run(folder) if (folder / "summary.json").is_file() else None  # every field checked
@@ -94,5 +94,5 @@ def write_cell_config(cell: Cell, out: Path) -> Path:
     """The cell's resolved config as a file a worker can be pointed at (`spacil run --config`)."""
     path = out / ".sweep" / "configs" / cell.entry / cell.row / f"seed{cell.seed}.yaml"
     make_dirs(path.parent)
-    atomic_write_text(path, dump_config(cell.config))
+    atomic_write_text(path, dump_config(cell.config, absolute=True))  # a worker may start in another directory
     return path

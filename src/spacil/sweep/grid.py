@@ -233,7 +233,7 @@ def plan_lines(states: list[CellState], out: Path, force: bool) -> list[str]:
 
 def write_manifest(spec: SweepSpec, cells: list[Cell], out: Path, source: Path) -> None:
     """OUT/sweep.json: the grid, in order, for `spacil report OUT` and for people."""
-    payload = {"format": "spacil-sweep", "version": 1, "source": str(source),
+    payload = {"format": "spacil-sweep", "version": 1, "source": str(Path(source).resolve()),
                "spec": spec.model_dump(mode="json", by_alias=True),
                "entries": list(dict.fromkeys(c.entry for c in cells)),
                "rows": list(dict.fromkeys(c.row for c in cells)),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from spacil.devices import PROCESSES_PER_GPU_ENV
-from spacil.fileio import make_dirs
+from spacil.fileio import make_dirs, open_log
 from spacil.sweep.cell import Cell, write_cell_config
 from spacil.sweep.lifeline import SWEEP_PARENT_ENV
 
@@ -130,7 +130,7 @@ def run_local(cells: list[Cell], out: Path, jobs: int, echo: Callable[[str], Non
 def _start(cell: Cell, out: Path, logs: Path, env: dict[str, str]) -> _Worker:
     config = write_cell_config(cell, out)
     log_path = logs / f"{cell.entry}__{cell.row}__seed{cell.seed}.log"
-    log = open(log_path, "a")
+    log = open_log(log_path)
     command = [sys.executable, "-m", "spacil", "run", "--config", str(config), "--out", str(cell.folder), "--resume", "--quiet"]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     return _Worker(cell, process, log, log_path, time.perf_counter())

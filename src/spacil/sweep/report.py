@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.fileio import atomic_write_text, make_dirs, read_json
+from spacil.fileio import atomic_save_figure, atomic_write_text, make_dirs, read_json
 from spacil.report import dataset_title, load_run, split_label
 from spacil.sweep.cell import MANIFEST
 
@@ -218,8 +218,10 @@ def plot_entry(entry: str, title: str, rows: list[str], groups: dict[tuple[str, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_save_figure(path, fig)
+    finally:
+        plt.close(fig)
 
 
 def write_sweep_report(folder: str | Path, out: Optional[str | Path] = None) -> str:

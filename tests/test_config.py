@@ -60,3 +60,16 @@ def test_a_knob_outside_its_section_names_where_it_belongs(tmp_path):
     path.write_text("top_k_patches: 8\n")
     with pytest.raises(InputError, match=r"unknown config key 'top_k_patches' \(did you mean spa.top_k_patches\?\)"):
         load_config(path)
+
+
+def test_a_config_yaml_written_before_a_knob_existed_compares_as_that_knobs_default():
+    """An older run's config.yaml lacks the knobs added since (here spa.class_shortlist and the whole area: section):
+    it ran as their defaults, so a resume or a sweep's skip sees no difference, unless the new config changes them."""
+    from spacil.config import differing_keys
+
+    saved = build_config().to_dict()
+    del saved["spa"]["class_shortlist"]
+    del saved["area"]
+    assert differing_keys(saved, build_config()) == []
+    assert differing_keys(saved, build_config(overrides=["spa.class_shortlist=8"])) == ["spa.class_shortlist"]
+    assert differing_keys(saved, build_config(overrides=["area.basis_rank=3"])) == ["area.basis_rank"]

@@ -404,13 +404,18 @@ def differing_keys(saved: dict, config: Config, ignore: tuple[str, ...] = PLACEM
         from spacil.recorded_paths import resolve_data_paths
 
         saved, current = resolve_data_paths(saved, folder), resolve_data_paths(current, None)
+    # a key that `saved` lacks was added to spacil after that run was written; it ran as the key's default, which keeps
+    # the older behaviour (e.g. spa.class_shortlist 0 is exact SPA), so an older run resumes and a sweep keeps its cells
+    defaults = Config().to_dict()
     differ = []
     for key in sorted(set(saved) | set(current)):
         if key in ignore:
             continue
-        mine, theirs = current.get(key), saved.get(key)
+        mine, theirs = current.get(key), saved.get(key, defaults.get(key))
         if isinstance(mine, dict) and isinstance(theirs, dict):
-            differ += [f"{key}.{sub}" for sub in sorted(set(mine) | set(theirs)) if mine.get(sub) != theirs.get(sub)]
+            section = defaults.get(key) or {}
+            differ += [f"{key}.{sub}" for sub in sorted(set(mine) | set(theirs))
+                       if mine.get(sub) != theirs.get(sub, section.get(sub))]
         elif mine != theirs:
             differ.append(key)
     return differ

@@ -68,3 +68,13 @@ def test_a_sound_store_runs_and_the_index_is_found_in_every_chunk(tmp_path, monk
         assert first_nonfinite_index(data) == (3, 2, 1)
     assert first_nonfinite_index(np.ones((3, 2), dtype=np.int64)) is None
     assert first_nonfinite_index(np.array([1.0, np.inf], dtype=np.float32)) == (1,)
+
+
+def test_a_non_finite_view_set_row_names_the_file_it_is_in(tmp_path, capsys):
+    """AREA reads its views by name (views_area_augment_pre); the line names the store's file that holds them."""
+    store = make_random_store(tmp_path / "store", templates=2, width=20, area=2)
+    _plant(store / "train/views_area_augment_global_pre.npy", (5, 1, 3), np.nan)  # row 5: a class of the first task
+    area = ["--set", "area_epochs=1", "--set", "area_batch_size=8", "--set", "basis_rank=2",
+            "--set", "area_samples_per_class=2"]
+    assert _run(store, tmp_path / "run", "area", *area) == 2
+    assert f"{store / 'train/views_area_augment_global_pre.npy'}: row 5 holds NaN" in _one_line(capsys)

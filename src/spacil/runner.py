@@ -41,6 +41,13 @@ def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _file_name(array: np.ndarray, name: str) -> str:
+    """The file a per-row array was mapped from (a view set's `views_<transform>_global_pre.npy`, or the first views'
+    `views_global_pre.npy`, whatever name the learner reads it by), for the NaN check's one line."""
+    filename = getattr(array, "filename", None)  # np.memmap of the store's file
+    return Path(filename).name if filename else f"{name}.npy"
+
+
 class Run:
     """One class-incremental run of one method over one store."""
 
@@ -202,7 +209,7 @@ class Run:
         rows = self._rows_of(split_name, positions)
         patches = split.patches if self.learner.needs_patches else None
         names = self.learner.train_arrays if split_name == "train" else self.learner.eval_arrays
-        extra = {name: self._row_view(split_name, f"{name}.npy", array, rows)
+        extra = {name: self._row_view(split_name, _file_name(array, name), array, rows)
                  for name, array in row_arrays(self.store, split_name, names, self.config.method).items()}
         global_ = self._row_view(split_name, "global.npy", split.global_, rows)
         return TaskData(task, global_, None if patches is None else self._row_view(split_name, "patches.npy", patches, rows),

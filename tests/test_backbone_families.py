@@ -86,23 +86,30 @@ def test_built_in_models_get_their_tags_preprocessing_and_the_protocol_path_stay
 
 def test_map_patch_is_the_pool_on_that_patch_alone(models):
     """MAP rule: patch i through the attention pool as a one-token sequence (softmax over one key = 1: the value/output
-    path, then the pool's MLP). So an image whose patch tokens are all alike has every patch equal to g."""
+    path, then the pool's MLP), then fc_norm and the head. Distinct patch tokens, so a pool over all patches (or over a
+    neighbour) gives other rows."""
     clip = models["timm-vit-map"]
     tower = clip.tower
     trunk = tower.trunk
-    token = torch.randn(1, 1, trunk.embed_dim, generator=torch.Generator().manual_seed(0))
-    tokens = torch.cat([torch.randn(1, trunk.num_prefix_tokens, trunk.embed_dim), token.expand(1, 196, -1)], dim=1)
+    tokens = torch.randn(1, trunk.num_prefix_tokens + 196, trunk.embed_dim, generator=torch.Generator().manual_seed(0))
     tower._trunk_features = lambda images, device, precision: tokens
     try:
-        g, patches, _ = tower.features(None, clip.device, clip.precision)
+        _, patches, _ = tower.features(None, clip.device, clip.precision)
     finally:
         del tower._trunk_features
-    torch.testing.assert_close(patches, g[:, None].expand_as(patches), rtol=0, atol=1e-5)
     attn = trunk.attn_pool
     half = attn.kv.out_features // 2  # kv's outputs are [keys, values]
-    value_path = attn.proj(F.linear(token[0], attn.kv.weight[half:], attn.kv.bias[half:]))
-    alone = value_path + attn.mlp(attn.norm(value_path))
-    torch.testing.assert_close(patches[0, 0], alone[0], rtol=0, atol=1e-5)  # the tower gives them unnormalised
+
+    def head(pooled):  # fc_norm, timm's classifier, open_clip's head: the same chain g goes through
+        return clip.model.visual.head(trunk.head(trunk.fc_norm(pooled)))
+
+    for i in (0, 1, 100, 195):
+        token = tokens[:, trunk.num_prefix_tokens + i]  # [1, C]
+        value_path = attn.proj(F.linear(token, attn.kv.weight[half:], attn.kv.bias[half:]))
+        alone = value_path + attn.mlp(attn.norm(value_path))
+        torch.testing.assert_close(patches[:, i], head(alone), rtol=0, atol=1e-5)  # the tower gives them unnormalised
+        torch.testing.assert_close(patches[:, i], head(attn(token[:, None])), rtol=0, atol=1e-5)
+    assert (patches[0, 0] - patches[0, 1]).abs().max() > 1e-2
 
 
 def test_token_pooling_patch_is_the_patch_token_through_the_head(models):

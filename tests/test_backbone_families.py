@@ -325,3 +325,20 @@ def test_the_native_vit_path_is_spacil_0_3_s_bit_for_bit(tiny_model):
         expected = F.normalize(pooled @ proj, dim=-1), F.normalize(rest @ proj, dim=-1), pooled
     for a, b in zip((g, patches, z), expected):
         assert torch.equal(a, b)
+
+
+def test_zero_shot_logits_carry_the_model_s_logit_bias():
+    """SigLIP's logit bias is part of every image-text logit: zero-shot's logit is scale * cos + bias."""
+    from spacil.config import Config
+    from spacil.learner import FeatureBatch, LearnerContext, TaskInfo
+    from spacil.methods.zeroshot import ZeroShot
+
+    generator = torch.Generator().manual_seed(11)
+    prompts = F.normalize(torch.randn(3, 8, generator=generator), dim=-1)
+    images = F.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+    context = LearnerContext(dim=8, num_patches=4, logit_scale=7.5, device=torch.device("cpu"), logit_bias=-10.0)
+    learner = ZeroShot(Config(), context)
+    learner.begin_task(TaskInfo(task=0, positions=[0, 1, 2], names=["a", "b", "c"], prompts=prompts, descriptions=None,
+                                description_mask=None, templates=None))
+    logits = learner.logits(FeatureBatch(global_=images, patches=None))
+    torch.testing.assert_close(logits, 7.5 * images @ prompts.T - 10.0, rtol=0, atol=1e-6)

@@ -342,3 +342,31 @@ def test_zero_shot_logits_carry_the_model_s_logit_bias():
                                 description_mask=None, templates=None))
     logits = learner.logits(FeatureBatch(global_=images, patches=None))
     torch.testing.assert_close(logits, 7.5 * images @ prompts.T - 10.0, rtol=0, atol=1e-6)
+
+
+def test_average_pooling_vit_patch_goes_through_fc_norm_and_the_head(tmp_path):
+    """A timm ViT (EVA02-CLIP's adapter) with `timm_pool: avg` (fc_norm a real LayerNorm after the pool, no final norm on
+    the tokens): patch i is the patch token through fc_norm and timm's classifier, as the pooled mean is. timm's
+    test_vit trunk (4 blocks of width 64 at 160 px) keeps it fast."""
+    import open_clip
+
+    config = {"model_cfg": {"embed_dim": 16, "custom_text": True,
+                            "vision_cfg": {"image_size": 160, "timm_model_name": "test_vit",
+                                           "timm_model_pretrained": False, "timm_pool": "avg", "timm_proj": None},
+                            "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    torch.save(open_clip.create_model(f"local-dir:{tmp_path}").state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    clip = FrozenCLIP(f"local-dir:{tmp_path}", None)
+    trunk = clip.tower.trunk
+    assert clip.family == "timm-vit" and clip.grid == (10, 10) and isinstance(trunk.fc_norm, torch.nn.LayerNorm)
+    generator = torch.Generator().manual_seed(12)
+    with torch.no_grad():  # an affine part that is not the identity, so that it shows
+        trunk.fc_norm.weight.copy_(1 + 0.5 * torch.randn(trunk.fc_norm.weight.shape, generator=generator))
+        trunk.fc_norm.bias.copy_(0.5 * torch.randn(trunk.fc_norm.bias.shape, generator=generator))
+    images = torch.randn(2, 3, 160, 160, generator=generator)
+    g, patches, _ = clip.encode_image_features(images)
+    torch.testing.assert_close(g, clip.model.encode_image(images, normalize=True), rtol=0, atol=1e-6)
+    tokens = trunk.forward_features(images)[:, trunk.num_prefix_tokens:]  # [2, 100, C]
+    normed = F.layer_norm(tokens, tokens.shape[-1:], trunk.fc_norm.weight, trunk.fc_norm.bias, trunk.fc_norm.eps)
+    expected = normed @ trunk.head.weight.T + trunk.head.bias  # timm's classifier is the projection (timm_proj null)
+    torch.testing.assert_close(patches, F.normalize(expected, dim=-1), rtol=0, atol=1e-5)

@@ -370,3 +370,34 @@ def test_average_pooling_vit_patch_goes_through_fc_norm_and_the_head(tmp_path):
     normed = F.layer_norm(tokens, tokens.shape[-1:], trunk.fc_norm.weight, trunk.fc_norm.bias, trunk.fc_norm.eps)
     expected = normed @ trunk.head.weight.T + trunk.head.bias  # timm's classifier is the projection (timm_proj null)
     torch.testing.assert_close(patches, F.normalize(expected, dim=-1), rtol=0, atol=1e-5)
+
+
+BAD_PREPROCESS = [("std", [0, 0, 0], "expected three numbers > 0"), ("mean", [0.5, 0.5], "expected three finite numbers"),
+                  ("mean", "abc", "expected three finite numbers"), ("std", [0.5, None, 0.5], "expected three finite"),
+                  ("size", 0, "expected a positive whole number")]
+
+
+def test_a_bad_preprocess_cfg_is_one_line_naming_the_file_and_key(tiny_model, small_shapes, tmp_path, capsys):
+    """A local-dir: config's preprocess_cfg with a zero std (all-NaN rows), a mean of two numbers or a string, or a size
+    of 0: exit 2, one line naming the config file and the key, before anything is written."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model[len("local-dir:"):], folder)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    for key, value, expected in BAD_PREPROCESS:
+        bad = {**config, "preprocess_cfg": {**config["preprocess_cfg"], key: value}}
+        (folder / "open_clip_config.json").write_text(json.dumps(bad))
+        with pytest.raises(InputError) as caught:
+            model_preprocess(SimpleNamespace(visual=SimpleNamespace(preprocess_cfg=bad["preprocess_cfg"])),
+                             f"local-dir:{folder}", None)
+        assert f"{folder / 'open_clip_config.json'} preprocess_cfg: {key} " in str(caught.value)
+        assert expected in str(caught.value)
+    # through the CLI (the first case: a zero std, which open_clip itself accepts)
+    key, value, expected = BAD_PREPROCESS[0]
+    (folder / "open_clip_config.json").write_text(json.dumps({**config, "preprocess_cfg": {key: value}}))
+    code = main(["extract", "--dataset", "shapes", "--data-root", str(small_shapes[0]), "--model", f"local-dir:{folder}",
+                 "--device", "cpu", "--out", str(tmp_path / "store"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "open_clip_config.json preprocess_cfg: std" in err
+    assert not (tmp_path / "store" / "meta.json").exists()

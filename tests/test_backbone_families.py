@@ -6,6 +6,7 @@ rule, z (where one exists) projects onto g; extract, `spacil check`, an SPA run 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -401,3 +402,35 @@ def test_a_bad_preprocess_cfg_is_one_line_naming_the_file_and_key(tiny_model, sm
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "open_clip_config.json preprocess_cfg: std" in err
     assert not (tmp_path / "store" / "meta.json").exists()
+
+
+def test_a_pretrained_file_of_no_or_other_weights_is_one_line(tiny_model, small_shapes, tmp_path, monkeypatch, capsys):
+    """--model ARCH --pretrained FILE where FILE is no checkpoint (torch.load cannot read it) or a checkpoint of another
+    architecture (load_state_dict's size mismatch): exit 2, one line naming the file. The architectures are tiny ones
+    registered in open_clip's registry for this test only (a built-in one takes seconds to build)."""
+    import open_clip.factory
+
+    folder = Path(tiny_model[len("local-dir:"):])
+    own_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "spacil-test-tiny", own_cfg)
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "spacil-test-narrow", {**own_cfg, "embed_dim": 16})
+    checkpoint = str(folder / "open_clip_pytorch_model.bin")  # weights of spacil-test-tiny
+    assert FrozenCLIP("spacil-test-tiny", checkpoint).info.checkpoint_sha256  # the mechanism itself loads its own
+    with pytest.raises(InputError, match=r"^--pretrained .*open_clip_pytorch_model.bin: this file does not hold weights "
+                                         r"of spacil-test-narrow \(RuntimeError: Error\(s\) in loading state_dict"):
+        FrozenCLIP("spacil-test-narrow", checkpoint)
+    junk = tmp_path / "junk.bin"
+    junk.write_text("not a checkpoint\n")
+    code = main(["extract", "--dataset", "shapes", "--data-root", str(small_shapes[0]), "--model", "spacil-test-tiny",
+                 "--pretrained", str(junk), "--device", "cpu", "--out", str(tmp_path / "store"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--pretrained {junk}: this file does not hold weights of spacil-test-tiny (UnpicklingError" in err
+    # a local-dir: folder whose own checkpoint is another architecture's: the same line, naming that file
+    other = tmp_path / "narrow"
+    other.mkdir()
+    (other / "open_clip_config.json").write_text(json.dumps({"model_cfg": {**own_cfg, "embed_dim": 16}}))
+    (other / "open_clip_pytorch_model.bin").write_bytes(Path(checkpoint).read_bytes())
+    line = f"{other / 'open_clip_pytorch_model.bin'}: this file does not hold weights of local-dir:{other} (RuntimeError"
+    with pytest.raises(InputError, match="^" + re.escape(line)):
+        FrozenCLIP(f"local-dir:{other}", None)

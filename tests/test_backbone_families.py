@@ -6,6 +6,7 @@ rule, z (where one exists) projects onto g; extract, `spacil check`, an SPA run 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -86,23 +87,30 @@ def test_built_in_models_get_their_tags_preprocessing_and_the_protocol_path_stay
 
 def test_map_patch_is_the_pool_on_that_patch_alone(models):
     """MAP rule: patch i through the attention pool as a one-token sequence (softmax over one key = 1: the value/output
-    path, then the pool's MLP). So an image whose patch tokens are all alike has every patch equal to g."""
+    path, then the pool's MLP), then fc_norm and the head. Distinct patch tokens, so a pool over all patches (or over a
+    neighbour) gives other rows."""
     clip = models["timm-vit-map"]
     tower = clip.tower
     trunk = tower.trunk
-    token = torch.randn(1, 1, trunk.embed_dim, generator=torch.Generator().manual_seed(0))
-    tokens = torch.cat([torch.randn(1, trunk.num_prefix_tokens, trunk.embed_dim), token.expand(1, 196, -1)], dim=1)
+    tokens = torch.randn(1, trunk.num_prefix_tokens + 196, trunk.embed_dim, generator=torch.Generator().manual_seed(0))
     tower._trunk_features = lambda images, device, precision: tokens
     try:
-        g, patches, _ = tower.features(None, clip.device, clip.precision)
+        _, patches, _ = tower.features(None, clip.device, clip.precision)
     finally:
         del tower._trunk_features
-    torch.testing.assert_close(patches, g[:, None].expand_as(patches), rtol=0, atol=1e-5)
     attn = trunk.attn_pool
     half = attn.kv.out_features // 2  # kv's outputs are [keys, values]
-    value_path = attn.proj(F.linear(token[0], attn.kv.weight[half:], attn.kv.bias[half:]))
-    alone = value_path + attn.mlp(attn.norm(value_path))
-    torch.testing.assert_close(patches[0, 0], alone[0], rtol=0, atol=1e-5)  # the tower gives them unnormalised
+
+    def head(pooled):  # fc_norm, timm's classifier, open_clip's head: the same chain g goes through
+        return clip.model.visual.head(trunk.head(trunk.fc_norm(pooled)))
+
+    for i in (0, 1, 100, 195):
+        token = tokens[:, trunk.num_prefix_tokens + i]  # [1, C]
+        value_path = attn.proj(F.linear(token, attn.kv.weight[half:], attn.kv.bias[half:]))
+        alone = value_path + attn.mlp(attn.norm(value_path))
+        torch.testing.assert_close(patches[:, i], head(alone), rtol=0, atol=1e-5)  # the tower gives them unnormalised
+        torch.testing.assert_close(patches[:, i], head(attn(token[:, None])), rtol=0, atol=1e-5)
+    assert (patches[0, 0] - patches[0, 1]).abs().max() > 1e-2
 
 
 def test_token_pooling_patch_is_the_patch_token_through_the_head(models):
@@ -318,3 +326,111 @@ def test_the_native_vit_path_is_spacil_0_3_s_bit_for_bit(tiny_model):
         expected = F.normalize(pooled @ proj, dim=-1), F.normalize(rest @ proj, dim=-1), pooled
     for a, b in zip((g, patches, z), expected):
         assert torch.equal(a, b)
+
+
+def test_zero_shot_logits_carry_the_model_s_logit_bias():
+    """SigLIP's logit bias is part of every image-text logit: zero-shot's logit is scale * cos + bias."""
+    from spacil.config import Config
+    from spacil.learner import FeatureBatch, LearnerContext, TaskInfo
+    from spacil.methods.zeroshot import ZeroShot
+
+    generator = torch.Generator().manual_seed(11)
+    prompts = F.normalize(torch.randn(3, 8, generator=generator), dim=-1)
+    images = F.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+    context = LearnerContext(dim=8, num_patches=4, logit_scale=7.5, device=torch.device("cpu"), logit_bias=-10.0)
+    learner = ZeroShot(Config(), context)
+    learner.begin_task(TaskInfo(task=0, positions=[0, 1, 2], names=["a", "b", "c"], prompts=prompts, descriptions=None,
+                                description_mask=None, templates=None))
+    logits = learner.logits(FeatureBatch(global_=images, patches=None))
+    torch.testing.assert_close(logits, 7.5 * images @ prompts.T - 10.0, rtol=0, atol=1e-6)
+
+
+def test_average_pooling_vit_patch_goes_through_fc_norm_and_the_head(tmp_path):
+    """A timm ViT (EVA02-CLIP's adapter) with `timm_pool: avg` (fc_norm a real LayerNorm after the pool, no final norm on
+    the tokens): patch i is the patch token through fc_norm and timm's classifier, as the pooled mean is. timm's
+    test_vit trunk (4 blocks of width 64 at 160 px) keeps it fast."""
+    import open_clip
+
+    config = {"model_cfg": {"embed_dim": 16, "custom_text": True,
+                            "vision_cfg": {"image_size": 160, "timm_model_name": "test_vit",
+                                           "timm_model_pretrained": False, "timm_pool": "avg", "timm_proj": None},
+                            "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    torch.save(open_clip.create_model(f"local-dir:{tmp_path}").state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    clip = FrozenCLIP(f"local-dir:{tmp_path}", None)
+    trunk = clip.tower.trunk
+    assert clip.family == "timm-vit" and clip.grid == (10, 10) and isinstance(trunk.fc_norm, torch.nn.LayerNorm)
+    generator = torch.Generator().manual_seed(12)
+    with torch.no_grad():  # an affine part that is not the identity, so that it shows
+        trunk.fc_norm.weight.copy_(1 + 0.5 * torch.randn(trunk.fc_norm.weight.shape, generator=generator))
+        trunk.fc_norm.bias.copy_(0.5 * torch.randn(trunk.fc_norm.bias.shape, generator=generator))
+    images = torch.randn(2, 3, 160, 160, generator=generator)
+    g, patches, _ = clip.encode_image_features(images)
+    torch.testing.assert_close(g, clip.model.encode_image(images, normalize=True), rtol=0, atol=1e-6)
+    tokens = trunk.forward_features(images)[:, trunk.num_prefix_tokens:]  # [2, 100, C]
+    normed = F.layer_norm(tokens, tokens.shape[-1:], trunk.fc_norm.weight, trunk.fc_norm.bias, trunk.fc_norm.eps)
+    expected = normed @ trunk.head.weight.T + trunk.head.bias  # timm's classifier is the projection (timm_proj null)
+    torch.testing.assert_close(patches, F.normalize(expected, dim=-1), rtol=0, atol=1e-5)
+
+
+BAD_PREPROCESS = [("std", [0, 0, 0], "expected three numbers > 0"), ("mean", [0.5, 0.5], "expected three finite numbers"),
+                  ("mean", "abc", "expected three finite numbers"), ("std", [0.5, None, 0.5], "expected three finite"),
+                  ("size", 0, "expected a positive whole number")]
+
+
+def test_a_bad_preprocess_cfg_is_one_line_naming_the_file_and_key(tiny_model, small_shapes, tmp_path, capsys):
+    """A local-dir: config's preprocess_cfg with a zero std (all-NaN rows), a mean of two numbers or a string, or a size
+    of 0: exit 2, one line naming the config file and the key, before anything is written."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model[len("local-dir:"):], folder)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    for key, value, expected in BAD_PREPROCESS:
+        bad = {**config, "preprocess_cfg": {**config["preprocess_cfg"], key: value}}
+        (folder / "open_clip_config.json").write_text(json.dumps(bad))
+        with pytest.raises(InputError) as caught:
+            model_preprocess(SimpleNamespace(visual=SimpleNamespace(preprocess_cfg=bad["preprocess_cfg"])),
+                             f"local-dir:{folder}", None)
+        assert f"{folder / 'open_clip_config.json'} preprocess_cfg: {key} " in str(caught.value)
+        assert expected in str(caught.value)
+    # through the CLI (the first case: a zero std, which open_clip itself accepts)
+    key, value, expected = BAD_PREPROCESS[0]
+    (folder / "open_clip_config.json").write_text(json.dumps({**config, "preprocess_cfg": {key: value}}))
+    code = main(["extract", "--dataset", "shapes", "--data-root", str(small_shapes[0]), "--model", f"local-dir:{folder}",
+                 "--device", "cpu", "--out", str(tmp_path / "store"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "open_clip_config.json preprocess_cfg: std" in err
+    assert not (tmp_path / "store" / "meta.json").exists()
+
+
+def test_a_pretrained_file_of_no_or_other_weights_is_one_line(tiny_model, small_shapes, tmp_path, monkeypatch, capsys):
+    """--model ARCH --pretrained FILE where FILE is no checkpoint (torch.load cannot read it) or a checkpoint of another
+    architecture (load_state_dict's size mismatch): exit 2, one line naming the file. The architectures are tiny ones
+    registered in open_clip's registry for this test only (a built-in one takes seconds to build)."""
+    import open_clip.factory
+
+    folder = Path(tiny_model[len("local-dir:"):])
+    own_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "spacil-test-tiny", own_cfg)
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "spacil-test-narrow", {**own_cfg, "embed_dim": 16})
+    checkpoint = str(folder / "open_clip_pytorch_model.bin")  # weights of spacil-test-tiny
+    assert FrozenCLIP("spacil-test-tiny", checkpoint).info.checkpoint_sha256  # the mechanism itself loads its own
+    with pytest.raises(InputError, match=r"^--pretrained .*open_clip_pytorch_model.bin: this file does not hold weights "
+                                         r"of spacil-test-narrow \(RuntimeError: Error\(s\) in loading state_dict"):
+        FrozenCLIP("spacil-test-narrow", checkpoint)
+    junk = tmp_path / "junk.bin"
+    junk.write_text("not a checkpoint\n")
+    code = main(["extract", "--dataset", "shapes", "--data-root", str(small_shapes[0]), "--model", "spacil-test-tiny",
+                 "--pretrained", str(junk), "--device", "cpu", "--out", str(tmp_path / "store"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--pretrained {junk}: this file does not hold weights of spacil-test-tiny (UnpicklingError" in err
+    # a local-dir: folder whose own checkpoint is another architecture's: the same line, naming that file
+    other = tmp_path / "narrow"
+    other.mkdir()
+    (other / "open_clip_config.json").write_text(json.dumps({"model_cfg": {**own_cfg, "embed_dim": 16}}))
+    (other / "open_clip_pytorch_model.bin").write_bytes(Path(checkpoint).read_bytes())
+    line = f"{other / 'open_clip_pytorch_model.bin'}: this file does not hold weights of local-dir:{other} (RuntimeError"
+    with pytest.raises(InputError, match="^" + re.escape(line)):
+        FrozenCLIP(f"local-dir:{other}", None)

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,21 +108,54 @@ def create_open_clip(model: str, pretrained: Optional[str], device: str = "cpu")
     logging.disable(logging.ERROR)  # open_clip logs a failed download itself; spacil reports it in one line below
     try:
         net = open_clip.create_model(model, pretrained=pretrained or None, device=device)
-    except RuntimeError as err:
-        if "download" in str(err).lower() or "hub" in str(err).lower():
-            raise InputError(
-                f"--pretrained {pretrained}: weights for {model} could not be downloaded (no network?); "
-                f"download the checkpoint elsewhere and pass it with --pretrained PATH"
-            ) from None
-        raise
-    except (ValueError, FileNotFoundError) as err:
-        raise InputError(f"--model {model}: {err}") from None
+    except _NOT_ITS_WEIGHTS as err:
+        if checkpoint_hash is None or not _raised_loading_weights(err):  # the model itself could not be built
+            _reraise_build_error(err, model, pretrained)
+        # not loadable (junk, a pickle that is no state dict) or another architecture's tensors (missing or unexpected
+        # keys, size mismatches): open_clip says so in a traceback; spacil in one line naming the file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        weights_file = f"--pretrained {pretrained}" if pretrained else str(local_dir_checkpoint(model))
+        why = f"{type(err).__name__}: {first[:200]}" if first else type(err).__name__
+        raise InputError(f"{weights_file}: this file does not hold weights of {model} ({why})") from None
     finally:
         logging.disable(logging.NOTSET)
     net.eval()
     for param in net.parameters():
         param.requires_grad_(False)
     return net, checkpoint_hash
+
+
+# What open_clip's load_checkpoint raises on a file that is not a checkpoint of the architecture (torch.load's
+# UnpicklingError/EOFError, load_state_dict's RuntimeError for missing keys or size mismatches, resize_pos_embed's
+# AssertionError, a state dict of the wrong type or an empty one)
+_NOT_ITS_WEIGHTS = (pickle.UnpicklingError, EOFError, RuntimeError, AssertionError, KeyError, ValueError, StopIteration,
+                    AttributeError, TypeError, FileNotFoundError)
+
+
+def _raised_loading_weights(err: BaseException) -> bool:
+    """Whether `err` came from open_clip loading a checkpoint into the built model (factory.load_checkpoint), not from
+    building the model."""
+    frame = err.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name == "load_checkpoint":
+            return True
+        frame = frame.tb_next
+    return False
+
+
+def _reraise_build_error(err: BaseException, model: str, pretrained: Optional[str]):
+    """A failure of open_clip.create_model with no checkpoint file: a download that could not happen (no network) or a
+    bad model name/folder, as one-line InputErrors; anything else propagates as it is."""
+    if isinstance(err, RuntimeError):
+        if "download" in str(err).lower() or "hub" in str(err).lower():
+            raise InputError(
+                f"--pretrained {pretrained}: weights for {model} could not be downloaded (no network?); "
+                f"download the checkpoint elsewhere and pass it with --pretrained PATH"
+            ) from None
+        raise err
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        raise InputError(f"--model {model}: {err}") from None
+    raise err
 
 
 class FrozenCLIP:

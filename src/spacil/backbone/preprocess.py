@@ -14,6 +14,7 @@ std 0.5, squash; CLIPA: ImageNet statistics, bilinear). Two rules of spacil on t
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -91,7 +92,14 @@ def model_preprocess(net: torch.nn.Module, model: str, pretrained: Optional[str]
             source = f"open_clip pretrained tags of {model}"
     elif pretrained:
         source = f"open_clip pretrained tag {model}/{pretrained}"
+    mean, std = (_three_numbers(cfg.get(key, default), key, source) for key, default in
+                 (("mean", CLIP_MEAN), ("std", CLIP_STD)))
+    if min(std) <= 0:  # (x - mean) / 0 would make every stored row NaN
+        raise InputError(f"{source}: std {list(std)}: expected three numbers > 0")
     size = cfg.get("size", 224)
+    sizes = list(size) if isinstance(size, (list, tuple)) else [size]
+    if not sizes or not all(_is_number(v) and v > 0 and float(v).is_integer() for v in sizes):
+        raise InputError(f"{source}: size {size!r}: expected a positive whole number of pixels (or [height, width])")
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
             raise InputError(f"--model {model}: image size {list(size)} is not square; spacil encodes square images")
@@ -99,7 +107,18 @@ def model_preprocess(net: torch.nn.Module, model: str, pretrained: Optional[str]
     resize_mode = cfg.get("resize_mode", "shortest")
     if resize_mode == "shortest" and not explicit_resize:
         resize_mode = "squash"  # the protocol's resize (see the module docstring)
-    return Preprocess(image_size=int(size), mean=tuple(float(v) for v in cfg.get("mean", CLIP_MEAN)),
-                      std=tuple(float(v) for v in cfg.get("std", CLIP_STD)),
+    return Preprocess(image_size=int(size), mean=mean, std=std,
                       interpolation=str(cfg.get("interpolation", "bicubic")), resize_mode=resize_mode,
                       fill_color=int(cfg.get("fill_color", 0) or 0), source=source)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _three_numbers(value, key: str, source: str) -> tuple[float, float, float]:
+    """A preprocess config's `mean` or `std`: one finite number per RGB channel, else a one-line InputError naming
+    `source` (the config file) and `key`."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_number(v) for v in value):
+        raise InputError(f"{source}: {key} {value!r}: expected three finite numbers (one per RGB channel)")
+    return tuple(float(v) for v in value)

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from spacil import __version__
 from spacil.config import Config, differing_keys, dump_config, read_yaml_mapping
 from spacil.devices import device_name, memory_budget, resolve_device, use_device
 from spacil.data import class_order, task_boundaries, task_sizes
@@ -132,7 +133,7 @@ class Run:
     def _write_results(self, complete: bool) -> dict:
         summary = summarise(self.learner.name, self.evaluations)
         summary.update({"label": self.learner.label, "dataset": self.store.dataset, "seed": self.config.seed,
-                        "task_sizes": self.sizes, "complete": complete})
+                        "task_sizes": self.sizes, "complete": complete, "spacil_version": __version__})
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(e.to_dict()) + "\n" for e in self.evaluations))
         matrix = accuracy_matrix(self.evaluations)
         buffer = io.StringIO()

@@ -54,6 +54,7 @@ from tqdm import tqdm
 from spacil.backbone import FrozenCLIP
 from spacil.data import CLIP_MEAN, CLIP_STD, DatasetIndex, DatasetSpec, SplitIndex, image_transform, index_dataset, normalise_name
 from spacil.devices import device_thread, local_rank_device, resolve_device, resolve_precision
+from spacil import __version__
 from spacil.errors import InputError
 from spacil.store.format import (FORMAT, IMAGE_PATHS_FILE, PROGRESS_FILE, SPLITS, VERSION, pad_token_sets, read_image_paths,
                                  read_npy_header, write_text_features, write_visual_proj)
@@ -758,6 +759,7 @@ def _finish(out: Path, spec, names, backbone: FrozenCLIP, descriptions, descript
         "classes": names,
         "dataset": spec.key,
         "backbone": backbone.info.to_dict(),
+        "spacil_version": __version__,  # the spacil that finished the store (an extension: older stores lack it)
         "text": {
             "templates": list(spec.templates),
             "semantic_tokens": semantic_tokens if descriptions is not None else None,

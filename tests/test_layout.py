@@ -16,7 +16,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "src" / "spacil"
 # The stages in the order data flows; a module may import from its own stage and from earlier ones only.
 # Prefixes name a module or a whole sub-package; the longest matching prefix decides.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("spacil.__init__", "spacil.errors", "spacil.devices", "spacil.fileio", "spacil.config", "spacil.metrics")),
+    ("base", ("spacil.__init__", "spacil.errors", "spacil.devices", "spacil.fileio", "spacil.config", "spacil.metrics",
+              "spacil.plotstyle")),
     ("ops", ("spacil.ops",)),  # SPA's building blocks: torch only
     ("data", ("spacil.data", "spacil.backbone")),
     ("store", ("spacil.store",)),

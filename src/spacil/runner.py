@@ -21,7 +21,7 @@ import torch
 
 from spacil import __version__
 from spacil.config import Config, differing_keys, dump_config, read_yaml_mapping
-from spacil.devices import device_name, memory_budget, resolve_device, use_device
+from spacil.devices import cpu_threads, device_name, memory_budget, resolve_device, use_device
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
 from spacil.store.format import FeatureStore, rows_as_tensor
@@ -221,7 +221,9 @@ class Run:
     def run(self) -> dict:
         """Run the remaining tasks; the run folder's lock is released when this returns, however it returns."""
         try:
-            return self._run_tasks()
+            # CPU threads for this run's work (one for small tensors, free cores for large ones), unless the user set them
+            with cpu_threads(self.learner.cpu_work_elements()):
+                return self._run_tasks()
         finally:
             self.lock.release()
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spacil.devices import LARGE_WORK_ELEMENTS
 from spacil.learner import FeatureBatch, Learner, TaskData, task_generator
 
 # Streams of task_generator used by RanPAC (one seed drives everything).
@@ -93,6 +94,11 @@ class RanPAC(Learner):
         self.Q = torch.zeros(features, 0, dtype=torch.float64, device=device)  # sum of h^T y, one column per seen class
         self.W = torch.zeros(features, 0, device=device)  # [features, seen] float32, the head
         self.ridges: list[float] = []  # the strength chosen at each task
+
+    def cpu_work_elements(self) -> int:
+        """G [M, M] and the ridge solves are matrix products of M x M: from M = 2048 (G 32 MB) large work, as SPA's steps at
+        ViT-B/16 shapes (spacil.devices.LARGE_WORK_ELEMENTS); the demo's M = 1250 stays on one thread."""
+        return LARGE_WORK_ELEMENTS if self.knobs.M >= 2048 else max(self.knobs.M, int(self.context.width or 0))
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, width] -> h [B, M]: `CosineLinear.forward` with use_RP (relu(z @ W_rand); z itself when M = 0)."""

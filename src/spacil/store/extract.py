@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from spacil.backbone import FrozenCLIP
 from spacil.data import CLIP_MEAN, CLIP_STD, DatasetIndex, DatasetSpec, SplitIndex, image_transform, index_dataset, normalise_name
-from spacil.devices import device_thread, local_rank_device, resolve_device, resolve_precision
+from spacil.devices import cpu_threads, device_thread, local_rank_device, resolve_device, resolve_precision
 from spacil import __version__
 from spacil.errors import InputError
 from spacil.store.format import (FORMAT, IMAGE_PATHS_FILE, PROGRESS_FILE, SPLITS, VERSION, pad_token_sets, read_image_paths,
@@ -610,8 +610,9 @@ def _extract(data: DatasetIndex, out: Path, model, pretrained, dtype, batch_size
 
     if workers is None:
         workers = _default_workers(device, world)
-    _encode(out, spec, splits, files, backbone, share, world, workers, max_batches,
-            progress and world.rank == 0)
+    with cpu_threads(backbone.num_patches * backbone.width):  # the encoder's matrix products: the free cores (ViT-B/16)
+        _encode(out, spec, splits, files, backbone, share, world, workers, max_batches,
+                progress and world.rank == 0)
     world.barrier()
     if world.rank == 0:
         done = _read_done(out)

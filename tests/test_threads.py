@@ -71,3 +71,17 @@ def test_a_run_computes_with_the_chosen_threads(unset_threads, random_store, tmp
                  "--out", str(tmp_path / "run"), "--quiet"]) == 0
     assert seen == [1, 1]  # a tiny store: one thread
     assert torch.get_num_threads() == usable_cores()  # given back when the run ends
+
+
+def test_a_sweep_worker_chooses_within_its_share_of_the_cores(unset_threads, monkeypatch):
+    from spacil.errors import InputError
+    from spacil.sweep.local import worker_env
+
+    env = worker_env(0, 2, [], 16)
+    assert env[devices.CPU_SHARE_ENV] == "8" and "OMP_NUM_THREADS" not in env  # the worker's run still decides
+    monkeypatch.setattr(devices, "busy_cores", lambda: 0)
+    monkeypatch.setenv(devices.CPU_SHARE_ENV, "1")
+    assert usable_cores() == 1 and choose_cpu_threads(LARGE_WORK_ELEMENTS) == 1
+    monkeypatch.setenv(devices.CPU_SHARE_ENV, "zero")
+    with pytest.raises(InputError, match=devices.CPU_SHARE_ENV):
+        usable_cores()

@@ -142,12 +142,23 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 LARGE_WORK_ELEMENTS = 25_088  # ViT-B/32's 49 patches x 512
 
 
+# Set by `spacil sweep --jobs N` in each worker's environment: the cores it may use (cores // N).
+CPU_SHARE_ENV = "SPACIL_CPU_SHARE"
+
+
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity; os.cpu_count where there is none)."""
+    """The cores this process may run on: its CPU affinity (os.cpu_count where there is none), at most the share a sweep
+    gave it (SPACIL_CPU_SHARE)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    share = os.environ.get(CPU_SHARE_ENV, "").strip()
+    if share:
+        if not share.isdigit() or int(share) < 1:
+            raise InputError(f"environment variable {CPU_SHARE_ENV}={share!r}: expected a whole number of at least 1")
+        cores = min(cores, int(share))
+    return cores
 
 
 def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
@@ -183,7 +194,10 @@ def threads_set_by_user() -> Optional[str]:
 def torch_default_threads() -> set[int]:
     """The counts torch may start with when nothing sets them: one thread per usable core, per CPU, or per physical core
     (builds differ). A caller's torch.set_num_threads to one of these cannot be told apart from the default."""
-    counts = {usable_cores(), os.cpu_count() or 1}
+    try:
+        counts = {len(os.sched_getaffinity(0)), os.cpu_count() or 1}
+    except AttributeError:  # not Linux
+        counts = {os.cpu_count() or 1}
     try:  # physical cores: the distinct sibling groups of the CPUs (Linux)
         from pathlib import Path
 

@@ -90,12 +90,12 @@ def child(args) -> None:
     {"wall", "cpu", "threads"} as one JSON line."""
     import torch
 
-    from spacil.devices import cpu_threads
+    from spacil.devices import choose_cpu_threads, cpu_threads
 
     start, cpu_start = time.perf_counter(), time.process_time()
     if args.child == "spa_demo":
-        _spa_demo(args.store, args.epochs)  # the run decides its threads (torch's count is read before)
-        threads = torch.get_num_threads() if args.threads != "auto" else None
+        _spa_demo(args.store, args.epochs)  # the run decides its threads itself, and gives torch's count back after
+        threads = choose_cpu_threads(ELEMENTS[args.child]) if args.threads == "auto" else torch.get_num_threads()
     else:
         with cpu_threads(ELEMENTS[args.child]) as threads:
             {"spa_step_vit": lambda: _spa_step_vit(args.steps), "encode_vit": lambda: _encode_vit(args.batches)}[args.child]()
@@ -187,7 +187,7 @@ def main() -> None:
     notes = ("'quiet': the machine as it was (its load average says how quiet); 'busy': beside "
              f"{cores} CPU-bound processes started by the benchmark. Each cell is a fresh process; 'spacil's choice' runs with "
              "no OMP_NUM_THREADS/MKL_NUM_THREADS and lets spacil.devices.cpu_threads decide (one thread below "
-             "LARGE_WORK_ELEMENTS per image, else the cores other processes leave free).")
+             "LARGE_WORK_ELEMENTS per image, else every usable core).")
     write_result("threads", "CPU threads: one, one per core, spacil's choice; quiet and beside CPU-bound processes", rows,
                  {"cores": cores, "results": results, "args": {k: v for k, v in vars(args).items() if k not in ("child", "threads", "store")}},
                  notes=notes)

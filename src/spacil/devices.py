@@ -134,14 +134,14 @@ def local_rank_device(local_rank: int) -> torch.device:
 # Measured in docs/benchmarks/threads.md (benchmarks/bench_threads.py): on 2 cores, small tensors (the demo world's 49
 # patches x 64 dims, the tests' stores) run no slower on one thread than on two, and two threads collapse beside other
 # CPU-bound processes (OpenMP's threads wait for each other at every parallel region: SPA's demo run took 64 s instead
-# of 18 s); large ones (ViT-B/16's 196 x 512 per image, the image encoder during extraction) gain from every core that is
-# free, and lose when a core they count on is busy.
+# of 18 s, issue 26); large ones (ViT-B/16's 196 x 512 per image, the image encoder during extraction) gain from every
+# core on a quiet machine and lose far less than small ones beside busy processes. The choice depends on the work and the
+# machine's cores only, never on its load at the moment: a resumed run or extraction computes with the same threads as an
+# uninterrupted one (results are reproducible bit for bit on one machine).
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-# Per-image tensor size (patch tokens x width) from which a second thread pays: between the demo world's 3,136 (one
-# thread as fast) and ViT-B/16's 100,352 (two threads 1.7x faster on a quiet machine).
+# Per-image tensor size (patch tokens x width) from which more threads pay: between the demo world's 3,136 (one thread
+# as fast) and ViT-B/16's 100,352 (two threads 1.7x faster on a quiet machine, issue 26).
 LARGE_WORK_ELEMENTS = 25_088  # ViT-B/32's 49 patches x 512
-
-
 # Set by `spacil sweep --jobs N` in each worker's environment: the cores it may use (cores // N).
 CPU_SHARE_ENV = "SPACIL_CPU_SHARE"
 
@@ -159,25 +159,6 @@ def usable_cores() -> int:
             raise InputError(f"environment variable {CPU_SHARE_ENV}={share!r}: expected a whole number of at least 1")
         cores = min(cores, int(share))
     return cores
-
-
-def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
-    """How many cores other processes keep busy now: the kernel's count of runnable threads (/proc/loadavg's 4th field)
-    less this one, the median of a few samples (a CPU-bound process is always runnable); where /proc is missing the
-    1-minute load average, rounded down."""
-    import statistics
-    import time
-
-    counts = []
-    for i in range(samples):
-        try:
-            with open("/proc/loadavg") as file:
-                counts.append(int(file.read().split()[3].split("/")[0]) - 1)
-        except (OSError, IndexError, ValueError):
-            return int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-        if i + 1 < samples:
-            time.sleep(interval)
-    return max(0, int(statistics.median(counts)))
 
 
 def threads_set_by_user() -> Optional[str]:
@@ -209,21 +190,19 @@ def torch_default_threads() -> set[int]:
     return counts
 
 
-def choose_cpu_threads(elements_per_image: int, cores: Optional[int] = None, busy: Optional[int] = None) -> int:
+def choose_cpu_threads(elements_per_image: int, cores: Optional[int] = None) -> int:
     """The intra-op threads for work whose per-image tensors hold `elements_per_image` numbers (patch tokens x width):
-    one for small work; for large work every core that other processes leave free (at least one)."""
+    one for small work, every usable core (`usable_cores`, or `cores`) for large work."""
     if elements_per_image < LARGE_WORK_ELEMENTS:
         return 1
-    cores = usable_cores() if cores is None else cores
-    busy = busy_cores() if busy is None else busy
-    return max(1, min(cores, cores - busy))
+    return usable_cores() if cores is None else cores
 
 
 @contextlib.contextmanager
 def cpu_threads(elements_per_image: int):
     """Run the block with the CPU threads `choose_cpu_threads` picks, and put the previous count back after it, unless the
-    user fixed them (`threads_set_by_user`): then nothing changes. Entry points (a run, an extraction, the demo, explain)
-    wrap their work in it; yields the thread count in force."""
+    user fixed them (`threads_set_by_user`): then nothing changes. Entry points (a run, an extraction's encoding) wrap
+    their work in it; yields the thread count in force."""
     if threads_set_by_user() is not None:
         yield torch.get_num_threads()
         return

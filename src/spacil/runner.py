@@ -221,7 +221,7 @@ class Run:
     def run(self) -> dict:
         """Run the remaining tasks; the run folder's lock is released when this returns, however it returns."""
         try:
-            # CPU threads for this run's work (one for small tensors, free cores for large ones), unless the user set them
+            # CPU threads for this run's work (one for small tensors, every core for large ones), unless the user set them
             with cpu_threads(self.learner.cpu_work_elements()):
                 return self._run_tasks()
         finally:

@@ -610,7 +610,7 @@ def _extract(data: DatasetIndex, out: Path, model, pretrained, dtype, batch_size
 
     if workers is None:
         workers = _default_workers(device, world)
-    with cpu_threads(backbone.num_patches * backbone.width):  # the encoder's matrix products: the free cores (ViT-B/16)
+    with cpu_threads(backbone.num_patches * backbone.width):  # the encoder's matrix products: every core (ViT-B/16)
         _encode(out, spec, splits, files, backbone, share, world, workers, max_batches,
                 progress and world.rank == 0)
     world.barrier()

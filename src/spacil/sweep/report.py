@@ -205,8 +205,9 @@ def plot_entry(entry: str, title: str, rows: list[str], groups: dict[tuple[str, 
 
     drawn = [row for row in rows if groups.get((entry, row)) is not None and groups[(entry, row)].summaries]
     names = [(row_names or {}).get(row, row) for row in drawn]
-    # SPA's family (method spa) warm and dashed, SPA itself (row 'spa') solid
-    styles = run_styles([(groups[(entry, row)].summaries[0]["method"], row) for row in drawn])
+    # SPA's family (method spa) warm and dashed, SPA itself (label 'spa') solid
+    styles = run_styles([(groups[(entry, row)].summaries[0]["method"], groups[(entry, row)].summaries[0]["label"])
+                         for row in drawn])
     with fonts_for(names + [title]) as shown:
         fig, ax = plt.subplots(figsize=(9, 4.6), dpi=110)
         for row, name, style in zip(drawn, names, styles):

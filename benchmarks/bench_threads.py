@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -121,16 +120,22 @@ def measure(work: str, threads: str, args, store: str) -> dict:
     runs = []
     for _ in range(args.repeat):
         load_before = os.getloadavg()[0]
-        out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=HERE)
+        try:
+            out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=HERE, timeout=args.cell_timeout)
+        except subprocess.TimeoutExpired:  # stopped: the wall clock is at least the limit, the CPU time unknown
+            runs.append({"wall": float(args.cell_timeout), "cpu": None, "threads": None, "stopped": True,
+                         "load_before": load_before, "load_after": os.getloadavg()[0]})
+            continue
         if out.returncode:
             raise SystemExit(f"{work} at {threads} threads failed:\n{out.stderr[-2000:]}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        result.update(load_before=load_before, load_after=os.getloadavg()[0])
+        result.update(load_before=load_before, load_after=os.getloadavg()[0], stopped=False)
         runs.append(result)
     wall = statistics.median(r["wall"] for r in runs)
-    return {"wall": wall, "cpu": statistics.median(r["cpu"] for r in runs), "threads": runs[0]["threads"],
-            "load_before": max(r["load_before"] for r in runs), "load_after": max(r["load_after"] for r in runs),
-            "runs": runs}
+    finished = [r["cpu"] for r in runs if not r["stopped"]]
+    return {"wall": wall, "cpu": statistics.median(finished) if finished else None, "threads": runs[0]["threads"],
+            "stopped": any(r["stopped"] for r in runs), "load_before": max(r["load_before"] for r in runs),
+            "load_after": max(r["load_after"] for r in runs), "runs": runs}
 
 
 def main() -> None:
@@ -144,6 +149,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each cell (the median is reported)")
     parser.add_argument("--works", default=",".join(WORKS), help="comma-separated subset of " + ", ".join(WORKS))
     parser.add_argument("--conditions", default="quiet,busy", help="quiet, busy, or both")
+    parser.add_argument("--cell-timeout", type=int, default=240,
+                        help="seconds after which a cell is stopped and reported as at least that long")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -160,16 +167,19 @@ def main() -> None:
         store = str(Path(tmp) / "world")
         make_world(store, WorldSpec())
         for condition in args.conditions.split(","):
-            loops = busy_loops(cores, seconds=900) if condition == "busy" else []
+            # the loops end by themselves after the longest the cells can take, should this process die first
+            limit = len(works) * len(settings) * args.repeat * args.cell_timeout + 60
+            loops = busy_loops(cores, seconds=limit) if condition == "busy" else []
             try:
                 time.sleep(1.0 if loops else 0.0)  # the loops are running before the first measure
                 for work in works:
                     for threads in settings:
                         cell = measure(work, threads, args, store)
                         results.setdefault(condition, {}).setdefault(work, {})[threads] = cell
-                        print(f"{condition:5s} {work:12s} threads={threads:4s} wall {cell['wall']:6.1f} s  cpu "
-                              f"{cell['cpu']:6.1f} s  (chosen {cell['threads']}; load {cell['load_before']:.1f} -> "
-                              f"{cell['load_after']:.1f})", flush=True)
+                        cpu = "stopped" if cell["cpu"] is None else f"{cell['cpu']:6.1f} s"
+                        print(f"{condition:5s} {work:12s} threads={threads:4s} wall {cell['wall']:6.1f} s  cpu {cpu}  "
+                              f"(chosen {cell['threads']}; load {cell['load_before']:.1f} -> {cell['load_after']:.1f})",
+                              flush=True)
             finally:
                 for loop in loops:
                     loop.kill()
@@ -180,7 +190,8 @@ def main() -> None:
             shown = []
             for threads, cell in cells.items():
                 name = "spacil's choice" + (f" ({cell['threads']})" if cell["threads"] else "") if threads == "auto" else f"{threads} thread(s)"
-                shown.append(f"{name}: {cell['wall']:.1f} / {cell['cpu']:.1f}")
+                shown.append(f"{name}: > {cell['wall']:.0f} / ? (stopped)" if cell["stopped"] else
+                             f"{name}: {cell['wall']:.1f} / {cell['cpu']:.1f}")
             load = max(c["load_before"] for c in cells.values())
             marker = f" (load {load:.1f}" + (f" > {cores} cores: a shared machine" if load > cores and condition == "quiet" else "") + ")"
             rows.append((f"{condition}{marker if condition == 'quiet' else ''}, {work}: wall / CPU s", "; ".join(shown)))

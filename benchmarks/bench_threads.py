@@ -9,7 +9,9 @@ Work (what SPA and extraction do, at the shapes that matter):
 - spa_demo: `spacil run --method spa` on the demo world (60 classes, 49 patches x 64 dims), --epochs epochs;
 - spa_step_vit: SPA training steps at ViT-B/16 shapes (196 patches x 512 dims, 100 classes, batch 64), as
   bench_spa_step.py;
-- encode_vit: an open_clip ViT-B/16 (random weights: none are downloaded) encoding 224 x 224 images, extraction's work.
+- encode_vit: an open_clip ViT-B/16 (random weights: none are downloaded) encoding 224 x 224 images, extraction's work;
+- test_runner: `pytest tests/test_runner.py`, a sample of the test suite (spacil's choice there: tests/conftest.py's one
+  thread).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from pathlib import Path
 from _common import write_result
 
 HERE = Path(__file__).resolve().parent
-WORKS = ("spa_demo", "spa_step_vit", "encode_vit")
+WORKS = ("spa_demo", "spa_step_vit", "encode_vit", "test_runner")
 # per-image elements (patch tokens x width) of each work, for spacil's choice
-ELEMENTS = {"spa_demo": 49 * 64, "spa_step_vit": 196 * 512, "encode_vit": 197 * 768}
+ELEMENTS = {"spa_demo": 49 * 64, "spa_step_vit": 196 * 512, "encode_vit": 197 * 768, "test_runner": 9 * 16}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -92,13 +94,21 @@ def child(args) -> None:
     from spacil.devices import choose_cpu_threads, cpu_threads
 
     start, cpu_start = time.perf_counter(), time.process_time()
-    if args.child == "spa_demo":
+    if args.child == "test_runner":  # the suite's own choice: tests/conftest.py, where no OMP_NUM_THREADS is set
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_runner.py"],
+                       cwd=HERE.parent, check=True, stdout=subprocess.DEVNULL)
+        threads = 1 if args.threads == "auto" else int(args.threads)
+    elif args.child == "spa_demo":
         _spa_demo(args.store, args.epochs)  # the run decides its threads itself, and gives torch's count back after
         threads = choose_cpu_threads(ELEMENTS[args.child]) if args.threads == "auto" else torch.get_num_threads()
     else:
         with cpu_threads(ELEMENTS[args.child]) as threads:
             {"spa_step_vit": lambda: _spa_step_vit(args.steps), "encode_vit": lambda: _encode_vit(args.batches)}[args.child]()
-    print(json.dumps({"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu_start, "threads": threads}))
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # pytest's process, for test_runner
+    cpu = time.process_time() - cpu_start + children.ru_utime + children.ru_stime
+    print(json.dumps({"wall": time.perf_counter() - start, "cpu": cpu, "threads": threads}))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

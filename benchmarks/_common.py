@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shlex
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -16,7 +20,42 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
 def machine() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "load_average_when_written": [round(v, 2) for v in os.getloadavg()]}
+
+
+def run_timed(command: list[str], env: Optional[dict] = None, cwd=None, stdout=subprocess.DEVNULL,
+              poll_seconds: float = 2.0) -> dict:
+    """Run `command` to its end and measure it: wall clock, CPU time (user + system of the process and its children, from
+    the kernel's accounting), the 1-minute load average before it started and sampled while it ran, and whether the
+    machine was busy (`busy_machine`). Exit status in "returncode"."""
+    load_before = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=stdout)
+    load = []
+    while process.poll() is None:
+        load.append(os.getloadavg()[0])
+        time.sleep(poll_seconds)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the process, reaped by poll()
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    mean_load = sum(load) / len(load) if load else load_before
+    return {"wall": wall, "cpu": cpu, "load_before": load_before, "mean_load": mean_load, "max_load": max(load, default=load_before),
+            "returncode": process.returncode, **busy_machine(load_before, mean_load)}
+
+
+def busy_machine(load_before: float, mean_load: float, own_threads: int = 1) -> dict:
+    """Whether other jobs kept the cores busy while a figure was taken: the load average (before, or during less the
+    measured process's own `own_threads`) above the core count. A figure taken so is marked: its wall clock is inflated."""
+    from spacil.devices import usable_cores
+
+    cores = usable_cores()
+    load = max(load_before, mean_load - own_threads)
+    busy = load > cores
+    note = (f"a busy machine (load average {load:.1f} above its {cores} cores: the wall clock is inflated by other jobs; "
+            f"the CPU time is the steadier figure)" if busy else f"a quiet machine (load average {load:.1f}, {cores} cores)")
+    return {"cores": cores, "busy": busy, "load_note": note}
 
 
 def write_result(name: str, title: str, rows: list[tuple[str, str]], data: dict, notes: str = "") -> None:

@@ -12,6 +12,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that would download fails at once instead of reaching out
+# The tests' tensors are tiny: one CPU thread is as fast as two on a quiet machine and does not collapse on a busy one
+# (spacil.devices.cpu_threads chooses the same for a run on a tiny store; docs/benchmarks/threads.md). OMP_NUM_THREADS or
+# MKL_NUM_THREADS set by whoever runs the suite is kept.
+if not any(os.environ.get(name, "").strip() for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+    torch.set_num_threads(1)
 
 # ../shared/reference beside the checkout; SPACIL_REFERENCE names another copy (a worktree elsewhere)
 REFERENCE = Path(os.environ.get("SPACIL_REFERENCE") or Path(__file__).resolve().parents[2] / "shared" / "reference")

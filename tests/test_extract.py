@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import spacil
 from spacil.backbone import FrozenCLIP
 from spacil.cli import main
 from spacil.data import image_transform, open_dataset
@@ -44,6 +45,7 @@ def test_extract_writes_a_valid_store(tiny_model, shapes_root, tmp_path):
     np.testing.assert_allclose(train.global_[7].astype(np.float32), expected.numpy(), atol=2e-3)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["text"]["semantic_tokens"] == "sentence" and not (out / ".progress.json").exists()
+    assert meta["spacil_version"] == spacil.__version__  # the spacil that wrote it
 
 
 @pytest.mark.parametrize("device", DEVICES)

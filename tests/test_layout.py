@@ -17,7 +17,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "src" / "spacil"
 # Prefixes name a module or a whole sub-package; the longest matching prefix decides.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("spacil.__init__", "spacil.errors", "spacil.devices", "spacil.fileio", "spacil.recorded_paths", "spacil.config",
-              "spacil.metrics")),
+              "spacil.metrics", "spacil.plotstyle")),
     ("ops", ("spacil.ops",)),  # SPA's building blocks: torch only
     ("data", ("spacil.data", "spacil.backbone")),
     ("store", ("spacil.store",)),

@@ -234,9 +234,9 @@ def test_each_local_worker_gets_one_gpu_or_a_share_of_the_cores():
     from spacil.sweep.local import worker_env
 
     assert [worker_env(slot, 2, ["4", "7"], 16)["CUDA_VISIBLE_DEVICES"] for slot in range(3)] == ["4", "7", "4"]
-    cpu = worker_env(1, 3, [], 8)
-    assert cpu["OMP_NUM_THREADS"] == "2" and cpu["MKL_NUM_THREADS"] == "2"
-    assert worker_env(0, 4, [], 2)["OMP_NUM_THREADS"] == "1"
+    cpu = worker_env(1, 3, [], 8)  # a share of the cores, within which the worker's run picks its threads
+    assert cpu["SPACIL_CPU_SHARE"] == "2"
+    assert worker_env(0, 4, [], 2)["SPACIL_CPU_SHARE"] == "1"
 
 
 def test_runs_that_need_one_store_wait_for_a_single_extraction(tmp_path, monkeypatch):

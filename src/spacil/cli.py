@@ -113,7 +113,10 @@ def _add_explain(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spacil import __version__
+
     parser = _Parser(prog="spacil", description="SPA for class-incremental learning on a frozen CLIP")
+    parser.add_argument("--version", action="version", version=f"spacil {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="the embedded default: SPA and baselines on an offline demo world")
     demo.add_argument("--out", default="demo_out")

@@ -164,3 +164,88 @@ def local_rank_device(local_rank: int) -> torch.device:
     shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
     raise InputError(f"LOCAL_RANK={local_rank}: this process sees {count} CUDA device(s){shown}; expected every GPU of the "
                      f"node (LOCAL_RANK < {count}) or exactly one per rank")
+
+
+# CPU threads ----------------------------------------------------------------------------------------------------------
+# Measured in docs/benchmarks/threads.md (benchmarks/bench_threads.py): on 2 cores, small tensors (the demo world's 49
+# patches x 64 dims, the tests' stores) run no slower on one thread than on two, and two threads collapse beside other
+# CPU-bound processes (OpenMP's threads wait for each other at every parallel region: SPA's demo run took 64 s instead
+# of 18 s, issue 26); large ones (ViT-B/16's 196 x 512 per image, the image encoder during extraction) gain from every
+# core on a quiet machine and lose far less than small ones beside busy processes. The choice depends on the work and the
+# machine's cores only, never on its load at the moment: a resumed run or extraction computes with the same threads as an
+# uninterrupted one (results are reproducible bit for bit on one machine).
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# Per-image tensor size (patch tokens x width) from which more threads pay: between the demo world's 3,136 (one thread
+# as fast) and ViT-B/16's 100,352 (two threads 1.7x faster on a quiet machine, issue 26).
+LARGE_WORK_ELEMENTS = 25_088  # ViT-B/32's 49 patches x 512
+# Set by `spacil sweep --jobs N` in each worker's environment: the cores it may use (cores // N).
+CPU_SHARE_ENV = "SPACIL_CPU_SHARE"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (os.cpu_count where there is none), at most the share a sweep
+    gave it (SPACIL_CPU_SHARE)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    share = os.environ.get(CPU_SHARE_ENV, "").strip()
+    if share:
+        if not share.isdigit() or int(share) < 1:
+            raise InputError(f"environment variable {CPU_SHARE_ENV}={share!r}: expected a whole number of at least 1")
+        cores = min(cores, int(share))
+    return cores
+
+
+def threads_set_by_user() -> Optional[str]:
+    """What already fixed the CPU threads, or None: OMP_NUM_THREADS / MKL_NUM_THREADS in the environment, or a
+    torch.set_num_threads call (seen as a thread count other than torch's defaults, `torch_default_threads`)."""
+    for name in THREAD_ENV:
+        if os.environ.get(name, "").strip():
+            return f"{name}={os.environ[name].strip()}"
+    if torch.get_num_threads() not in torch_default_threads():
+        return f"torch.set_num_threads({torch.get_num_threads()})"
+    return None
+
+
+def torch_default_threads() -> set[int]:
+    """The counts torch may start with when nothing sets them: one thread per usable core, per CPU, or per physical core
+    (builds differ). A caller's torch.set_num_threads to one of these cannot be told apart from the default."""
+    try:
+        counts = {len(os.sched_getaffinity(0)), os.cpu_count() or 1}
+    except AttributeError:  # not Linux
+        counts = {os.cpu_count() or 1}
+    try:  # physical cores: the distinct sibling groups of the CPUs (Linux)
+        from pathlib import Path
+
+        groups = {Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+                  for cpu in range(os.cpu_count() or 1)}
+        counts.add(len(groups))
+    except OSError:
+        pass
+    return counts
+
+
+def choose_cpu_threads(elements_per_image: int, cores: Optional[int] = None) -> int:
+    """The intra-op threads for work whose per-image tensors hold `elements_per_image` numbers (patch tokens x width):
+    one for small work, every usable core (`usable_cores`, or `cores`) for large work."""
+    if elements_per_image < LARGE_WORK_ELEMENTS:
+        return 1
+    return usable_cores() if cores is None else cores
+
+
+@contextlib.contextmanager
+def cpu_threads(elements_per_image: int):
+    """Run the block with the CPU threads `choose_cpu_threads` picks, and put the previous count back after it, unless the
+    user fixed them (`threads_set_by_user`): then nothing changes. Entry points (a run, an extraction's encoding) wrap
+    their work in it; yields the thread count in force."""
+    if threads_set_by_user() is not None:
+        yield torch.get_num_threads()
+        return
+    before = torch.get_num_threads()
+    chosen = choose_cpu_threads(elements_per_image)
+    torch.set_num_threads(chosen)
+    try:
+        yield chosen
+    finally:
+        torch.set_num_threads(before)

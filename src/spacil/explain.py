@@ -272,6 +272,43 @@ def draw(image, record: dict, path: str | Path, grid: tuple[int, int]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from spacil.plotstyle import fonts_for
+
+    with fonts_for(_strings(record)) as shown:  # class names and sentences may be in any script
+        fig = _figure(image, _displayed(record, shown), grid)
+    try:
+        atomic_save_figure(path, fig, dpi=DPI)
+    finally:
+        plt.close(fig)
+
+
+def _strings(value) -> list[str]:
+    """Every string in a record (dicts, lists), keys left out."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in _strings(item)]
+    if isinstance(value, (list, tuple)):
+        return [text for item in value for text in _strings(item)]
+    return []
+
+
+def _displayed(value, shown):
+    """A copy of a record with every string as the figure draws it (`shown`: spacil.plotstyle.fonts_for's)."""
+    if isinstance(value, str):
+        return shown(value)
+    if isinstance(value, dict):
+        return {key: _displayed(item, shown) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_displayed(item, shown) for item in value]
+    return value
+
+
+def _figure(image, record: dict, grid: tuple[int, int]):
+    """The explanation figure of one image (a PIL image), every string of `record` as it is drawn."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     panels = panels_of(record)
     widths = [PANEL_WIDTHS[p] for p in panels]
     fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), HEIGHT), dpi=DPI, gridspec_kw={"width_ratios": widths})
@@ -308,10 +345,7 @@ def draw(image, record: dict, path: str | Path, grid: tuple[int, int]) -> None:
         _draw_sentences(fig, ax_text, ax, explained, cell, cols, colours[explained["role"]], right_of_photo=ax_text is not axes[0])
     _draw_scores(axes[-1], record)
     fig.subplots_adjust(left=0.01, right=0.97, top=0.88, bottom=0.08, wspace=0.1)
-    try:
-        atomic_save_figure(path, fig, dpi=DPI)
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def _draw_sentences(fig, ax, photo_ax, explained: dict, cell, cols: int, colour: str, right_of_photo: bool) -> None:

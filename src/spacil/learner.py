@@ -324,6 +324,12 @@ class Learner:
         """How this run is named in tables and plots."""
         return self.name
 
+    def cpu_work_elements(self) -> int:
+        """Numbers per image in the largest tensor this learner computes with (patch tokens x d with patches, else d):
+        spacil.devices.cpu_threads picks the CPU threads of a run from it."""
+        ctx = self.context
+        return ctx.dim * (ctx.num_patches if self.needs_patches else 1)
+
     # hooks -------------------------------------------------------------------------------------------------------------
     def cost_note(self, train_rows: list[int], task_sizes: list[int]) -> Optional[str]:
         """One line the runner shows before the run starts, for a method whose cost a user should see first (the

@@ -178,17 +178,21 @@ def plot_curves(summaries: Sequence[dict], path: str | Path, title: str = "Accur
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for s in summaries:
-        seen = np.cumsum(s.get("task_sizes") or [1] * len(s["curve"]))[: len(s["curve"])]
-        style = "-" if s["method"] == "spa" else "--"
-        ax.plot(seen, s["curve"], style, marker="o", markersize=3, label=f"{run_name(s, summaries)} ({s['avg_acc']:.1f})")
-    ax.set_xlabel("classes seen")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    from spacil.plotstyle import fonts_for, legend_outside, run_styles
+
+    names = [run_name(s, summaries) for s in summaries]
+    styles = run_styles([(s["method"], s["label"]) for s in summaries])  # SPA's family warm and dashed, SPA itself solid
+    with fonts_for(names + [title]) as shown:
+        fig, ax = plt.subplots(figsize=(9, 4.6), dpi=110)
+        for s, name, style in zip(summaries, names, styles):
+            seen = np.cumsum(s.get("task_sizes") or [1] * len(s["curve"]))[: len(s["curve"])]
+            ax.plot(seen, s["curve"], label=f"{shown(name)} ({s['avg_acc']:.1f})", **style.plot_kwargs())
+        ax.set_xlabel("classes seen")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(shown(title))
+        ax.grid(alpha=0.3)
+        legend_outside(ax, title="run (average accuracy)")  # outside the axes: no line hidden behind it
+        fig.tight_layout()
     try:
         atomic_save_figure(path, fig)
     finally:
@@ -201,19 +205,22 @@ def plot_matrix(matrix: np.ndarray, path: str | Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.8, 4.2), dpi=110)
-    image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=100, cmap="viridis")
-    for (b, j), value in np.ndenumerate(matrix):
-        if not np.isnan(value) and matrix.shape[0] <= 12:
-            ax.text(j, b, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < 60 else "black")
-    ticks = np.arange(matrix.shape[0])
-    ax.set_xticks(ticks, [str(t + 1) for t in ticks])
-    ax.set_yticks(ticks, [str(t + 1) for t in ticks])
-    ax.set_xlabel("classes of task j")
-    ax.set_ylabel("after task b")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="accuracy (%)")
-    fig.tight_layout()
+    from spacil.plotstyle import fonts_for
+
+    with fonts_for([title]) as shown:  # the title holds the run's label, which may be in any script
+        fig, ax = plt.subplots(figsize=(4.8, 4.2), dpi=110)
+        image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=100, cmap="viridis")
+        for (b, j), value in np.ndenumerate(matrix):
+            if not np.isnan(value) and matrix.shape[0] <= 12:
+                ax.text(j, b, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < 60 else "black")
+        ticks = np.arange(matrix.shape[0])
+        ax.set_xticks(ticks, [str(t + 1) for t in ticks])
+        ax.set_yticks(ticks, [str(t + 1) for t in ticks])
+        ax.set_xlabel("classes of task j")
+        ax.set_ylabel("after task b")
+        ax.set_title(shown(title), fontsize=9)
+        fig.colorbar(image, ax=ax, label="accuracy (%)")
+        fig.tight_layout()
     try:
         atomic_save_figure(path, fig)
     finally:

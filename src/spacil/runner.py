@@ -20,8 +20,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from spacil import __version__
 from spacil.config import Config, differing_keys, dump_config, read_yaml_mapping
-from spacil.devices import device_name, memory_budget, resolve_device, use_device
+from spacil.devices import cpu_threads, device_name, memory_budget, resolve_device, use_device
 from spacil.data import class_order, task_boundaries, task_sizes
 from spacil.errors import InputError
 from spacil.store.finite import check_whole_arrays, first_nonfinite_row
@@ -155,7 +156,7 @@ class Run:
     def _write_results(self, complete: bool) -> dict:
         summary = summarise(self.learner.name, self.evaluations)
         summary.update({"label": self.learner.label, "dataset": self.store.dataset, "seed": self.config.seed,
-                        "task_sizes": self.sizes, "complete": complete})
+                        "task_sizes": self.sizes, "complete": complete, "spacil_version": __version__})
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(e.to_dict()) + "\n" for e in self.evaluations))
         matrix = accuracy_matrix(self.evaluations)
         buffer = io.StringIO()
@@ -247,7 +248,9 @@ class Run:
     def run(self) -> dict:
         """Run the remaining tasks; the run folder's lock is released when this returns, however it returns."""
         try:
-            return self._run_tasks()
+            # CPU threads for this run's work (one for small tensors, every core for large ones), unless the user set them
+            with cpu_threads(self.learner.cpu_work_elements()):
+                return self._run_tasks()
         finally:
             self.lock.release()
 

@@ -110,6 +110,19 @@ def plot_patch_selection(store: Path, world: dict, top_k: int, path: Path, image
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from spacil.plotstyle import fonts_for
+
+    with fonts_for(list(world["names"])) as shown:  # class names in any script
+        fig = _patch_selection_figure(store, {**world, "names": [shown(n) for n in world["names"]]}, top_k, images)
+    try:
+        atomic_save_figure(path, fig)
+    finally:
+        plt.close(fig)
+
+
+def _patch_selection_figure(store: Path, world: dict, top_k: int, images: int):
+    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     from spacil.ops.patch_selection import patch_relevance, select_top_k
@@ -142,10 +155,7 @@ def plot_patch_selection(store: Path, world: dict, top_k: int, path: Path, image
     fig.suptitle("patch relevance to a class's descriptions; cyan: the k picked patches, green: patches showing the class's parts",
                  fontsize=8)
     fig.tight_layout()
-    try:
-        atomic_save_figure(path, fig)
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def image_level_path(out: Path, echo, device: str = "auto") -> dict:

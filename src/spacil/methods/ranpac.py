@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spacil.devices import LARGE_WORK_ELEMENTS
 from spacil.learner import FeatureBatch, Learner, TaskData, task_generator
 
 # Streams of task_generator used by RanPAC (one seed drives everything).
@@ -138,6 +139,11 @@ class RanPAC(Learner):
     @property
     def dual(self) -> bool:
         return self.G.shape[0] == 0
+
+    def cpu_work_elements(self) -> int:
+        """G [M, M] and the ridge solves are matrix products of M x M: from M = 2048 (G 32 MB) large work, as SPA's steps at
+        ViT-B/16 shapes (spacil.devices.LARGE_WORK_ELEMENTS); the demo's M = 1250 stays on one thread."""
+        return LARGE_WORK_ELEMENTS if self.knobs.M >= 2048 else max(self.knobs.M, int(self.context.width or 0))
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, width] -> h [B, M]: `CosineLinear.forward` with use_RP (relu(z @ W_rand); z itself when M = 0)."""

@@ -55,7 +55,8 @@ from spacil.backbone import FrozenCLIP
 from spacil.backbone import Preprocess
 from spacil.data import DatasetIndex, DatasetSpec, SplitIndex, index_dataset, normalise_name
 from spacil.data.store_size import StoreShape, estimate_store, room_line
-from spacil.devices import device_thread, local_rank_device, resolve_device, resolve_precision
+from spacil.devices import cpu_threads, device_thread, local_rank_device, resolve_device, resolve_precision
+from spacil import __version__
 from spacil.errors import InputError
 from spacil.store.format import (FORMAT, IMAGE_PATHS_FILE, PROGRESS_FILE, SPLITS, VERSION, pad_token_sets, read_image_paths,
                                  read_npy_header, write_text_features, write_visual_proj)
@@ -620,8 +621,10 @@ def _extract(data: DatasetIndex, out: Path, model, pretrained, dtype, batch_size
 
     if workers is None:
         workers = _default_workers(device, world)
-    _encode(out, spec, splits, files, backbone, share, world, workers, max_batches,
-            progress and world.rank == 0)
+    # the encoder's matrix products: every core (ViT-B/16); a family without z (width None) counts its joint width
+    with cpu_threads(backbone.num_patches * (backbone.width or backbone.dim)):
+        _encode(out, spec, splits, files, backbone, share, world, workers, max_batches,
+                progress and world.rank == 0)
     world.barrier()
     if world.rank == 0:
         done = _read_done(out)
@@ -796,6 +799,7 @@ def _finish(out: Path, spec, names, backbone: FrozenCLIP, descriptions, descript
         "backbone": backbone.info.to_dict(),
         "image_tower": backbone.tower_record(),
         "preprocess": backbone.preprocess.to_dict(),
+        "spacil_version": __version__,  # the spacil that finished the store (an extension: older stores lack it)
         "text": {
             "templates": list(spec.templates),
             "semantic_tokens": semantic_tokens if descriptions is not None else None,

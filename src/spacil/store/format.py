@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from spacil import __version__
 from spacil.errors import InputError
 from spacil.fileio import atomic_save_npy, atomic_write_text, make_dirs, read_json
 from spacil.store.area_texts import open_area_texts
@@ -411,6 +412,7 @@ def write_store(
         "classes": list(classes),
         "dataset": dataset,
         "backbone": backbone,
+        "spacil_version": __version__,  # the spacil that wrote the store (an extension: older stores lack it)
     }
     if visual_proj is not None:
         meta["width"] = int(visual_proj.shape[0])

@@ -2,7 +2,7 @@
 
 Each cell runs as its own `python -m spacil run --config CELL.yaml --out FOLDER --resume` process, so an interrupted worker
 leaves what the runner leaves: a run folder with every finished task and a checkpoint, resumed by the next sweep. A worker
-slot owns one GPU (CUDA_VISIBLE_DEVICES) when there are GPUs, else an equal share of the CPU threads (cores // N).
+slot owns one GPU (CUDA_VISIBLE_DEVICES) when there are GPUs, else an equal share of the cores (cores // N, SPACIL_CPU_SHARE).
 A worker ends when the sweep process ends, however it ends (`spacil.sweep.lifeline`): a killed sweep leaves no worker
 writing a run folder. Ctrl-C reaches the workers (they are in the terminal's process group; a SIGINT sent to this process alone is forwarded),
 they stop after writing what they finished, and the sweep exits 130.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
-from spacil.devices import PROCESSES_PER_GPU_ENV
+from spacil.devices import CPU_SHARE_ENV, PROCESSES_PER_GPU_ENV
 from spacil.fileio import make_dirs, open_log
 from spacil.sweep.cell import Cell, write_cell_config
 from spacil.sweep.lifeline import SWEEP_PARENT_ENV
@@ -55,10 +55,11 @@ def cpu_count() -> int:
 
 def worker_env(slot: int, jobs: int, gpus: list[str], cpus: int) -> dict[str, str]:
     """The environment of worker slot `slot` of `jobs`: one GPU (shared round-robin when there are more workers than GPUs,
-    and then the number of workers on it, for the memory budget), or cores // jobs threads."""
+    and then the number of workers on it, for the memory budget), or cores // jobs cores (SPACIL_CPU_SHARE)."""
     env = dict(os.environ)
-    threads = str(max(1, cpus // jobs))
-    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    # the worker's share of the cores: spacil.devices.cpu_threads picks its threads within it (one for small work), and
+    # OMP_NUM_THREADS set by the user still wins
+    env[CPU_SHARE_ENV] = str(max(1, cpus // jobs))
     env[SWEEP_PARENT_ENV] = str(os.getpid())  # the worker ends when this process ends (spacil.sweep.lifeline)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
@@ -92,7 +93,7 @@ def run_local(cells: list[Cell], out: Path, jobs: int, echo: Callable[[str], Non
     gpus = gpu_ids()
     cpus = cpu_count()
     jobs = min(jobs, len(cells))
-    where = f"one GPU each ({', '.join(gpus)})" if gpus else f"{max(1, cpus // jobs)} CPU threads each"
+    where = f"one GPU each ({', '.join(gpus)})" if gpus else f"at most {max(1, cpus // jobs)} CPU threads each"
     echo(f"running {len(cells)} runs on {jobs} local workers, {where}")
     logs = out / ".sweep" / "logs"
     make_dirs(logs)

@@ -201,23 +201,28 @@ def plot_entry(entry: str, title: str, rows: list[str], groups: dict[tuple[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for row in rows:
-        group = groups.get((entry, row))
-        if group is None or not group.summaries:
-            continue
-        curves = np.array([s["curve"] for s in group.summaries if len(s["curve"]) == len(group.summaries[0]["curve"])])
-        seen = np.cumsum(group.summaries[0].get("task_sizes") or [1] * curves.shape[1])[: curves.shape[1]]
-        mean, std = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(curves.shape[1])
-        style = "-" if row == "spa" else "--"
-        line, = ax.plot(seen, mean, style, marker="o", markersize=3, label=f"{(row_names or {}).get(row, row)} ({mean.mean():.1f})")
-        ax.fill_between(seen, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("classes seen")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{title}: mean over seeds (band: one std)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    from spacil.plotstyle import fonts_for, legend_outside, run_styles
+
+    drawn = [row for row in rows if groups.get((entry, row)) is not None and groups[(entry, row)].summaries]
+    names = [(row_names or {}).get(row, row) for row in drawn]
+    # SPA's family (method spa) warm and dashed, SPA itself (label 'spa') solid
+    styles = run_styles([(groups[(entry, row)].summaries[0]["method"], groups[(entry, row)].summaries[0]["label"])
+                         for row in drawn])
+    with fonts_for(names + [title]) as shown:
+        fig, ax = plt.subplots(figsize=(9, 4.6), dpi=110)
+        for row, name, style in zip(drawn, names, styles):
+            group = groups[(entry, row)]
+            curves = np.array([s["curve"] for s in group.summaries if len(s["curve"]) == len(group.summaries[0]["curve"])])
+            seen = np.cumsum(group.summaries[0].get("task_sizes") or [1] * curves.shape[1])[: curves.shape[1]]
+            mean, std = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(curves.shape[1])
+            ax.plot(seen, mean, label=f"{shown(name)} ({mean.mean():.1f})", **style.plot_kwargs())
+            ax.fill_between(seen, mean - std, mean + std, color=style.color, alpha=0.15)
+        ax.set_xlabel("classes seen")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(f"{shown(title)}: mean over seeds (band: one std)")
+        ax.grid(alpha=0.3)
+        legend_outside(ax, title="row (average accuracy)")
+        fig.tight_layout()
     try:
         atomic_save_figure(path, fig)
     finally:

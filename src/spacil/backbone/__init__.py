@@ -471,8 +471,8 @@ def write_tiny_tower_model(folder: str | Path, family: str, seed: int = 0) -> st
     import open_clip
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "open_clip_config.json").write_text(json.dumps(TINY_TOWER_CONFIGS[family], indent=2))
+    make_dirs(folder)
+    atomic_write_text(folder / "open_clip_config.json", json.dumps(TINY_TOWER_CONFIGS[family], indent=2))
     generator_state = torch.random.get_rng_state()
     logging.disable(logging.WARNING)  # "no pretrained weights": these are random on purpose
     try:
@@ -481,5 +481,7 @@ def write_tiny_tower_model(folder: str | Path, family: str, seed: int = 0) -> st
     finally:
         logging.disable(logging.NOTSET)
         torch.random.set_rng_state(generator_state)
-    torch.save(net.state_dict(), folder / "open_clip_pytorch_model.bin")
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    atomic_write_bytes(folder / "open_clip_pytorch_model.bin", buffer.getbuffer())
     return f"local-dir:{folder}"

@@ -181,7 +181,7 @@ def write_area_inputs(path: str | Path, spec: WorldSpec, class_dirs: np.ndarray,
         views = np.stack([_unit(g + move()) for _ in range(spec.area_views)], axis=1)  # [n, V, d]
         z = np.stack([lift_to_pre_projection(views[:, v], visual_proj, rng) for v in range(spec.area_views)], axis=1)
         g_file, z_file = view_set_files(transform)
-        (path / "train").mkdir(parents=True, exist_ok=True)
+        make_dirs(path / "train")
         atomic_save_npy(path / g_file, views.astype(np.float16))
         atomic_save_npy(path / z_file, z.astype(np.float16))
         view_sets[transform] = {"count": spec.area_views, "transform": transform, "params": {"generated": True},
@@ -197,7 +197,7 @@ def write_area_inputs(path: str | Path, spec: WorldSpec, class_dirs: np.ndarray,
         sets[name] = _unit(mixed)
     sets["name_prompt"] = prompts[:, None]
     sets["photo_prompt"] = templates[:, :1]
-    (path / "text").mkdir(parents=True, exist_ok=True)
+    make_dirs(path / "text")
     for name in AREA_SETS:
         units = np.asarray(sets[name], dtype=np.float32)
         features, norms, mask = area_text_files(name)

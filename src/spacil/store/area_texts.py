@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.fileio import atomic_save_npy, atomic_write_text, read_json
+from spacil.fileio import atomic_save_npy, atomic_write_text, make_dirs, read_json
 
 AREA_TEXTS_KEY = "area_texts"
 DESCRIPTION_SETS = ("clean", "occluded", "augmented")
@@ -153,7 +153,7 @@ def encode_sets(encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]], se
 def write_area_texts(store: str | Path, encoded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], source: str) -> None:
     """The arrays of every set, then meta.json's record (a store is read with them only once it names them)."""
     store = Path(store)
-    (store / "text").mkdir(parents=True, exist_ok=True)
+    make_dirs(store / "text")
     for name, arrays in encoded.items():
         for rel, array in zip(area_text_files(name), arrays):
             atomic_save_npy(store / rel, array)

@@ -358,3 +358,121 @@ def test_area_runs_on_the_device_and_reproduces_the_cpu(tmp_path, device):
                      "--set", "basis_rank=2", "--quiet"]) == 0
         runs[name] = json.loads((out / "summary.json").read_text())["curve"]
     assert np.allclose(runs["reference"], runs["device"], atol=3.0)  # a flipped near-tie moves a 4-image class by 25 points / 48
+
+
+def _tiny_learner_after_one_task():
+    """A 2-task AREA learner (3 classes per task, 6 images per class) that trained task 1 for an epoch and has begun
+    task 2: (learner, config, proj, z of both tasks [2, 18, width], the texts {set: (raw [6, M, D], counts [6])})."""
+    from spacil.config import build_config
+    from spacil.learner import LearnerContext, TaskData, TaskInfo
+
+    width, per_class = 10, 6
+    g = torch.Generator().manual_seed(11)
+    proj = torch.randn(width, D, generator=g)
+    config = build_config({"method": "area", "area": {"basis_rank": K, "vib_lambda": 0.37, "area_samples_per_class": 2,
+                                                      "area_epochs": 1, "area_batch_size": 8, "area_lr": 0.05}})
+    learner = A.Area(config, LearnerContext(D, 1, 10.0, torch.device("cpu"), False, width, proj))
+    counts = {"clean": [5, 4, 6, 5, 4, 6], "occluded": [2, 3, 4, 3, 2, 4], "augmented": [3, 2, 4, 4, 3, 2],
+              "name_prompt": [1] * 6, "photo_prompt": [1] * 6}
+    texts = {name: (torch.randn(6, max(c), D, generator=g) * 4, torch.tensor(c)) for name, c in counts.items()}
+    z = torch.randn(2, 3 * per_class, width, generator=g) + torch.randn(2, 3, 1, width, generator=g).repeat_interleave(
+        per_class, dim=1)[:, :, 0] * 2
+    for task in range(2):
+        positions = [3 * task + c for c in range(3)]
+        learner.begin_task(TaskInfo(task, positions, [f"c{p}" for p in positions], None, None, None, None,
+                                    area_texts={n: (raw[positions], c[positions]) for n, (raw, c) in texts.items()}))
+        if task == 1:
+            return learner, config, proj, z, texts
+        views = {name: (z[task][:, None] + torch.randn(3 * per_class, 2, width, generator=g) * 0.3).numpy()
+                 for name in ("views_occlusion_pre", "views_area_augment_pre")}
+        data = TaskData(task, z[task].numpy(), None, np.repeat(positions, per_class), torch.device("cpu"),
+                        extra={"global_pre": z[task].numpy(), **views})
+        learner.fit_task(data)
+        learner.end_task(data)
+
+
+def test_a_new_tasks_scorers_start_as_copies_of_the_last():
+    """utils/inc_net.py Area.append_S: after the first task, the new task's scorers are the last task's (trained) ones."""
+    learner, *_ = _tiny_learner_after_one_task()
+    assert learner.visual_scorers.shape[0] == 2
+    assert torch.equal(learner.visual_scorers[1], learner.visual_scorers[0])
+    assert torch.equal(learner.textual_scorers[1], learner.textual_scorers[0])
+    fresh = A.initial_linear(K, D, A.task_generator(learner.config, 0, stream=A._STREAM_INIT))
+    assert not torch.allclose(learner.visual_scorers[0], fresh)  # trained: no fresh initialisation can equal it
+
+
+def test_one_batch_loss_and_gradients_are_the_official_train_steps():
+    """One batch of task 2 (old classes present): models/area.py Learner.train's `loss`, written here in plain torch from
+    the official code, with the same draws (the pseudo-features' noise, the sentences) taken from fresh copies of the
+    learner's generators, against Area._loss: value and the gradients of the four trained weights. The bases, text
+    features and class statistics are computed here as the official code does, from the raw features."""
+    from spacil.learner import TaskData
+
+    learner, config, proj, z, texts = _tiny_learner_after_one_task()
+    f = z @ proj  # encode_image's output of every training image [2, 18, D]
+    labels_all = torch.arange(6).repeat_interleave(6)
+    data = TaskData(1, z[1].numpy(), None, np.repeat([3, 4, 5], 6), torch.device("cpu"),
+                    extra={"global_pre": z[1].numpy(), "views_occlusion_pre": z[1][:, None].numpy(),
+                           "views_area_augment_pre": z[1][:, None].numpy()})
+    learner.knobs = config.area.model_copy(update={"area_epochs": 0})  # the new classes' visual bases, no training
+    learner.fit_task(data)
+    learner.knobs = config.area
+    g = torch.Generator().manual_seed(12)
+    rows = torch.tensor([7, 0, 12, 3, 16])  # classes 4, 3, 5, 3, 5: the first image's class is neither first nor last
+    image, labels = f[1][rows], labels_all[18:][rows]
+    occluded = image + torch.randn(image.shape, generator=g)
+    augmented = [image + torch.randn(image.shape, generator=g) for _ in range(3)]
+    start = [learner.visual_adapter, learner.textual_adapter, learner.visual_scorers[-1], learner.textual_scorers[-1]]
+    mine = [torch.nn.Parameter(t.clone()) for t in start]
+    streams = (A._STREAM_PSEUDO, A._STREAM_SENTENCES)
+    got = learner._loss(image, labels, occluded, augmented, 3,
+                        {s: A.task_generator(config, 1, stream=s) for s in streams}, *mine)
+    got.backward()
+
+    # --- the official computation (models/area.py Learner.train, one batch of task 2, in plain torch) ---
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    visual_adapter, textual_adapter, visual_s, textual_s = [(lambda w: (lambda x: x @ w.T))(p) for p in theirs]
+    gens = {s: A.task_generator(config, 1, stream=s) for s in streams}
+    flat = f.reshape(-1, D)
+    visual_basis = torch.stack([_official_basis(flat[labels_all == c], K) for c in range(6)])
+    textual_basis = torch.stack([_official_basis(raw[:int(n)], K) for raw, n in zip(*texts["clean"])])
+    text_features = texts["name_prompt"][0][:, 0]  # "a good photo of a <class>."
+    # _update_stat / analyze_mean_cov of task 1, then Learner.sample per old class (here in class order; its noise drawn
+    # as one [old, size, D] block, the learner's draw)
+    noise = torch.randn(3, 2, D, generator=gens[A._STREAM_PSEUDO])
+    sg_inputs, sg_targets = [], []
+    for i in range(3):
+        class_data = flat[labels_all == i]
+        cov = torch.cov(class_data.t()) + 1e-4 * torch.eye(D)
+        sg_inputs.append(noise[i] @ torch.linalg.cholesky(cov).t() + class_data.mean(dim=0))
+        sg_targets.append(torch.ones(2, dtype=torch.long) * i)
+    targets = torch.cat([labels, *sg_targets])
+    outputs = _official_forward(torch.cat([image, *sg_inputs]), text_features, visual_basis, textual_basis, visual_s,
+                                textual_s, visual_adapter, textual_adapter, 10.0)
+    loss_c = F.cross_entropy(outputs, targets)
+    score_clean_gt, score_occ_gt = visual_s(image), visual_s(occluded)
+    local = int(labels[0]) - 3  # real_targets[0]'s class, its files
+
+    def choice(name):  # random.choice(lines) of the class's file
+        raw, n = texts[name]
+        return raw[3 + local, int(torch.randint(int(n[3 + local]), (1,), generator=gens[A._STREAM_SENTENCES]))][None]
+
+    occ_score = textual_s(choice("occluded"))
+    clean_score = textual_s(texts["photo_prompt"][0][3 + local, 0][None])  # "a photo of a <class>."
+    loss_mask = torch.mean(torch.relu(score_occ_gt - score_clean_gt)) + torch.mean(torch.relu(occ_score - clean_score))
+    view_scores_list, text_scores_list = [], []
+    for m in range(3):
+        text_scores_list.append(textual_s(choice("augmented")))
+        view_scores_list.append(visual_s(augmented[m]))
+    mean_scores = torch.stack(view_scores_list).mean(dim=0)
+    mean_text_scores = torch.stack(text_scores_list).mean(dim=0)
+    loss_cons = torch.tensor(0.0)
+    for m in range(3):
+        loss_cons = loss_cons + F.l1_loss(view_scores_list[m], mean_scores)
+        loss_cons = loss_cons + F.l1_loss(text_scores_list[m], mean_text_scores)
+    expected = loss_c + 0.37 * (loss_mask + loss_cons)
+    expected.backward()
+    assert loss_mask.item() > 1e-2 and loss_cons.item() > 1e-2  # the regulariser counts here
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (float(got), float(expected))
+    for name, a, b in zip(("visual_adapter", "textual_adapter", "visual_S", "textual_S"), mine, theirs):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5), name

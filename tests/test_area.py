@@ -68,6 +68,17 @@ def _official_cost(query_emb, task_basis):  # models/area.py Learner._compute_co
     return 1.0 - torch.matmul(F.normalize(query_emb, p=2, dim=1), F.normalize(task_basis, p=2, dim=1).T)
 
 
+def _official_loss_cons(view_scores_list, text_scores_list):  # models/area.py Learner.train, `mean_scores` to `loss_cons`
+    stacked_scores = torch.stack(view_scores_list)  # [M, B, K]
+    mean_scores = stacked_scores.mean(dim=0)
+    mean_text_scores = torch.stack(text_scores_list).mean(dim=0)
+    loss_cons = torch.tensor(0.0)
+    for m in range(len(view_scores_list)):
+        loss_cons = loss_cons + F.l1_loss(view_scores_list[m], mean_scores)
+        loss_cons = loss_cons + F.l1_loss(text_scores_list[m], mean_text_scores)
+    return loss_cons
+
+
 @pytest.fixture()
 def world():
     g = torch.Generator().manual_seed(0)
@@ -122,12 +133,7 @@ def test_scores_losses_and_the_vib_weighted_term_match_the_official_train_step(w
     loss_mask = torch.mean(torch.relu(score_occ_gt - score_clean_gt)) + torch.mean(torch.relu(ts(occ_text) - ts(clean_text)))
     view_scores_list = [vs(v) for v in views]
     text_scores_list = [ts(t) for t in aug_texts]
-    mean_scores = torch.stack(view_scores_list).mean(dim=0)
-    mean_text_scores = torch.stack(text_scores_list).mean(dim=0)
-    loss_cons = torch.tensor(0.0)
-    for m in range(3):
-        loss_cons = loss_cons + F.l1_loss(view_scores_list[m], mean_scores)
-        loss_cons = loss_cons + F.l1_loss(text_scores_list[m], mean_text_scores)
+    loss_cons = _official_loss_cons(view_scores_list, text_scores_list)
     occlusion = A.occlusion_loss(occluded @ vs.weight.T, w["image"] @ vs.weight.T, occ_text @ ts.weight.T,
                                  clean_text @ ts.weight.T)
     consistency = A.consistency_loss([v @ vs.weight.T for v in views], [t @ ts.weight.T for t in aug_texts])
@@ -464,12 +470,7 @@ def test_one_batch_loss_and_gradients_are_the_official_train_steps():
     for m in range(3):
         text_scores_list.append(textual_s(choice("augmented")))
         view_scores_list.append(visual_s(augmented[m]))
-    mean_scores = torch.stack(view_scores_list).mean(dim=0)
-    mean_text_scores = torch.stack(text_scores_list).mean(dim=0)
-    loss_cons = torch.tensor(0.0)
-    for m in range(3):
-        loss_cons = loss_cons + F.l1_loss(view_scores_list[m], mean_scores)
-        loss_cons = loss_cons + F.l1_loss(text_scores_list[m], mean_text_scores)
+    loss_cons = _official_loss_cons(view_scores_list, text_scores_list)
     expected = loss_c + 0.37 * (loss_mask + loss_cons)
     expected.backward()
     assert loss_mask.item() > 1e-2 and loss_cons.item() > 1e-2  # the regulariser counts here

@@ -477,3 +477,62 @@ def test_one_batch_loss_and_gradients_are_the_official_train_steps():
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (float(got), float(expected))
     for name, a, b in zip(("visual_adapter", "textual_adapter", "visual_S", "textual_S"), mine, theirs):
         assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5), name
+
+
+def _official_geometry(H, W, draws, rho=(0.1, 0.4), eta=(0.33, 3.0)):
+    """models/area.py _generate_occluded_inputs's box for one image, with np.random.uniform / randint replaced by the
+    uniform draws [4] (rho, eta, u, v): -> (u, v, h, w), u the row and h the height."""
+    area = int((rho[0] + (rho[1] - rho[0]) * draws[0]) * H * W)
+    e = eta[0] + (eta[1] - eta[0]) * draws[1]
+    h = int(np.clip(int(np.sqrt(area * e)), 1, H))
+    w = int(np.clip(int(np.sqrt(area / e)), 1, W))
+    u = int(draws[2] * (H - h + 1)) if H - h > 0 else 0
+    v = int(draws[3] * (W - w + 1)) if W - w > 0 else 0
+    return u, v, h, w
+
+
+def test_occlusion_views_are_the_official_boxes_drawn_by_hand():
+    """Every view: the normalised image with the official box (height from sqrt(area * eta) on the rows, width from
+    sqrt(area / eta) on the columns) replaced by torch.rand noise [C, h, w], all drawn from the view's generator."""
+    from spacil.store.views import Occlusion, _row_seed, normalise_pixels
+
+    images = torch.randint(0, 256, (4, 3, 18, 30), dtype=torch.uint8)
+    rows = np.array([0, 5, 9, 2])
+    out = Occlusion()(images, rows, view=1, seed=3)
+    clean = normalise_pixels(images.float() / 255)
+    shapes = set()
+    for i, row in enumerate(rows):
+        g = torch.Generator().manual_seed(_row_seed(3, int(row), 1))
+        u, v, h, w = _official_geometry(18, 30, torch.rand(4, generator=g, dtype=torch.float64).tolist())
+        expected = clean[i].clone()
+        expected[:, u:u + h, v:v + w] = torch.rand((3, h, w), generator=g)
+        assert torch.equal(out[i], expected), i
+        shapes.add((h, w))
+    assert any(h != w for h, w in shapes)  # a swap of h and w would show
+
+
+def test_area_augment_normalises_then_flips_and_jitters_by_hand():
+    """AreaAugment as models/area.py Learner.train applies its augmentation_transform: to the *normalised* tensor, a flip
+    with probability 1/2, then ColorJitter's float ops (brightness, contrast, saturation blends clamped to [0, 1], then
+    hue), here in the fixed order with the view's five uniform draws."""
+    from torchvision.transforms import functional as TF
+
+    from spacil.store.views import AreaAugment, _row_seed, normalise_pixels
+
+    images = torch.randint(0, 256, (3, 3, 16, 20), dtype=torch.uint8)
+    rows = np.array([4, 1, 7])
+    out = AreaAugment()(images, rows, view=0, seed=2)
+    flips = set()
+    for i, row in enumerate(rows):
+        d = torch.rand(5, generator=torch.Generator().manual_seed(_row_seed(2, int(row), 0))).tolist()
+        x = normalise_pixels(images[i].float() / 255)
+        flips.add(d[0] < 0.5)
+        x = x.flip(-1) if d[0] < 0.5 else x
+        gray = lambda t: (0.2989 * t[0] + 0.587 * t[1] + 0.114 * t[2]).unsqueeze(0)  # noqa: E731 rgb_to_grayscale
+        blend = lambda a, b, r: (r * a + (1 - r) * b).clamp(0, 1)  # noqa: E731 torchvision's _blend
+        x = blend(x, torch.zeros_like(x), 1 + 0.2 * (2 * d[1] - 1))
+        x = blend(x, gray(x).mean(), 1 + 0.2 * (2 * d[2] - 1))
+        x = blend(x, gray(x), 1 + 0.2 * (2 * d[3] - 1))
+        x = TF.adjust_hue(x, 0.1 * (2 * d[4] - 1))
+        assert torch.allclose(out[i], x, atol=1e-5), i
+    assert flips == {True, False}  # both branches seen

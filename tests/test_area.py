@@ -323,8 +323,18 @@ def test_describe_area_sets_with_areas_prompt_resumes_and_encodes_into_a_store(s
     extract = ["extract", "--dataset", "shapes", "--data-root", str(shapes_root), "--out", str(store), "--model",
                tiny_model, "--pretrained", "", "--device", "cpu", "--quiet"]
     assert main([*extract, "--area-descriptions", str(out), "--views", "1", "--view-transform", "occlusion"]) == 0
-    assert main([*extract, "--views", "1", "--view-transform", "area-augment"]) == 0
+    assert main([*extract, "--area-descriptions", str(out), "--views", "1", "--view-transform", "area-augment"]) == 0
     meta = json.loads((store / "meta.json").read_text())
+    other = tmp_path / "other_sets.json"  # sets from another file: refused in one line, nothing re-encoded
+    other.write_text(out.read_text())
+    capsys.readouterr()
+    assert main([*extract, "--area-descriptions", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "another file" in err and str(other) in err and err.count("\n") == 1
+    out.write_text(out.read_text().replace("detail number one", "detail number two"))  # the same file, edited since
+    assert main([*extract, "--area-descriptions", str(out)]) == 2
+    assert "earlier contents" in capsys.readouterr().err
+    assert json.loads((store / "meta.json").read_text()) == meta
     assert meta["views"]["transform"] == "occlusion" and set(meta["view_sets"]) == {"area-augment"}
     assert meta["area_texts"]["source"] == str(out)
     run = ["run", "--features", str(store), "--out", str(tmp_path / "run"), "--method", "area", "--init-cls", "2",

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from spacil.backbone import file_sha256
 from spacil.errors import InputError
 from spacil.fileio import atomic_save_npy, atomic_write_text, read_json
 
@@ -150,15 +151,17 @@ def encode_sets(encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]], se
     return out
 
 
-def write_area_texts(store: str | Path, encoded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], source: str) -> None:
-    """The arrays of every set, then meta.json's record (a store is read with them only once it names them)."""
+def write_area_texts(store: str | Path, encoded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], source: str,
+                     sha256: Optional[str] = None) -> None:
+    """The arrays of every set, then meta.json's record (a store is read with them only once it names them): the source
+    file and its sha256 (what `check_area_source` compares a later request with)."""
     store = Path(store)
     (store / "text").mkdir(parents=True, exist_ok=True)
     for name, arrays in encoded.items():
         for rel, array in zip(area_text_files(name), arrays):
             atomic_save_npy(store / rel, array)
     meta = read_json(store / "meta.json")
-    meta[AREA_TEXTS_KEY] = {"source": source, "sets": list(encoded)}
+    meta[AREA_TEXTS_KEY] = {"source": source, "sets": list(encoded), **({"sha256": sha256} if sha256 else {})}
     atomic_write_text(store / "meta.json", json.dumps(meta, indent=2))
 
 
@@ -181,8 +184,23 @@ def add_area_texts(out: str | Path, file: str | Path, model: str = "ViT-B-16", p
         units, lengths = backbone.encode_texts_with_norms(texts)
         return units.cpu().numpy(), lengths.cpu().numpy()
 
-    write_area_texts(out, encode_sets(encode, sets, backbone.dim), str(file))
+    write_area_texts(out, encode_sets(encode, sets, backbone.dim), str(file), file_sha256(file))
     return out
+
+
+def check_area_source(store: str | Path, meta: dict, file: str | Path) -> None:
+    """A store whose AREA description sets were encoded from another file (another path, or the same path with other
+    contents since) is refused in one line: nothing would be re-encoded, and the run would read the old sets."""
+    record = meta.get(AREA_TEXTS_KEY)
+    if not isinstance(record, dict):
+        return
+    source = record.get("source")
+    same_path = source is not None and Path(source).resolve() == Path(file).resolve()
+    same_text = record.get("sha256") is None or (Path(file).is_file() and record["sha256"] == file_sha256(file))
+    if not (same_path and same_text):
+        why = "another file" if not same_path else "this file's earlier contents"
+        raise InputError(f"{Path(store) / 'meta.json'}: the store's AREA description sets were encoded from {why} "
+                         f"({source}), not {file}; extract into another --out")
 
 
 class AreaTexts:

@@ -546,3 +546,17 @@ def test_area_augment_normalises_then_flips_and_jitters_by_hand():
         x = TF.adjust_hue(x, 0.1 * (2 * d[4] - 1))
         assert torch.allclose(out[i], x, atol=1e-5), i
     assert flips == {True, False}  # both branches seen
+
+
+def test_areas_prompt_is_the_official_text_blank_lines_included():
+    """descriptions/generate_descriptions.py's prompt, as written there (its two blank lines and the space after
+    'Focus on:')."""
+    from spacil.describe.area_sets import area_prompt
+
+    official = ('\nYou are an expert in fine-grained visual classification.\nI will show you a low-resolution photo of a '
+                '"red apple".\n\nPlease provide a **single, concise, and detailed sentence** describing the visual '
+                'appearance of this specific **red apple** (or object) in the image.\nFocus on: \n- The specific color '
+                'and texture.\n- The viewpoint or pose.\n- Any distinct background environment.\n- Distinguishing '
+                'features visible despite the low resolution.\n\nConstraint: Output ONLY the description sentence. Do '
+                'not add "Here is the description" or quotes.\n')
+    assert area_prompt("red_apple") == official

@@ -36,12 +36,14 @@ from spacil.store.views import AreaAugment, flip_and_jitter, occlude
 AREA_PROMPT = """
 You are an expert in fine-grained visual classification.
 I will show you a low-resolution photo of a "{category}".
+
 Please provide a **single, concise, and detailed sentence** describing the visual appearance of this specific **{category}** (or object) in the image.
 Focus on: 
 - The specific color and texture.
 - The viewpoint or pose.
 - Any distinct background environment.
 - Distinguishing features visible despite the low resolution.
+
 Constraint: Output ONLY the description sentence. Do not add "Here is the description" or quotes.
 """
 SETS = ("clean", "occluded", "augmented")

@@ -238,7 +238,8 @@ def test_area_sets_import_and_missing_classes(tmp_path, capsys):
 
 
 def test_published_clean_set_reads_as_the_official_code_reads_it(reference, tmp_path):
-    """The published clean set of CUB (its one folder, linked as all three sets): every class, every line whole."""
+    """The published clean set of CUB (its one folder, linked as all three sets): every class of its class_names.txt under
+    spacil's CUB name (`001.Black_footed_Albatross` -> `Black footed Albatross`), every line whole."""
     from spacil.store.area_texts import import_area_folders
 
     folder = reference / "area_descriptions" / "CUB"
@@ -250,8 +251,9 @@ def test_published_clean_set_reads_as_the_official_code_reads_it(reference, tmp_
     files = sorted(folder.glob("*_descriptions.txt"))
     assert len(imported["sets"]["clean"]) == len(files) == 200
     first = [line.strip() for line in files[0].read_text(encoding="utf-8").splitlines() if line.strip()]
-    name = files[0].name[: -len("_descriptions.txt")].replace("_", " ")
-    assert imported["sets"]["occluded"][name] == first and all("\t" in line for line in first)
+    assert files[0].name == "001.Black_footed_Albatross_descriptions.txt"
+    assert imported["sets"]["occluded"]["Black footed Albatross"] == first and all("\t" in line for line in first)
+    assert not [name for name in imported["sets"]["clean"] if name[:1].isdigit()]
 
 
 def test_a_store_without_area_inputs_is_refused_before_the_run_folder(tmp_path, capsys):
@@ -560,3 +562,73 @@ def test_areas_prompt_is_the_official_text_blank_lines_included():
                 'features visible despite the low resolution.\n\nConstraint: Output ONLY the description sentence. Do '
                 'not add "Here is the description" or quotes.\n')
     assert area_prompt("red_apple") == official
+
+
+def _release_folder(root, classes, lines, files=None, listing="classnames.txt"):
+    """A folder shaped like one data set of AREA's release: the three sets, `lines[c]` in every class's file
+    (`files[set]`: the file stems of that set, default the class names with underscores) and the class list."""
+    for sub in ("generated_descriptions", "generated_descriptions_occ", "generated_descriptions_aug"):
+        (root / sub).mkdir(parents=True)
+        for c in (files or {}).get(sub, classes):
+            (root / sub / f"{c.replace(' ', '_').replace('/', '_')}_descriptions.txt").write_text("".join(
+                f"{line}\n" for line in lines[c]))
+    (root / "generated_descriptions" / listing).write_text("".join(f"{c}\n" for c in classes))
+
+
+def test_cub_like_release_imports_with_spacils_class_names(tmp_path):
+    """CUB's release: `class_names.txt` (not classnames.txt) listing `001.Black_footed_Albatross`...: the classes get the
+    names spacil's CUB has (the index dropped), so the store's classes match; a file the list does not name is left."""
+    from spacil.store.area_texts import import_area_folders, read_area_sets
+
+    listed = ["002.Laysan_Albatross", "001.Black_footed_Albatross"]
+    lines = {c: [f"{c}_000{i}.jpg\tA bird {i}." for i in range(2)] for c in [*listed, "003.Sooty_Albatross"]}
+    _release_folder(tmp_path / "CUB", listed, lines, files={"generated_descriptions": list(lines)},
+                    listing="class_names.txt")
+    imported = import_area_folders(tmp_path / "CUB")
+    assert list(imported["sets"]["clean"]) == ["Laysan Albatross", "Black footed Albatross"]
+    file = tmp_path / "cub.json"
+    file.write_text(json.dumps(imported))
+    rows = read_area_sets(file, ["Black footed Albatross", "Laysan Albatross"])  # spacil's CUB names
+    assert rows["occluded"][0] == lines["001.Black_footed_Albatross"]
+
+
+def test_a_release_missing_classes_imports_with_allow_missing_and_describe_fills_them(shapes_root, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """The Aircraft/Cars case: a set of the release lacks a class. Refused (one line, exit 2); --allow-missing writes the
+    rest and names the missing class in one line; `spacil extract`'s reader refuses the file, pointing at describe;
+    `spacil describe --area-sets --out SAME_FILE` captions that class in that set only, a rerun asks nothing, and the file
+    then reads for every class."""
+    from llm_server import LLMServer
+
+    from spacil.data import open_dataset
+    from spacil.store.area_texts import read_area_sets
+
+    names, splits = open_dataset("shapes", shapes_root)
+    train = splits["train"]
+    images = {c: [Path(train.paths[r]).name for r, label in enumerate(train.labels) if label == c][:2]
+              for c in range(len(names))}
+    # the release captioned one image per class (its image files need not be this data root's)
+    lines = {names[c]: [f"{image}\tA released caption of {names[c]}." for image in images[c][:1]] for c in images}
+    lacking = names[1]
+    _release_folder(tmp_path / "release", names, lines,
+                    files={"generated_descriptions_occ": [n for n in names if n != lacking]})
+    out = tmp_path / "sets.json"
+    imp = ["descriptions", "import", "--format", "area-sets", str(tmp_path / "release"), "--out", str(out)]
+    capsys.readouterr()
+    assert main(imp) == 2 and not out.exists() and "--allow-missing" in capsys.readouterr().err
+    assert main([*imp, "--allow-missing"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"occluded: '{lacking}'" in err and "describe --area-sets" in err
+    with pytest.raises(InputError, match="describe --area-sets"):
+        read_area_sets(out, names)
+    monkeypatch.setenv("SPACIL_TEST_KEY", "k")
+    args = ["describe", "--dataset", "shapes", "--data-root", str(shapes_root), "--out", str(out), "--area-sets",
+            "--images-per-class", "2", "--api-key-env", "SPACIL_TEST_KEY", "--quiet"]
+    with LLMServer(count=2) as server:
+        assert main([*args, "--base-url", server.base_url, "--classes", lacking]) == 0
+        assert len(server.requests) == 2  # two images of one class, in the one set that lacked it
+        assert main([*args, "--base-url", server.base_url]) == 0
+        assert len(server.requests) == 2  # a rerun (every class asked for) asks nothing
+    rows = read_area_sets(out, names)
+    assert len(rows["occluded"][1]) == 2 and rows["clean"][1] == lines[lacking]
+    assert rows["occluded"][0] == lines[names[0]]

@@ -327,8 +327,10 @@ def test_describe_area_sets_with_areas_prompt_resumes_and_encodes_into_a_store(s
     assert main([*extract, "--area-descriptions", str(out), "--views", "1", "--view-transform", "occlusion"]) == 0
     assert main([*extract, "--area-descriptions", str(out), "--views", "1", "--view-transform", "area-augment"]) == 0
     meta = json.loads((store / "meta.json").read_text())
-    other = tmp_path / "other_sets.json"  # sets from another file: refused in one line, nothing re-encoded
+    other = tmp_path / "other_sets.json"  # a copy is the same sets; another file's sets are refused, nothing re-encoded
     other.write_text(out.read_text())
+    assert main([*extract, "--area-descriptions", str(other)]) == 0
+    other.write_text(out.read_text().replace("detail number one", "detail number three"))
     capsys.readouterr()
     assert main([*extract, "--area-descriptions", str(other)]) == 2
     err = capsys.readouterr().err

@@ -215,16 +215,21 @@ def add_area_texts(out: str | Path, file: str | Path, model: str = "ViT-B-16", p
 
 
 def check_area_source(store: str | Path, meta: dict, file: str | Path) -> None:
-    """A store whose AREA description sets were encoded from another file (another path, or the same path with other
-    contents since) is refused in one line: nothing would be re-encoded, and the run would read the old sets."""
+    """A store whose AREA description sets were encoded from other sentences than `file`'s is refused in one line: nothing
+    would be re-encoded, and the run would read the old sets. The file's sha256 recorded at encoding decides (another
+    path with the same contents is the same sets; the same path edited since is not); a store without it (made before
+    it was recorded) compares the paths."""
     record = meta.get(AREA_TEXTS_KEY)
     if not isinstance(record, dict):
         return
     source = record.get("source")
     same_path = source is not None and Path(source).resolve() == Path(file).resolve()
-    same_text = record.get("sha256") is None or (Path(file).is_file() and record["sha256"] == file_sha256(file))
-    if not (same_path and same_text):
-        why = "another file" if not same_path else "this file's earlier contents"
+    if record.get("sha256") is not None:
+        same = Path(file).is_file() and record["sha256"] == file_sha256(file)
+    else:
+        same = same_path
+    if not same:
+        why = "this file's earlier contents" if same_path else "another file"
         raise InputError(f"{Path(store) / 'meta.json'}: the store's AREA description sets were encoded from {why} "
                          f"({source}), not {file}; extract into another --out")
 

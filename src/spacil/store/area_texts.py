@@ -225,7 +225,10 @@ def check_area_source(store: str | Path, meta: dict, file: str | Path) -> None:
     source = record.get("source")
     same_path = source is not None and Path(source).resolve() == Path(file).resolve()
     if record.get("sha256") is not None:
-        same = Path(file).is_file() and record["sha256"] == file_sha256(file)
+        if not Path(file).is_file():
+            raise InputError(f"{file}: missing (AREA's descriptions file; the store at {store} holds sets encoded from "
+                             f"{source})")
+        same = record["sha256"] == file_sha256(file)
     else:
         same = same_path
     if not same:

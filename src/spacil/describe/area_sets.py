@@ -30,18 +30,20 @@ from spacil.config import LLMConfig
 from spacil.describe.descriptions import chosen_classes
 from spacil.errors import InputError
 from spacil.fileio import atomic_write_text, read_json
-from spacil.store.area_texts import FILE_FORMAT
+from spacil.store.area_texts import FILE_FORMAT, MISSING_KEY
 from spacil.store.views import AreaAugment, flip_and_jitter, occlude
 
 AREA_PROMPT = """
 You are an expert in fine-grained visual classification.
 I will show you a low-resolution photo of a "{category}".
+
 Please provide a **single, concise, and detailed sentence** describing the visual appearance of this specific **{category}** (or object) in the image.
 Focus on: 
 - The specific color and texture.
 - The viewpoint or pose.
 - Any distinct background environment.
 - Distinguishing features visible despite the low resolution.
+
 Constraint: Output ONLY the description sentence. Do not add "Here is the description" or quotes.
 """
 SETS = ("clean", "occluded", "augmented")
@@ -97,6 +99,13 @@ class AreaCaptioner:
         return None
 
 
+def _key(name: str) -> str:
+    """A class name as the file and the data set are matched (store/area_texts.read_area_sets's rule)."""
+    from spacil.data import clean_class_name, normalise_name
+
+    return normalise_name(clean_class_name(name))
+
+
 def _load(out: Path, dataset: str) -> dict:
     if not out.exists():
         return {"format": FILE_FORMAT, "version": 1, "dataset": dataset, "source": "llm", "sets": {s: {} for s in SETS}}
@@ -113,7 +122,9 @@ def describe_area_sets(dataset: str, data_root: str | Path, out: str | Path, llm
                        captioner: Optional[Callable[[str, bytes], Optional[str]]] = None, progress: bool = True,
                        class_names: Optional[str] = None) -> dict[str, str]:
     """Caption every training image of `dataset` (the first `images_per_class` of each class when given) in the three
-    sets, asking only for what `out` lacks. -> {"<set>/<class>/<image>": why} for the captions that failed."""
+    sets, asking only for what `out` lacks. An existing `out` is added to; one imported with `--allow-missing` gets only
+    the classes its "missing_in_release" record names, in the sets that lack them (under the data set's class names).
+    -> {"<set>/<class>/<image>": why} for the captions that failed."""
     from spacil.data import open_dataset
 
     out = Path(out)
@@ -121,12 +132,18 @@ def describe_area_sets(dataset: str, data_root: str | Path, out: str | Path, llm
     names, splits = open_dataset(dataset, data_root, class_names=class_names)
     wanted = chosen_classes(names, classes, dataset)
     split = splits["train"]
+    # a file imported with --allow-missing: only the (set, class) pairs the release lacks are captioned, now and on
+    # every rerun (the release's captions may name other image files than this data root's)
+    lacking = data.get(MISSING_KEY)
+    lacking = None if lacking is None else {which: {_key(n) for n in lacking.get(which, [])} for which in SETS}
     jobs = []
     for c in wanted:
         rows = [r for r, label in enumerate(split.labels) if label == c][:images_per_class]
         for row in rows:
             image = Path(split.paths[row]).name if split.paths else f"train_{row:05d}.png"
             for which in SETS:
+                if lacking is not None and _key(names[c]) not in lacking[which]:
+                    continue
                 done = data["sets"][which].get(names[c], [])
                 if not any(line.split("\t", 1)[0] == image for line in done):
                     jobs.append((which, c, row, image))

@@ -404,6 +404,8 @@ def add_describe_parsers(sub, parser_class) -> None:
     imp.add_argument("--out", required=True)
     imp.add_argument("--num-descriptions", type=int, default=8)
     imp.add_argument("--dataset", default=None)
+    imp.add_argument("--allow-missing", action="store_true", help="area-sets: import what the release has and list, in "
+                     "one line, the classes a set lacks (`spacil describe --area-sets --out SAME_FILE` captions them)")
 
 
 def dispatch(args) -> int:
@@ -438,12 +440,19 @@ def dispatch(args) -> int:
                                    templates=config.data.templates)
         return 0 if not outcome.failed else 1
     if args.command == "descriptions" and args.descriptions_command == "import":
+        if args.allow_missing and args.format != "area-sets":
+            raise InputError("--allow-missing: only for --format area-sets")
         if args.format == "area-sets":  # all three sets, every line: AREA draws from them per batch
             from spacil.fileio import atomic_write_text
-            from spacil.store.area_texts import import_area_folders
+            from spacil.store.area_texts import MISSING_KEY, import_area_folders
 
-            imported = import_area_folders(args.source, args.dataset)
+            imported = import_area_folders(args.source, args.dataset, allow_missing=args.allow_missing)
             atomic_write_text(args.out, json.dumps(imported, indent=1, ensure_ascii=False))
+            absent = imported.get(MISSING_KEY) or {}
+            if absent:
+                print(f"spacil: the release lacks {'; '.join(f'{n}: ' + ', '.join(map(repr, c)) for n, c in absent.items())}"
+                      f"; caption them with `spacil describe --area-sets --dataset KEY --data-root DATA --out {args.out}`",
+                      file=sys.stderr)
             counts = {name: sum(len(v) for v in by_class.values()) for name, by_class in imported["sets"].items()}
             print(f"imported AREA's description sets of {len(imported['sets']['clean'])} classes "
                   f"({', '.join(f'{n}: {c} sentences' for n, c in counts.items())}) into {args.out}", file=sys.stdout)

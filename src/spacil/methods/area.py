@@ -348,6 +348,12 @@ class Area(Learner):
         pick = draw_sentence(counts[local], generators[_STREAM_SENTENCES])
         return raw[local, pick].unsqueeze(0)
 
+    def _prompt(self, name: str, column: int) -> torch.Tensor:
+        """The one sentence of prompt set `name` ("a photo of a <class>.") of the new class at `column`, no draw (the
+        official code formats it): [1, d] un-normalised."""
+        raw, _ = self._task_texts[name]
+        return raw[column - self.bounds[-1][0], 0].unsqueeze(0)
+
     def _loss(self, image: torch.Tensor, labels: torch.Tensor, occluded: torch.Tensor, augmented: list[torch.Tensor],
               old: int, generators: dict, visual_adapter, textual_adapter, visual_scorer, textual_scorer) -> torch.Tensor:
         """image [B, d] f of the batch, labels [B] seen columns, occluded [B, d] and augmented M x [B, d] f of its views
@@ -368,7 +374,7 @@ class Area(Learner):
         first = int(labels[0])
         occlusion = occlusion_loss(occluded @ visual_scorer.T, image @ visual_scorer.T,
                                    self._sentence("occluded", first, generators) @ textual_scorer.T,
-                                   self._sentence("photo_prompt", first, generators) @ textual_scorer.T)
+                                   self._prompt("photo_prompt", first) @ textual_scorer.T)
         view_scores, text_scores = [], []
         for view in augmented:
             view_scores.append(view @ visual_scorer.T)

@@ -1,6 +1,6 @@
 """Adding ENGINE's and AREA's inputs to a finished store: pairwise descriptions (store/pairwise.py), AREA's description
 sets (store/area_texts.py) and stored views (store/views.py). Used by `spacil extract --pairwise-descriptions FILE --views N` and by a run whose config asks for them;
-what the store has already is neither re-encoded nor touched."""
+what the store has already is neither re-encoded nor touched (AREA's description sets from another file are refused)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 
 from spacil.errors import InputError
 from spacil.fileio import read_json
-from spacil.store.area_texts import AREA_TEXTS_KEY, add_area_texts
+from spacil.store.area_texts import AREA_TEXTS_KEY, add_area_texts, check_area_source
 from spacil.store.format import AREA_VIEW_TRANSFORMS, VIEW_SETS_KEY
 from spacil.store.pairwise import PAIRWISE_MASK_FILE, add_pairwise
 from spacil.store.views import add_views, make_view_transform
@@ -38,6 +38,8 @@ def missing_additions(store: str | Path, pairwise_descriptions: Optional[str], v
     store = Path(store)
     meta = read_json(store / "meta.json")
     lacks_pairwise = bool(pairwise_descriptions) and not (store / PAIRWISE_MASK_FILE).is_file()
+    if area_descriptions:
+        check_area_source(store, meta, area_descriptions)
     lacks_area = bool(area_descriptions) and AREA_TEXTS_KEY not in meta
     lacks_area = lacks_area or (bool(area_views) and not all(_has_views(meta, t) for t in AREA_VIEW_TRANSFORMS))
     return lacks_pairwise or lacks_area or (bool(views) and not _has_views(meta, view_transform))
@@ -53,6 +55,8 @@ def add_engine_inputs(store: str | Path, dataset: str, data_root: Optional[str |
     check_view_request(views, view_transform, view_noise)
     if pairwise_descriptions and not (store / PAIRWISE_MASK_FILE).is_file():
         add_pairwise(store, pairwise_descriptions, model=model, pretrained=pretrained, device=device)
+    if area_descriptions:
+        check_area_source(store, read_json(store / "meta.json"), area_descriptions)
     if area_descriptions and AREA_TEXTS_KEY not in read_json(store / "meta.json"):
         add_area_texts(store, area_descriptions, model=model, pretrained=pretrained, device=device)
     if area_views:  # AREA's two view transforms, each a view set beside the store's first views

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from spacil.backbone import file_sha256
 from spacil.errors import InputError
 from spacil.fileio import atomic_save_npy, atomic_write_text, make_dirs, read_json
 
@@ -43,9 +44,12 @@ def all_area_text_files() -> list[str]:
 
 def read_area_sets(path: str | Path, names: list[str]) -> dict[str, list[list[str]]]:
     """An AREA descriptions file (`spacil descriptions import --format area-sets`) -> {set: [sentences of class c for c in
-    names]}, class names matched ignoring case and underscores. A class without sentences in a set is an InputError (one
+    names]}, class names matched ignoring case, underscores and a leading `001.` index. A class without sentences in a set is an InputError (one
     line) naming the file, the set and the class."""
-    from spacil.data import normalise_name
+    from spacil.data import clean_class_name, normalise_name
+
+    def key(name: str) -> str:  # a file imported with CUB's `001.` index kept still matches
+        return normalise_name(clean_class_name(name))
 
     data = read_json(path)
     if not isinstance(data, dict) or data.get("format") != FILE_FORMAT or not isinstance(data.get("sets"), dict):
@@ -56,32 +60,48 @@ def read_area_sets(path: str | Path, names: list[str]) -> dict[str, list[list[st
         by_class = data["sets"].get(name)
         if not isinstance(by_class, dict):
             raise InputError(f"{path}: no '{name}' set")
-        by_norm = {normalise_name(k): v for k, v in by_class.items()}
+        by_norm = {key(k): v for k, v in by_class.items()}
         rows = []
         for class_name in names:
-            sentences = by_norm.get(normalise_name(class_name))
+            sentences = by_norm.get(key(class_name))
             if not isinstance(sentences, list) or not [s for s in sentences if isinstance(s, str) and s.strip()]:
-                missing = sum(1 for n in names if not by_norm.get(normalise_name(n)))
+                missing = sum(1 for n in names if not by_norm.get(key(n)))
+                hint = (f"; `spacil describe --area-sets --out {path}` captions what the release lacks"
+                        if data.get(MISSING_KEY) else "")
                 raise InputError(f"{path}: the '{name}' set has no sentences for class '{class_name}' ({missing} of the "
-                                 f"store's {len(names)} classes missing)")
+                                 f"store's {len(names)} classes missing){hint}")
             rows.append([s.strip() for s in sentences if isinstance(s, str) and s.strip()])
         found[name] = rows
     return found
 
 
 def _file_key(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
+    """A class name or file stem as the importer matches them: the class name spacil derives (data.clean_class_name: a
+    leading `001.` index dropped, CamelCase split, underscores as spaces), then its letters and digits alone."""
+    from spacil.data import clean_class_name
+
+    return "".join(ch for ch in clean_class_name(name).lower() if ch.isalnum())
 
 
-def import_area_folders(folder: str | Path, dataset: Optional[str] = None) -> dict:
+CLASS_LISTS = ("classnames.txt", "class_names.txt")  # the release's names of the class list (CUB's is class_names.txt)
+MISSING_KEY = "missing_in_release"
+
+
+def import_area_folders(folder: str | Path, dataset: Optional[str] = None, allow_missing: bool = False) -> dict:
     """AREA's released descriptions of one data set (`descriptions/<data set>/` of LAMDA-CL/ICML2026-AREA, with
     `generated_descriptions`, `generated_descriptions_occ` and `generated_descriptions_aug`, each one
-    `<class>_descriptions.txt` per class of `generated_descriptions/classnames.txt`) -> an AREA descriptions file (dict).
+    `<class>_descriptions.txt` per class of `generated_descriptions/classnames.txt` (CUB: `class_names.txt`)) -> an AREA
+    descriptions file (dict).
 
-    The class list is classnames.txt when present (the official code reads it), else the clean set's files. Every line is
-    kept as the official code reads it (stripped; `<image file>\\t` prefix included). Files are matched to class names by
-    their letters and digits (the release writes some with spaces, some with underscores). A set without a class's file,
-    or with an empty one, is an InputError (one line) naming the folder and the class."""
+    The class list is that file when present (the official code reads it), else the clean set's files; each entry becomes
+    the class name spacil's data sets derive from a folder name (data.clean_class_name: CUB's `001.` index dropped,
+    underscores as spaces). Every line is kept as the official code reads it (stripped; `<image file>\t` prefix
+    included). Files are matched to class names by their letters and digits (the release writes some with spaces, some
+    with underscores). A set without a class's file is an InputError (one line) naming the folder and the class, unless
+    `allow_missing`: then the file holds what is there and records the missing classes per set under
+    "missing_in_release" (what `spacil describe --area-sets --out FILE` fills). An empty file is an InputError."""
+    from spacil.data import clean_class_name
+
     folder = Path(folder)
     folders = {"clean": "generated_descriptions", "occluded": "generated_descriptions_occ",
                "augmented": "generated_descriptions_aug"}
@@ -89,15 +109,16 @@ def import_area_folders(folder: str | Path, dataset: Optional[str] = None) -> di
         if not (folder / sub).is_dir():
             raise InputError(f"{folder / sub}: missing; expected AREA's descriptions folder of one data set (with "
                              f"{', '.join(folders.values())})")
-    listing = folder / folders["clean"] / "classnames.txt"
-    if listing.is_file():
-        classes = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
+    listing = next((folder / folders["clean"] / n for n in CLASS_LISTS if (folder / folders["clean"] / n).is_file()), None)
+    if listing is not None:
+        entries = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        classes = sorted(f.name[: -len("_descriptions.txt")].replace("_", " ")
-                         for f in (folder / folders["clean"]).glob("*_descriptions.txt"))
-    if not classes:
-        raise InputError(f"{folder / folders['clean']}: no classnames.txt and no *_descriptions.txt files")
+        entries = sorted(f.name[: -len("_descriptions.txt")] for f in (folder / folders["clean"]).glob("*_descriptions.txt"))
+    if not entries:
+        raise InputError(f"{folder / folders['clean']}: no {' or '.join(CLASS_LISTS)} and no *_descriptions.txt files")
+    classes = [clean_class_name(entry) for entry in entries]
     sets: dict[str, dict[str, list[str]]] = {}
+    absent: dict[str, list[str]] = {}
     for name, sub in folders.items():
         by_class = {}
         missing = []
@@ -105,10 +126,10 @@ def import_area_folders(folder: str | Path, dataset: Optional[str] = None) -> di
         # classnames.txt and the files now and then split a word differently ("Hand Stand" / "Handstand"): matched by
         # letters and digits alone
         files = {_file_key(f.name[: -len("_descriptions.txt")]): f for f in (folder / sub).glob("*_descriptions.txt")}
-        for class_name in classes:
-            file = files.get(_file_key(class_name))
+        for entry, class_name in zip(entries, classes):
+            file = files.get(_file_key(entry))
             if file is None:
-                missing.append(class_name)
+                missing.append((entry, class_name))
                 continue
             try:
                 lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -117,12 +138,18 @@ def import_area_folders(folder: str | Path, dataset: Optional[str] = None) -> di
             if not lines:
                 raise InputError(f"{file}: empty; AREA draws a sentence of every class from it")
             by_class[class_name] = lines
+        if missing and not allow_missing:
+            entry, class_name = missing[0]
+            raise InputError(f"{folder / sub}: no descriptions of class '{class_name}' "
+                             f"({entry.replace(' ', '_').replace('/', '_')}_descriptions.txt; {len(missing)} of "
+                             f"{len(classes)} classes missing; --allow-missing imports the rest)")
         if missing:
-            raise InputError(f"{folder / sub}: no descriptions of class '{missing[0]}' "
-                             f"({missing[0].replace(' ', '_').replace('/', '_')}_descriptions.txt; {len(missing)} of "
-                             f"{len(classes)} classes missing)")
+            absent[name] = [class_name for _, class_name in missing]
         sets[name] = by_class
-    return {"format": FILE_FORMAT, "version": 1, "dataset": dataset, "source": str(folder), "sets": sets}
+    imported = {"format": FILE_FORMAT, "version": 1, "dataset": dataset, "source": str(folder), "sets": sets}
+    if absent:
+        imported[MISSING_KEY] = absent
+    return imported
 
 
 def prompt_sets(names: list[str]) -> dict[str, list[list[str]]]:
@@ -150,15 +177,17 @@ def encode_sets(encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]], se
     return out
 
 
-def write_area_texts(store: str | Path, encoded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], source: str) -> None:
-    """The arrays of every set, then meta.json's record (a store is read with them only once it names them)."""
+def write_area_texts(store: str | Path, encoded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], source: str,
+                     sha256: Optional[str] = None) -> None:
+    """The arrays of every set, then meta.json's record (a store is read with them only once it names them): the source
+    file and its sha256 (what `check_area_source` compares a later request with)."""
     store = Path(store)
     make_dirs(store / "text")
     for name, arrays in encoded.items():
         for rel, array in zip(area_text_files(name), arrays):
             atomic_save_npy(store / rel, array)
     meta = read_json(store / "meta.json")
-    meta[AREA_TEXTS_KEY] = {"source": source, "sets": list(encoded)}
+    meta[AREA_TEXTS_KEY] = {"source": source, "sets": list(encoded), **({"sha256": sha256} if sha256 else {})}
     atomic_write_text(store / "meta.json", json.dumps(meta, indent=2))
 
 
@@ -181,8 +210,31 @@ def add_area_texts(out: str | Path, file: str | Path, model: str = "ViT-B-16", p
         units, lengths = backbone.encode_texts_with_norms(texts)
         return units.cpu().numpy(), lengths.cpu().numpy()
 
-    write_area_texts(out, encode_sets(encode, sets, backbone.dim), str(file))
+    write_area_texts(out, encode_sets(encode, sets, backbone.dim), str(file), file_sha256(file))
     return out
+
+
+def check_area_source(store: str | Path, meta: dict, file: str | Path) -> None:
+    """A store whose AREA description sets were encoded from other sentences than `file`'s is refused in one line: nothing
+    would be re-encoded, and the run would read the old sets. The file's sha256 recorded at encoding decides (another
+    path with the same contents is the same sets; the same path edited since is not); a store without it (made before
+    it was recorded) compares the paths."""
+    record = meta.get(AREA_TEXTS_KEY)
+    if not isinstance(record, dict):
+        return
+    source = record.get("source")
+    same_path = source is not None and Path(source).resolve() == Path(file).resolve()
+    if record.get("sha256") is not None:
+        if not Path(file).is_file():
+            raise InputError(f"{file}: missing (AREA's descriptions file; the store at {store} holds sets encoded from "
+                             f"{source})")
+        same = record["sha256"] == file_sha256(file)
+    else:
+        same = same_path
+    if not same:
+        why = "this file's earlier contents" if same_path else "another file"
+        raise InputError(f"{Path(store) / 'meta.json'}: the store's AREA description sets were encoded from {why} "
+                         f"({source}), not {file}; extract into another --out")
 
 
 class AreaTexts:

@@ -312,7 +312,8 @@ def test_imagenet1k_shared_open_clip_names_and_flat_val(tmp_path, capsys, caplog
     renamed = {"n03773504": "missile", "n04008634": "projectile, missile",
                "n04355933": "sunglass", "n04356056": "sunglasses, dark glasses, shades"}
     assert [names[wnids.index(w)] for w in renamed] == list(renamed.values())
-    assert [w for w, n, o in zip(wnids, names, IMAGENET_CLASSNAMES) if n != o] == ["n04008634", "n04355933", "n04356056"]
+    differ = [w for w, n, o in zip(wnids, names, IMAGENET_CLASSNAMES) if n != o]
+    assert differ == ["n04008634", "n04355933", "n04356056"]
     # a tree holding only the four: the same names (the rule looks at all 1,000), data check passes but for the count
     four = sorted(renamed)
     write_imagenet_tree(tmp_path, four)
@@ -338,9 +339,9 @@ def test_imagenet1k_shared_open_clip_names_and_flat_val(tmp_path, capsys, caplog
         (flat / "val" / f"ILSVRC2012_val_0000000{i + 1}.JPEG").write_bytes(PNG)
     assert main(["data", "check", "--dataset", "imagenet1k", "--data-root", str(tmp_path / "flat"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"spacil: error: {flat / 'val'}: 3 images directly in val/, none in WordNet-id class folders (the "
-                       "official archive's flat layout); sort them into folders as docs/data.md shows (ImageNet-1k, "
-                       "\"`val/` sorted, in one command\")")
+    assert err[-1] == (f"spacil: error: {flat / 'val'}: 3 images directly in val/, none in WordNet-id class folders "
+                       "(the official archive's flat layout); sort them into folders as docs/data.md shows "
+                       "(ImageNet-1k, \"`val/` sorted, in one command\")")
 
 
 def test_imagenet1k_configs_and_sweep(tmp_path, capsys):

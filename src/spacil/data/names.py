@@ -115,8 +115,8 @@ def open_clip_imagenet_names(wnids: Sequence[str]) -> ClassNames:
             name = description
         names.append(name)
     if renamed:
-        log.warning("spacil: warning: imagenet1k: open_clip gives one name to two classes, so these are named by timm's "
-                    "WordNet description instead: %s", ", ".join(renamed))
+        log.warning("spacil: warning: imagenet1k: open_clip gives one name to two classes, so these are named by "
+                    "timm's WordNet description instead: %s", ", ".join(renamed))
     return ClassNames(tuple(names), SOURCE_OPEN_CLIP_IMAGENET)
 
 

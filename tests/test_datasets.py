@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -295,6 +296,52 @@ def test_imagenet1k_names_templates_and_val_as_test(tmp_path, capsys):
     write_tree(tmp_path / "c", "imagenet1k", IMAGENET_SAMPLE)  # train/ and test/: test/ is not read
     with pytest.raises(InputError, match=r"imagenet1k/val: missing split folder"):
         index_dataset("imagenet1k", tmp_path / "c")
+
+
+def test_imagenet1k_shared_open_clip_names_and_flat_val(tmp_path, capsys, caplog):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    from timm.data import ImageNetInfo
+
+    from spacil.data.names import open_clip_imagenet_names
+
+    wnids = ImageNetInfo("imagenet-1k").label_names()
+    names = open_clip_imagenet_names(wnids).names
+    # all 1,000 ids: 1,000 names no two alike, open_clip's but for the four classes open_clip names twice, which get
+    # timm's WordNet descriptions (n03773504's is open_clip's own `missile`: 997 names stay open_clip's)
+    assert len({n.lower() for n in names}) == 1000 and len(set(IMAGENET_CLASSNAMES)) == 998
+    renamed = {"n03773504": "missile", "n04008634": "projectile, missile",
+               "n04355933": "sunglass", "n04356056": "sunglasses, dark glasses, shades"}
+    assert [names[wnids.index(w)] for w in renamed] == list(renamed.values())
+    differ = [w for w, n, o in zip(wnids, names, IMAGENET_CLASSNAMES) if n != o]
+    assert differ == ["n04008634", "n04355933", "n04356056"]
+    # a tree holding only the four: the same names (the rule looks at all 1,000), data check passes but for the count
+    four = sorted(renamed)
+    write_imagenet_tree(tmp_path, four)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spacil.data.names"):
+        index = index_dataset("imagenet1k", tmp_path)
+    assert index.names == [renamed[w] for w in four]
+    assert index.faults == [f"{index.root}: 4 class folders, the protocol's ImageNet-1k has 1000"]
+    assert [r.getMessage() for r in caplog.records if "timm's WordNet description" in r.getMessage()] == [
+        "spacil: warning: imagenet1k: open_clip gives one name to two classes, so these are named by timm's WordNet "
+        "description instead: n03773504 'missile', n04008634 'projectile, missile', n04355933 'sunglass', "
+        "n04356056 'sunglasses, dark glasses, shades'"]
+    # `data check`'s one fault is the class count a four-class tree cannot help
+    assert main(["data", "check", "--dataset", "imagenet1k", "--data-root", str(tmp_path), "--quiet"]) == 2
+    out = capsys.readouterr().out
+    assert "n04008634 -> projectile, missile" in out and "1 fault:" in out and "both get the name" not in out
+    # the official val/ as it unpacks: images directly in val/ -> one line pointing to docs/data.md's recipe
+    flat = tmp_path / "flat" / "imagenet1k"
+    write_imagenet_tree(tmp_path / "flat", four)
+    shutil.rmtree(flat / "val")
+    (flat / "val").mkdir()
+    for i in range(3):
+        (flat / "val" / f"ILSVRC2012_val_0000000{i + 1}.JPEG").write_bytes(PNG)
+    assert main(["data", "check", "--dataset", "imagenet1k", "--data-root", str(tmp_path / "flat"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"spacil: error: {flat / 'val'}: 3 images directly in val/, none in WordNet-id class folders "
+                       "(the official archive's flat layout); sort them into folders as docs/data.md shows "
+                       "(ImageNet-1k, \"`val/` sorted, in one command\")")
 
 
 def test_imagenet1k_configs_and_sweep(tmp_path, capsys):

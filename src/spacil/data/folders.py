@@ -95,6 +95,24 @@ def _split_samples(split_dir: Path, folders: list[str]) -> list[tuple[str, int]]
     return make_dataset(top, {c: i for i, c in enumerate(folders)}, is_valid_file=is_image, allow_empty=True)
 
 
+def _no_class_folders(split_dir: Path, key: str) -> str:
+    """The one line for a split folder without class folders; images lying directly in it (ImageNet-1k's official
+    `val/` unpacks flat) are named as such, with where the sorting recipe is for ImageNet-1k."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    with os.scandir(split_dir) as entries:
+        images = sum(1 for e in entries if not e.name.startswith(".") and e.is_file()
+                     and has_file_allowed_extension(e.name, IMG_EXTENSIONS))
+    if not images:
+        return f"{split_dir}: no class folders"
+    if key == "imagenet1k":
+        return (f"{split_dir}: {images} images directly in {split_dir.name}/, none in WordNet-id class folders (the "
+                f"official archive's flat layout); sort them into folders as docs/data.md shows (ImageNet-1k, "
+                f"\"`val/` sorted, in one command\")")
+    return (f"{split_dir}: {images} images directly in {split_dir.name}/, none in class folders (expected "
+            f"{split_dir.name}/<class>/<image>)")
+
+
 def _imagefolder(index: DatasetIndex) -> None:
     base = index.root
     split_folder = dict(zip(SPLITS, index.spec.split_folders))  # ImageNet-1k's test split is its `val/`
@@ -108,7 +126,7 @@ def _imagefolder(index: DatasetIndex) -> None:
             raise InputError(f"{split_dir}: missing split folder")
         folders[split] = _class_folders(split_dir)
         if not folders[split]:
-            raise InputError(f"{split_dir}: no class folders")
+            raise InputError(_no_class_folders(split_dir, index.spec.key))
     if folders["train"] != folders["test"]:
         only_train = sorted(set(folders["train"]) - set(folders["test"]))
         only_test = sorted(set(folders["test"]) - set(folders["train"]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,7 +32,8 @@ SOURCE_INDEXED_FOLDERS = "folders (leading index stripped)"
 SOURCE_CAMEL_FOLDERS = "folders (CamelCase split)"
 SOURCE_WORDNET = "wordnet (timm's ImageNet synset table)"
 SOURCE_TORCHVISION = "torchvision (CIFAR-100 meta)"
-SOURCE_OPEN_CLIP_IMAGENET = "open_clip (IMAGENET_CLASSNAMES, by WordNet id)"
+SOURCE_OPEN_CLIP_IMAGENET = ("open_clip (IMAGENET_CLASSNAMES, by WordNet id; timm's WordNet description where two "
+                             "classes share a name)")
 
 
 @dataclass(frozen=True)
@@ -87,16 +89,35 @@ def wordnet_lemmas(wnids: Sequence[str]) -> list[str]:
 def open_clip_imagenet_names(wnids: Sequence[str]) -> ClassNames:
     """ImageNet-1k's WordNet-id folders -> open_clip's IMAGENET_CLASSNAMES, each folder by its own id: the name at the
     id's ImageNet-1k class index (the sorted order of the 1,000 ids, timm's `imagenet-1k` table), so a tree holding only
-    some of the classes still gets each one its own name. An id outside ImageNet-1k is an InputError naming the folder."""
+    some of the classes still gets each one its own name. An id outside ImageNet-1k is an InputError naming the folder.
+
+    open_clip gives one name to two classes twice (`missile`: n03773504, n04008634; `sunglasses`: n04355933, n04356056),
+    and names key descriptions, so they must be unique: every class whose open_clip name another of the 1,000 shares is
+    named by timm's WordNet description of its synset instead (`missile` and `projectile, missile`; `sunglass` and
+    `sunglasses, dark glasses, shades`). The rule looks at all 1,000 classes, so a name never depends on which other
+    folders a tree holds; a warning names the renamed classes the tree holds."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
     from timm.data import ImageNetInfo
 
-    index_of = {wnid: i for i, wnid in enumerate(ImageNetInfo("imagenet-1k").label_names())}
+    info = ImageNetInfo("imagenet-1k")
+    index_of = {wnid: i for i, wnid in enumerate(info.label_names())}
     unknown = next((wnid for wnid in wnids if wnid not in index_of), None)
     if unknown is not None:
         raise InputError(f"class folder {unknown}: not one of ImageNet-1k's 1000 WordNet ids (expected folders such as "
                          f"n01440764); pass --class-names FILE for other classes")
-    return ClassNames(tuple(IMAGENET_CLASSNAMES[index_of[wnid]] for wnid in wnids), SOURCE_OPEN_CLIP_IMAGENET)
+    shared = {key for key, count in Counter(map(normalise_name, IMAGENET_CLASSNAMES)).items() if count > 1}
+    names, renamed = [], []
+    for wnid in wnids:
+        name = IMAGENET_CLASSNAMES[index_of[wnid]]
+        if normalise_name(name) in shared:
+            description = info.label_name_to_description(wnid)
+            renamed.append(f"{wnid} '{description}'")
+            name = description
+        names.append(name)
+    if renamed:
+        log.warning("spacil: warning: imagenet1k: open_clip gives one name to two classes, so these are named by "
+                    "timm's WordNet description instead: %s", ", ".join(renamed))
+    return ClassNames(tuple(names), SOURCE_OPEN_CLIP_IMAGENET)
 
 
 def derive_names(folders: Sequence[str], dataset: str = "") -> ClassNames:

@@ -68,8 +68,9 @@ class SPAConfig(_Section):
     # Beyond the paper (SPEC.md; docs/method.md, "SPA at scale"): the patch branch for each sample's N classes of highest
     # global score only (0: every seen class, exact SPA), and P pseudo-samples per batch over the old classes instead of
     # pseudo_per_class per old class (0: pseudo_per_class)
-    class_shortlist: int = Field(0, ge=0)
-    pseudo_per_batch: int = Field(0, ge=0)
+    # (strict: a YAML true is not a count)
+    class_shortlist: int = Field(0, ge=0, strict=True)
+    pseudo_per_batch: int = Field(0, ge=0, strict=True)
 
 
 class AblationConfig(_Section):
@@ -94,8 +95,9 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(256, ge=1)
     # GiB of device memory a task's feature rows may occupy on a GPU (train rows per task, test rows per evaluation);
     # null: half of the device's free memory when the task starts. Rows beyond it stream in batch by batch. Unused on CPU.
-    # The same figure bounds the working memory of one chunk of SPA's scoring, on the CPU too (spacil.devices.working_memory).
-    device_memory_budget: Optional[float] = Field(None, ge=0)
+    # The same figure bounds the working memory of one chunk of SPA's scoring, on the CPU too (spacil.devices.working_memory),
+    # never below 64 MiB: 0 streams every row but still scores in 64 MiB chunks (smaller ones are slow, not leaner). Finite.
+    device_memory_budget: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
 
 
 class ProofConfig(_Section):

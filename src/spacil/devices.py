@@ -91,6 +91,10 @@ def _half_free_share(device: torch.device) -> int:
 # transport solver works on cache-sized blocks anyway, docs/benchmarks/scale.md), and a fixed size keeps the chunks, so
 # the float rounding of a run, the same on every machine with memory to spare.
 CPU_WORKING_BYTES = 1 << 30
+# One chunk of scoring may always use this much, whatever the budget: `device_memory_budget=0` means "stream every row",
+# and read as a chunk size it gave chunks of one sample and one class, which made a 60-class GPU run 20 times slower
+# (37 s -> 14 min) without saving memory that matters (a chunk of 64 MiB is small beside the model and the rows).
+MIN_WORKING_BYTES = 64 << 20
 
 
 def working_memory(device: torch.device, gib: Optional[float] = None) -> int:
@@ -98,12 +102,14 @@ def working_memory(device: torch.device, gib: Optional[float] = None) -> int:
     pass keeps) may occupy on `device`: the one budget of scoring, training and evaluation. `gib` GiB when given (the
     `train.device_memory_budget` knob, which also bounds a task's resident rows); else on a GPU the figure `memory_budget`
     gives the rows (half of what is free: rows and a chunk together stay within what was free), and on the CPU half of
-    the memory available now, at most CPU_WORKING_BYTES."""
+    the memory available now, at most CPU_WORKING_BYTES. Never below MIN_WORKING_BYTES."""
     if gib is not None:
-        return int(gib * 2**30)
-    if device.type == "cuda":
-        return _half_free_share(device)
-    return min(_available_host_bytes() // 2, CPU_WORKING_BYTES)
+        figure = int(gib * 2**30)
+    elif device.type == "cuda":
+        figure = _half_free_share(device)
+    else:
+        figure = min(_available_host_bytes() // 2, CPU_WORKING_BYTES)
+    return max(figure, MIN_WORKING_BYTES)
 
 
 def _available_host_bytes() -> int:

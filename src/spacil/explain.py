@@ -198,7 +198,9 @@ def _shows(learner: Learner) -> str:
     parts = ["random patches" if not learner.ablation.semantic_selection else "top-k patches by relevance",
              "the uniform plan (no OT)" if not learner.ablation.optimal_transport else "the OT plan"]
     if learner.knobs.class_shortlist:
-        parts.append(f"patches scored for the {learner.knobs.class_shortlist} classes of highest global score")
+        count = learner.knobs.class_shortlist
+        listed = "the class" if count == 1 else f"the {count} classes"
+        parts.append(f"patches scored for {listed} of highest global score")
     return ", ".join(parts)
 
 

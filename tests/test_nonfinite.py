@@ -30,6 +30,8 @@ def _run(store: Path, out: Path, method: str, *extra: str) -> int:
 
 @pytest.mark.parametrize("rel, index, value, shown", [
     ("text/descriptions.npy", (3, 1, 7), np.nan, "index [3, 1, 7] is NaN"),
+    ("text/prompts.npy", (4, 2), np.nan, "index [4, 2] is NaN"),
+    ("text/templates.npy", (2, 0, 5), np.inf, "index [2, 0, 5] is inf (infinite)"),
     ("text/template_norms.npy", (5, 1), np.inf, "index [5, 1] is inf (infinite)"),
     ("backbone/visual_proj.npy", (2, 4), -np.inf, "index [2, 4] is -inf (infinite)"),
 ])
@@ -66,6 +68,11 @@ def test_a_sound_store_runs_and_the_index_is_found_in_every_chunk(tmp_path, monk
         data[3, 2, 1] = np.nan
         data[4, 0, 0] = np.inf
         assert first_nonfinite_index(data) == (3, 2, 1)
+        for value in (np.inf, -np.inf):  # an infinity alone (no NaN beside it to mask a wrong exponent mask)
+            data = np.zeros((4, 3), dtype=dtype)
+            data[2, 1] = value
+            assert first_nonfinite_index(data) == (2, 1)
+            assert finite.first_nonfinite_row(data) == 2
     assert first_nonfinite_index(np.ones((3, 2), dtype=np.int64)) is None
     assert first_nonfinite_index(np.array([1.0, np.inf], dtype=np.float32)) == (1,)
 

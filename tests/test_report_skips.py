@@ -28,3 +28,18 @@ def test_report_of_a_glob_skips_unfinished_runs_and_foreign_paths(tmp_path, caps
     err = capsys.readouterr().err.splitlines()
     assert err[:2] == [f"skipped (unfinished run): {unfinished}", f"skipped (not a run folder): {runs / 'notes'}"]
     assert len(err) == 3 and err[2].startswith("spacil: error: nothing to report")
+
+
+def test_a_second_report_of_the_same_glob_passes_over_the_first_reports_files(tmp_path, capsys):
+    """Without --out a report goes into the runs' parent, which `runs/*` names the next time: its own files are passed
+    over without a line; any other file still gets one."""
+    store = make_random_store(tmp_path / "store", num_classes=6, dim=8, num_patches=4, train=4, test=2)
+    runs = tmp_path / "runs"
+    assert main(["run", "--features", str(store), "--method", "simplecil", "--init-cls", "3", "--increment", "3",
+                 "--quiet", "--out", str(runs / "simplecil")]) == 0
+    assert main(["report", str(runs / "simplecil")]) == 0
+    assert {"report.md", "report.csv", "curves.png"} <= {p.name for p in runs.iterdir()}
+    (runs / "notes.txt").write_text("a file beside the runs\n")
+    capsys.readouterr()
+    assert main(["report", *sorted(str(p) for p in runs.iterdir())]) == 0
+    assert capsys.readouterr().err.splitlines() == [f"skipped (not a run folder): {runs / 'notes.txt'}"]

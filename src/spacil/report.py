@@ -231,6 +231,13 @@ def plot_matrix(matrix: np.ndarray, path: str | Path, title: str) -> None:
 RUN_STARTED_FILES = ("config.yaml", "class_order.json", "log.txt", ".writer.lock")
 
 
+REPORT_FILES = ("report.md", "report.csv", "curves.png")  # write_report's own outputs, beside matrix_<run>.png
+
+
+def _is_report_output(path: Path) -> bool:
+    return path.is_file() and (path.name in REPORT_FILES or (path.name.startswith("matrix_") and path.suffix == ".png"))
+
+
 def reportable_runs(runs: Sequence[str | Path], warn: Callable[[str], None]) -> list[Path]:
     """The runs of `runs` that have a summary to report. The others are skipped with one line each through `warn`: a run
     that finished no task yet (`skipped (unfinished run): PATH`) and anything that is not a run folder (`skipped (not a
@@ -240,6 +247,8 @@ def reportable_runs(runs: Sequence[str | Path], warn: Callable[[str], None]) -> 
     for run in map(Path, runs):
         if (run / "summary.json").is_file():
             kept.append(run)
+        elif _is_report_output(run):
+            continue  # what an earlier `spacil report runs/*` wrote into runs/: the same glob names it, nothing to say
         elif run.is_dir() and any((run / name).exists() for name in RUN_STARTED_FILES):
             warn(f"skipped (unfinished run): {run}")
         else:

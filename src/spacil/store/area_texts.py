@@ -195,22 +195,13 @@ def add_area_texts(out: str | Path, file: str | Path, model: str = "ViT-B-16", p
                    device: str = "auto", backbone=None) -> Path:
     """Encode AREA's description sets (`file`) and prompts into the finished store `out` through the text encoder the
     store was encoded with; nothing else is touched. A class of the store missing from a set fails before any encoding."""
-    from spacil.store.encoder import store_encoder
+    from spacil.store.encoder import finished_store_meta, numpy_text_encoder, store_encoder
 
-    out = Path(out)
-    meta_path = out / "meta.json"
-    if not meta_path.is_file():
-        raise InputError(f"{meta_path}: missing; AREA's descriptions are added to a finished store")
-    meta = read_json(meta_path)
+    out, meta_path, meta = finished_store_meta(out, "AREA's descriptions")
     names = list(meta.get("classes") or [])
     sets = {**read_area_sets(file, names), **prompt_sets(names)}
     backbone = store_encoder(meta, meta_path, model, pretrained, device, backbone)
-
-    def encode(texts):
-        units, lengths = backbone.encode_texts_with_norms(texts)
-        return units.cpu().numpy(), lengths.cpu().numpy()
-
-    write_area_texts(out, encode_sets(encode, sets, backbone.dim), str(file), file_sha256(file))
+    write_area_texts(out, encode_sets(numpy_text_encoder(backbone), sets, backbone.dim), str(file), file_sha256(file))
     return out
 
 

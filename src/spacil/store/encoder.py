@@ -7,6 +7,27 @@ from pathlib import Path
 from typing import Optional
 
 from spacil.errors import InputError
+from spacil.fileio import read_json
+
+
+def finished_store_meta(out: str | Path, what: str) -> tuple[Path, Path, dict]:
+    """(store folder, its meta.json, the parsed meta) of the finished store `out` that `what` is added to; an InputError
+    when it has no meta.json (nothing to add to)."""
+    out = Path(out)
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        raise InputError(f"{meta_path}: missing; {what} are added to a finished store")
+    return out, meta_path, read_json(meta_path)
+
+
+def numpy_text_encoder(backbone):
+    """texts -> (unit text features [n, d], their norms before normalisation [n]) as numpy arrays, through `backbone`."""
+
+    def encode(texts):
+        units, lengths = backbone.encode_texts_with_norms(texts)
+        return units.cpu().numpy(), lengths.cpu().numpy()
+
+    return encode
 
 
 def store_encoder(meta: dict, meta_path: Path, model: str, pretrained: Optional[str], device: str, backbone=None):

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from spacil.errors import InputError
-from spacil.store.encoder import store_encoder
+from spacil.store.encoder import finished_store_meta, numpy_text_encoder, store_encoder
 from spacil.fileio import atomic_save_npy, make_dirs, read_json
 from spacil.recorded_paths import relative_to
 
@@ -106,20 +106,11 @@ def add_pairwise(out: str | Path, file: str | Path, model: str = "ViT-B-16", pre
     `text.pairwise_source` names the file (written after the arrays)."""
     from spacil.fileio import atomic_write_text
 
-    out = Path(out)
-    meta_path = out / "meta.json"
-    if not meta_path.is_file():
-        raise InputError(f"{meta_path}: missing; pairwise descriptions are added to a finished store")
-    meta = read_json(meta_path)
+    out, meta_path, meta = finished_store_meta(out, "pairwise descriptions")
     names = list(meta.get("classes") or [])
     pairs = read_pairwise(file, names)  # a bad file fails before the model is built
     backbone = store_encoder(meta, meta_path, model, pretrained, device, backbone)
-
-    def encode(texts):
-        units, lengths = backbone.encode_texts_with_norms(texts)
-        return units.cpu().numpy(), lengths.cpu().numpy()
-
-    write_pairwise(out, *pairwise_features(encode, names, pairs, backbone.dim))
+    write_pairwise(out, *pairwise_features(numpy_text_encoder(backbone), names, pairs, backbone.dim))
     text = dict(meta.get("text") or {})
     text["pairwise_source"] = relative_to(file, out)  # relative to the store (spacil.recorded_paths)
     meta["text"] = text
